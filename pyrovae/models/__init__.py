@@ -1,0 +1,6 @@
+"""Generative models: one file per model family."""
+
+from pyrovae.models.linear_gaussian import LinearGaussian
+from pyrovae.models.vae import LIKELIHOODS, VAE
+
+__all__ = ["LIKELIHOODS", "LinearGaussian", "VAE"]

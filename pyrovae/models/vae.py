@@ -1,0 +1,126 @@
+"""The standard VAE model p(z) p_θ(x|z) with a N(0, I) prior."""
+
+from __future__ import annotations
+
+from typing import Literal, Optional
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro import poutine
+from torch import nn
+from torch.distributions import constraints
+
+from pyrovae.handlers import batch_device, data_plate, latent_scale
+
+Likelihood = Literal["bernoulli", "gaussian"]
+LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
+
+
+class VAE:
+    r"""The generative model of a VAE, as a Pyro function.
+
+    .. math:: z \sim \mathcal N(0, I), \qquad x \mid z \sim \mathrm{Bernoulli}(\sigma(f_θ(z)))
+       \ \text{or}\ \mathcal N(f_θ(z), \sigma_x^2 I).
+
+    Calling ``model(x, index, num_data)`` runs the model inside the plate ``data`` (rightmost batch
+    dimension, subsampled by ``index`` out of ``num_data`` points). The latent site is ``"z"``,
+    the observed site ``"x"``. With ``beta != 1`` the prior term log p(z) is scaled by β, and a guide
+    built with the same β scales log q(z|x): the β-VAE objective E[log p(x|z)] - β KL(q ‖ p).
+
+    :param decoder: ``torch.nn.Module`` mapping ``(..., z_dim)`` to ``(..., x_dim)`` logits/means.
+    :param z_dim: latent dimension.
+    :param likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (means).
+    :param x_scale: σ_x of the Gaussian likelihood (initial value if learned).
+    :param learn_x_scale: learn σ_x as the Pyro param ``"x_scale"``.
+    :param beta: weight of the KL term (β-VAE); 1 is the plain VAE.
+    :param name: name under which the decoder is registered with ``pyro.module``.
+
+    **References**
+
+    [1] D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
+    [2] I. Higgins et al., "β-VAE: Learning Basic Visual Concepts with a Constrained Variational
+        Framework", ICLR 2017.
+    """
+
+    def __init__(
+        self,
+        decoder: nn.Module,
+        z_dim: int,
+        likelihood: Likelihood = "bernoulli",
+        x_scale: float = 1.0,
+        learn_x_scale: bool = False,
+        beta: float = 1.0,
+        name: str = "decoder",
+    ) -> None:
+        if likelihood not in LIKELIHOODS:
+            raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
+        if not x_scale > 0:
+            raise ValueError(f"x_scale must be positive, got {x_scale}")
+        if not beta > 0:
+            raise ValueError(f"beta must be positive, got {beta}; beta=1 is the plain VAE")
+        if likelihood == "bernoulli" and learn_x_scale:
+            raise ValueError("learn_x_scale only applies to the gaussian likelihood")
+        self.decoder = decoder
+        self.z_dim = int(z_dim)
+        self.likelihood = likelihood
+        self.x_scale_init = float(x_scale)
+        self.learn_x_scale = learn_x_scale
+        self.beta = float(beta)
+        self.name = name
+
+    def x_scale(self, device: torch.device) -> torch.Tensor:
+        """σ_x of the Gaussian likelihood (the Pyro param when learned)."""
+        if self.learn_x_scale:
+            return pyro.param(
+                "x_scale",
+                lambda: torch.tensor(self.x_scale_init, device=device),
+                constraint=constraints.positive,
+            )
+        return torch.tensor(self.x_scale_init, device=device)
+
+    def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
+        """p_θ(x|z) given the decoder output ``out``."""
+        if self.likelihood == "bernoulli":
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+        return dist.Normal(out, self.x_scale(out.device)).to_event(1)
+
+    def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:
+        """p(z) = N(0, I) for a batch."""
+        zeros = torch.zeros(batch_size, self.z_dim, device=device)
+        return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+    def __call__(
+        self,
+        x: Optional[torch.Tensor] = None,
+        index: Optional[torch.Tensor] = None,
+        num_data: Optional[int] = None,
+    ) -> torch.Tensor:
+        pyro.module(self.name, self.decoder)
+        device = batch_device(x, index)
+        with data_plate(x, index, num_data) as batch_index:
+            with latent_scale(self.beta):
+                z = pyro.sample("z", self.prior(len(batch_index), device))
+            out = self.decoder(z)
+            pyro.sample("x", self.likelihood_dist(out), obs=x)
+        return out
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor:
+        """The mean of p_θ(x|z): probabilities (Bernoulli) or means (Gaussian)."""
+        out = self.decoder(z)
+        return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
+
+    @torch.no_grad()
+    def sample(
+        self, num_samples: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ancestral sampling from the decoder alone: z ~ p(z), x ~ p_θ(x|z).
+
+        :return: ``(z, x_mean, x)`` with shapes ``(n, z_dim)``, ``(n, x_dim)``, ``(n, x_dim)``.
+        """
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        index = torch.arange(num_samples, device=device)
+        trace = poutine.trace(self).get_trace(None, index=index, num_data=num_samples)
+        z = trace.nodes["z"]["value"]
+        return z, self.decode(z), trace.nodes["x"]["value"]
