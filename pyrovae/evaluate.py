@@ -12,6 +12,7 @@ from typing import Any, Callable, Optional
 
 import torch
 from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from pyrovae.handlers import DATA_PLATE
@@ -159,7 +160,7 @@ def kl_to_prior(
 @torch.no_grad()
 def posterior_means(guide: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
     """E_q[z|x] of each latent site with a ``mean`` (e.g. Gaussian guides), per data point."""
-    trace = poutine.trace(guide).get_trace(*args, **kwargs)
+    trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
     means = {}
     for name, site in trace.nodes.items():
         if site["type"] == "sample" and not site["is_observed"]:

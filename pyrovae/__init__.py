@@ -1,0 +1,63 @@
+"""pyrovae: variational autoencoders and latent-variable inference on Pyro.
+
+Models and guides are Pyro functions with the signature ``fn(x, index=None, num_data=None)``
+and share their latent site names, so any guide swaps into any model; objectives are
+``pyro.infer.ELBO`` objects chosen by name; :func:`fit` runs ``pyro.infer.SVI``.
+"""
+
+from pyrovae.build import build
+from pyrovae.config import TrainConfig
+from pyrovae.data import Dataset, DataNotFoundError, gaussian_mixture, linear_gaussian, load_dataset, load_mnist
+from pyrovae.evaluate import (
+    ImportanceEstimate,
+    active_units,
+    evaluate_dataset,
+    importance_sampling,
+    kl_to_prior,
+    log_likelihood,
+    posterior_means,
+)
+from pyrovae.guides import AmortizedGuide, ExactPosteriorGuide, PerDatapointGuide, PriorGuide
+from pyrovae.models import VAE, LinearGaussian
+from pyrovae.nets import MLP, Decoder, GaussianEncoder
+from pyrovae.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
+from pyrovae.optim import LazyAdam, make_pyro_optimizer
+from pyrovae.train import History, fit, optimize_local_guide
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "AmortizedGuide",
+    "DataNotFoundError",
+    "Dataset",
+    "Decoder",
+    "ExactPosteriorGuide",
+    "GaussianEncoder",
+    "History",
+    "IWAE",
+    "ImportanceEstimate",
+    "LazyAdam",
+    "LinearGaussian",
+    "MLP",
+    "OBJECTIVES",
+    "PerDatapointGuide",
+    "PriorGuide",
+    "ScoreFunctionELBO",
+    "TrainConfig",
+    "VAE",
+    "active_units",
+    "build",
+    "evaluate_dataset",
+    "fit",
+    "gaussian_mixture",
+    "importance_sampling",
+    "kl_to_prior",
+    "linear_gaussian",
+    "load_dataset",
+    "load_mnist",
+    "log_likelihood",
+    "make_objective",
+    "make_pyro_optimizer",
+    "optimize_local_guide",
+    "posterior_means",
+]

@@ -1,0 +1,91 @@
+"""Build a (model, guide) pair from a :class:`~pyrovae.config.TrainConfig`, through registries."""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import torch
+
+from pyrovae.config import TrainConfig
+from pyrovae.data import Dataset
+from pyrovae.guides import AmortizedGuide, PerDatapointGuide, PriorGuide
+from pyrovae.models import VAE, LinearGaussian
+from pyrovae.nets import Decoder, GaussianEncoder
+
+
+def _vae(config: TrainConfig, dataset: Dataset) -> VAE:
+    decoder = Decoder(config.z_dim, dataset.x_dim, config.hidden_sizes, config.activation)
+    return VAE(
+        decoder.to(config.device),
+        config.z_dim,
+        likelihood=config.likelihood,
+        x_scale=config.x_scale,
+        learn_x_scale=config.learn_x_scale,
+        beta=config.beta,
+    )
+
+
+def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
+    if config.likelihood != "gaussian":
+        raise ValueError("the linear model has a Gaussian likelihood; use --likelihood gaussian")
+    model = LinearGaussian(
+        dataset.x_dim,
+        config.z_dim,
+        noise_scale=config.x_scale,
+        learn_noise_scale=config.learn_x_scale,
+        beta=config.beta,
+    )
+    model.decoder.to(config.device)
+    return model
+
+
+def _amortized(config: TrainConfig, dataset: Dataset, model: Any) -> AmortizedGuide:
+    encoder = GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation)
+    return AmortizedGuide(
+        encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized
+    )
+
+
+def _per_datapoint(config: TrainConfig, dataset: Dataset, model: Any) -> PerDatapointGuide:
+    return PerDatapointGuide(
+        dataset.num_train, config.z_dim, beta=config.beta, reparameterized=config.reparameterized
+    )
+
+
+def _prior(config: TrainConfig, dataset: Dataset, model: Any) -> PriorGuide:
+    return PriorGuide(config.z_dim, beta=config.beta)
+
+
+MODELS: dict[str, Callable[[TrainConfig, Dataset], Any]] = {"vae": _vae, "linear": _linear}
+GUIDES: dict[str, Callable[[TrainConfig, Dataset, Any], Any]] = {
+    "amortized": _amortized,
+    "per-datapoint": _per_datapoint,
+    "prior": _prior,
+}
+
+
+def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
+    """The model and guide that ``config`` names, with networks on ``config.device``.
+
+    Network initialisation draws from torch's global RNG: seed it (``pyro.set_rng_seed``) first.
+    """
+    config = config.resolved()
+    if config.likelihood != dataset.likelihood:
+        raise ValueError(
+            f"the {dataset.name} data set needs likelihood={dataset.likelihood!r}, "
+            f"got {config.likelihood!r}"
+        )
+    model = MODELS[config.model](config, dataset)
+    guide = GUIDES[config.guide](config, dataset, model)
+    return model, guide
+
+
+def modules_of(*fns: Any) -> dict[str, torch.nn.Module]:
+    """The ``torch.nn.Module``s of pyrovae models/guides, by their ``pyro.module`` names."""
+    found: dict[str, torch.nn.Module] = {}
+    for fn in fns:
+        for attr in ("decoder", "encoder"):
+            module = getattr(fn, attr, None)
+            if isinstance(module, torch.nn.Module):
+                found[fn.name] = module
+    return found

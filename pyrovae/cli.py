@@ -1,0 +1,169 @@
+"""Command-line front end: ``pyrovae train | evaluate | sample`` (also ``python -m pyrovae``).
+
+Only flags live here; the work is done by :mod:`pyrovae.run`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from typing import Optional, Sequence, get_args
+
+from pyrovae.config import (
+    ActivationName,
+    BinarizeName,
+    DatasetName,
+    GuideName,
+    LikelihoodName,
+    ModelName,
+    ObjectiveName,
+    TrainConfig,
+)
+from pyrovae.data import DataNotFoundError
+
+DATA_HELP = (
+    "folder that holds MNIST/raw (torchvision layout); default: $PYROVAE_DATA, "
+    "else ~/.cache/pyrovae/data"
+)
+
+
+def _add_data_flags(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--data-dir", type=str, default=None, help=DATA_HELP)
+    parser.add_argument("--download", action="store_true", help="download MNIST if it is missing")
+    parser.add_argument("--no-progress", action="store_true", help="hide the progress bars")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="pyrovae",
+        description="Variational autoencoders on Pyro: train, evaluate, sample.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True)
+    d = TrainConfig()
+
+    train = sub.add_parser("train", help="train a model/guide pair, evaluate it, write results to --out")
+    train.add_argument("--dataset", choices=get_args(DatasetName), default=d.dataset, help="data set")
+    train.add_argument("--model", choices=get_args(ModelName), default=None,
+                       help="vae (MLP decoder) or linear (linear-Gaussian); default by data set")
+    train.add_argument("--guide", choices=get_args(GuideName), default=d.guide, help="variational family q(z|x)")
+    train.add_argument("--objective", choices=get_args(ObjectiveName), default=d.objective, help="training objective")
+    train.add_argument("--num-particles", type=int, default=d.num_particles, help="K samples per data point")
+    train.add_argument("--no-reparameterize", action="store_true",
+                       help="sample the guide without pathwise gradients (score-function gradients only)")
+    train.add_argument("--z-dim", type=int, default=None, help="latent dimension (default: 50 mnist, 2 gmm/linear)")
+    train.add_argument("--hidden-sizes", type=int, nargs="+", default=None, help="hidden layer widths, e.g. 400 or 200 200")
+    train.add_argument("--activation", choices=get_args(ActivationName), default=d.activation, help="hidden activation")
+    train.add_argument("--likelihood", choices=get_args(LikelihoodName), default=None, help="p(x|z) family (default by data set)")
+    train.add_argument("--x-scale", type=float, default=d.x_scale, help="σ of the Gaussian likelihood (initial value if learned)")
+    train.add_argument("--learn-x-scale", action=argparse.BooleanOptionalAction, default=None,
+                       help="learn σ of the Gaussian likelihood (default: on for gmm/linear)")
+    train.add_argument("--beta", type=float, default=d.beta, help="KL weight (β-VAE); 1 = plain VAE")
+    train.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
+    train.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
+    train.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
+    train.add_argument("--lr-decay", type=float, default=d.lr_decay, help="learning-rate factor per epoch")
+    train.add_argument("--seed", type=int, default=d.seed, help="random seed")
+    train.add_argument("--device", type=str, default=d.device, help="cpu or cuda[:N]")
+    train.add_argument("--binarize", choices=get_args(BinarizeName), default=None, help="MNIST binarization (default dynamic)")
+    train.add_argument("--num-train", type=int, default=None, help="use only the first N training points")
+    train.add_argument("--num-test", type=int, default=None, help="use only the first N test points")
+    train.add_argument("--eval-samples", type=int, default=d.eval_samples, help="K of the test log-likelihood estimate")
+    train.add_argument("--eval-chunk", type=int, default=d.eval_chunk, help="importance samples per vectorized pass")
+    train.add_argument("--test-time-steps", type=int, default=d.test_time_steps,
+                       help="Adam steps fitting a per-datapoint guide to the test set")
+    train.add_argument("--out", type=str, required=True, help="output folder")
+    train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    _add_data_flags(train)
+
+    evaluate = sub.add_parser("evaluate", help="test-set metrics of a checkpoint")
+    evaluate.add_argument("--checkpoint", type=str, required=True, help="checkpoint.pt written by train")
+    evaluate.add_argument("--eval-samples", type=int, default=None, help="K of the log-likelihood estimate")
+    evaluate.add_argument("--device", type=str, default=None, help="cpu or cuda[:N] (default: as trained)")
+    evaluate.add_argument("--out", type=str, default=None, help="also write the metrics to this JSON file")
+    _add_data_flags(evaluate)
+
+    sample = sub.add_parser("sample", help="draw samples from a checkpoint's model")
+    sample.add_argument("--checkpoint", type=str, required=True, help="checkpoint.pt written by train")
+    sample.add_argument("--num", type=int, default=100, help="number of samples")
+    sample.add_argument("--out", type=str, required=True, help="PNG file to write")
+    sample.add_argument("--seed", type=int, default=0, help="random seed")
+    sample.add_argument("--device", type=str, default=None, help="cpu or cuda[:N]")
+    return parser
+
+
+def _config_from_args(args: argparse.Namespace) -> TrainConfig:
+    return TrainConfig(
+        dataset=args.dataset,
+        model=args.model,
+        guide=args.guide,
+        objective=args.objective,
+        num_particles=args.num_particles,
+        reparameterized=not args.no_reparameterize,
+        z_dim=args.z_dim,
+        hidden_sizes=tuple(args.hidden_sizes) if args.hidden_sizes else None,
+        activation=args.activation,
+        likelihood=args.likelihood,
+        x_scale=args.x_scale,
+        learn_x_scale=args.learn_x_scale,
+        beta=args.beta,
+        epochs=args.epochs,
+        batch_size=args.batch_size,
+        lr=args.lr,
+        lr_decay=args.lr_decay,
+        seed=args.seed,
+        device=args.device,
+        binarize=args.binarize,
+        num_train=args.num_train,
+        num_test=args.num_test,
+        eval_samples=args.eval_samples,
+        eval_chunk=args.eval_chunk,
+        test_time_steps=args.test_time_steps,
+    )
+
+
+def _print_metrics(metrics: dict) -> None:
+    keys = ("test_elbo", "test_log_likelihood", "test_log_likelihood_exact", "test_nll", "kl",
+            "active_units", "eval_samples", "seconds")
+    for key in keys:
+        if key in metrics:
+            value = metrics[key]
+            print(f"{key:>26}: {value:.3f}" if isinstance(value, float) else f"{key:>26}: {value}")
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(message)s")
+    from pyrovae import run  # deferred: `pyrovae --help` stays fast
+
+    try:
+        if args.command == "train":
+            config = _config_from_args(args)
+            metrics = run.train_and_evaluate(
+                config, args.out, data_dir=args.data_dir, download=args.download,
+                resume=args.resume, progress=not args.no_progress,
+            )
+            _print_metrics(metrics)
+            print(f"wrote {args.out}/metrics.json, checkpoint.pt, samples.png, reconstructions.png, curves.png")
+        elif args.command == "evaluate":
+            metrics = run.evaluate_checkpoint(
+                args.checkpoint, eval_samples=args.eval_samples, data_dir=args.data_dir,
+                download=args.download, device=args.device, progress=not args.no_progress,
+            )
+            _print_metrics(metrics)
+            if args.out:
+                run.write_json(args.out, metrics)
+            else:
+                print(json.dumps({k: v for k, v in metrics.items() if k != "config"}, indent=2))
+        elif args.command == "sample":
+            run.sample_checkpoint(args.checkpoint, args.num, args.out, device=args.device, seed=args.seed)
+            print(f"wrote {args.out}")
+    except (DataNotFoundError, FileNotFoundError, ValueError, FloatingPointError) as error:
+        parser.exit(2, f"pyrovae {args.command}: error: {error}\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

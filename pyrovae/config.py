@@ -1,0 +1,140 @@
+"""Typed training configuration (stdlib dataclasses) that round-trips through JSON."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
+
+DatasetName = Literal["mnist", "gmm", "linear"]
+ModelName = Literal["vae", "linear"]
+GuideName = Literal["amortized", "per-datapoint", "prior"]
+ObjectiveName = Literal["elbo", "elbo-analytic", "iwae", "score"]
+LikelihoodName = Literal["bernoulli", "gaussian"]
+BinarizeName = Literal["dynamic", "static", "none"]
+ActivationName = Literal["relu", "tanh", "softplus", "elu", "gelu"]
+
+#: Per-data-set defaults for the fields left as ``None``.
+DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
+    "mnist": dict(model="vae", likelihood="bernoulli", z_dim=50, hidden_sizes=(400,), binarize="dynamic"),
+    "gmm": dict(model="vae", likelihood="gaussian", z_dim=2, hidden_sizes=(64, 64), binarize="none",
+                learn_x_scale=True),
+    "linear": dict(model="linear", likelihood="gaussian", z_dim=2, hidden_sizes=(64,), binarize="none",
+                   learn_x_scale=True),
+}
+
+
+@dataclass
+class TrainConfig:
+    """Everything that defines a training run; ``None`` fields take the data set's defaults
+    (:data:`DATASET_DEFAULTS`) in :meth:`resolved`.
+
+    :param dataset: ``mnist``, ``gmm`` (3-component Gaussian mixture in R²) or ``linear``
+        (linear-Gaussian latent model with exact log p(x)).
+    :param model: ``vae`` (MLP decoder) or ``linear`` (linear decoder, Gaussian noise).
+    :param guide: ``amortized`` (encoder), ``per-datapoint`` (one Gaussian per training point) or
+        ``prior`` (q = p(z)).
+    :param objective: ``elbo``, ``elbo-analytic``, ``iwae`` or ``score``.
+    :param num_particles: K samples per data point in the objective.
+    :param reparameterized: ``False`` samples the guide without pathwise gradients.
+    :param lr_decay: learning-rate factor per epoch (1 = constant).
+    :param num_train: use only the first ``num_train`` training points (``None``: all).
+    :param num_test: use only the first ``num_test`` test points (``None``: all).
+    :param eval_samples: K of the importance-sampled test log-likelihood.
+    :param test_time_steps: Adam steps of the test-set per-datapoint guide (per-datapoint only).
+    """
+
+    dataset: DatasetName = "mnist"
+    model: Optional[ModelName] = None
+    guide: GuideName = "amortized"
+    objective: ObjectiveName = "elbo"
+    num_particles: int = 1
+    reparameterized: bool = True
+    z_dim: Optional[int] = None
+    hidden_sizes: Optional[tuple[int, ...]] = None
+    activation: ActivationName = "relu"
+    likelihood: Optional[LikelihoodName] = None
+    x_scale: float = 1.0
+    learn_x_scale: Optional[bool] = None
+    beta: float = 1.0
+    epochs: int = 10
+    batch_size: int = 100
+    lr: float = 1e-3
+    lr_decay: float = 1.0
+    seed: int = 0
+    device: str = "cpu"
+    binarize: Optional[BinarizeName] = None
+    num_train: Optional[int] = None
+    num_test: Optional[int] = None
+    eval_samples: int = 5000
+    eval_chunk: int = 500
+    eval_batch: int = 100
+    test_time_steps: int = 300
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if self.hidden_sizes is not None:
+            self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        hints = get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            choices = _literal_choices(hints[f.name])
+            if choices and value is not None and value not in choices:
+                raise ValueError(f"{f.name}={value!r} is not one of {list(choices)}")
+        positive_ints = ("num_particles", "epochs", "batch_size", "eval_samples", "eval_chunk", "eval_batch")
+        for name in positive_ints:
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value < 1:
+                raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
+        for name in ("z_dim", "num_train", "num_test"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
+        if self.test_time_steps < 0:
+            raise ValueError(f"test_time_steps must be >= 0, got {self.test_time_steps}")
+        for name in ("lr", "beta", "x_scale"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+        if not 0 < self.lr_decay <= 1:
+            raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}; 1 means no decay")
+
+    def resolved(self) -> "TrainConfig":
+        """A copy with every ``None`` field set to the data set's default."""
+        defaults = DATASET_DEFAULTS[self.dataset]
+        updates = {
+            name: value for name, value in defaults.items() if getattr(self, name, None) is None
+        }
+        if self.learn_x_scale is None and "learn_x_scale" not in updates:
+            updates["learn_x_scale"] = False
+        return dataclasses.replace(self, **updates)
+
+    def to_dict(self) -> dict[str, Any]:
+        out = dataclasses.asdict(self)
+        if out["hidden_sizes"] is not None:
+            out["hidden_sizes"] = list(out["hidden_sizes"])
+        return out
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=2, sort_keys=True)
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(data) - known)
+        if unknown:
+            raise ValueError(f"unknown config keys {unknown}; valid keys are {sorted(known)}")
+        return cls(**data)
+
+    @classmethod
+    def from_json(cls, text: str) -> "TrainConfig":
+        return cls.from_dict(json.loads(text))
+
+
+def _literal_choices(hint: Any) -> tuple[Any, ...]:
+    if get_origin(hint) is Literal:
+        return get_args(hint)
+    for arg in get_args(hint):
+        if get_origin(arg) is Literal:
+            return get_args(arg)
+    return ()

@@ -1,0 +1,272 @@
+"""The main job end to end: load data, build, train, evaluate, write metrics and figures.
+
+The CLI (:mod:`pyrovae.cli`) only parses flags and calls these functions.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Optional
+
+import pyro
+import torch
+
+from pyrovae import plots
+from pyrovae.build import build, modules_of
+from pyrovae.checkpoint import load_checkpoint
+from pyrovae.config import TrainConfig
+from pyrovae.data import Dataset, load_dataset
+from pyrovae.evaluate import evaluate_dataset, posterior_means
+from pyrovae.objectives import make_objective
+from pyrovae.train import evaluation_data, fit, optimize_local_guide
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temporary file + ``os.replace``)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    """The data set ``config`` names, on ``config.device``, cut to ``num_train``/``num_test``."""
+    config = config.resolved()
+    dataset = load_dataset(
+        config.dataset,
+        data_dir=data_dir,
+        download=download,
+        binarize=config.binarize,
+        seed=config.seed,
+        device=config.device,
+    )
+    if config.num_train is not None or config.num_test is not None:
+        dataset = Dataset(
+            name=dataset.name,
+            train=dataset.train[: config.num_train],
+            test=dataset.test[: config.num_test],
+            likelihood=dataset.likelihood,
+            binarize=dataset.binarize,
+            train_labels=None if dataset.train_labels is None else dataset.train_labels[: config.num_train],
+            test_labels=None if dataset.test_labels is None else dataset.test_labels[: config.num_test],
+            image_shape=dataset.image_shape,
+            truth=dataset.truth,
+        )
+    return dataset
+
+
+def check_device(device: str) -> None:
+    """Fail early, with the fix, when a CUDA device is asked for but not available."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was requested but CUDA is not available here; use --device cpu")
+
+
+def test_guide(config: TrainConfig, model: Any, guide: Any, x_test: torch.Tensor) -> Any:
+    """The guide to evaluate the test set with: the trained guide if it generalises to new points,
+    else a per-datapoint guide fitted to the test points with the model fixed."""
+    if getattr(guide, "amortized", True):
+        return guide
+    return optimize_local_guide(
+        model, x_test, config.z_dim, steps=max(config.test_time_steps, 1), beta=config.beta
+    )
+
+
+def evaluate_run(
+    config: TrainConfig, dataset: Dataset, model: Any, guide: Any, progress: bool = False
+) -> tuple[dict[str, Any], Any]:
+    """Test-set metrics of a trained pair (nats per data point), and the guide used for them."""
+    config = config.resolved()
+    x_test = evaluation_data(dataset, "test", config.seed)
+    start = time.perf_counter()
+    guide_test = test_guide(config, model, guide, x_test)
+    result = evaluate_dataset(
+        model,
+        guide_test,
+        x_test,
+        num_samples=config.eval_samples,
+        chunk_size=min(config.eval_chunk, config.eval_samples),
+        batch_size=config.eval_batch,
+        progress=progress,
+    )
+    summary = result.summary()
+    metrics: dict[str, Any] = {
+        "test_elbo": summary["elbo"],
+        "test_log_likelihood": summary["log_likelihood"],
+        "test_nll": summary["nll"],
+        "test_gap": summary["gap"],
+        "test_ess": summary["ess"],
+        "kl": summary["kl"],
+        "active_units": sum(summary["active_units"].values()),
+        "active_units_by_site": summary["active_units"],
+        "eval_samples": config.eval_samples,
+        "num_test": int(x_test.shape[0]),
+        "test_guide": "amortized" if guide_test is guide else f"per-datapoint, {config.test_time_steps} Adam steps on the test set",
+    }
+    if hasattr(model, "log_marginal"):
+        with torch.no_grad():
+            metrics["test_log_likelihood_exact"] = model.log_marginal(x_test).mean().item()
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics, guide_test
+
+
+def save_figures(
+    out: pathlib.Path, dataset: Dataset, model: Any, guide: Any, history: Optional[dict[str, Any]] = None, seed: int = 0
+) -> None:
+    """``samples.png``, ``reconstructions.png`` and (with a history) ``curves.png``."""
+    x_test = evaluation_data(dataset, "test", seed)
+    n = min(50, x_test.shape[0])
+    index = torch.arange(n, device=x_test.device)
+    with torch.no_grad():
+        _, x_mean, _ = model.sample(100, device=x_test.device)
+        z_mean = posterior_means(guide, x_test[:n], index, x_test.shape[0])["z"]
+        reconstruction = model.decode(z_mean)
+    if dataset.image_shape is not None:
+        plots.save_image_grid(x_mean.cpu(), out / "samples.png", dataset.image_shape)
+        plots.save_reconstructions(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", dataset.image_shape)
+    else:
+        _, _, x_sample = model.sample(1000, device=x_test.device)
+        plots.plot_2d_samples(x_test.cpu(), x_sample.cpu(), out / "samples.png", title="test data and model samples")
+        plots.plot_2d_samples(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", title="test points and reconstructions")
+    if history is not None:
+        plots.plot_curves(history, out / "curves.png", title=f"{dataset.name}")
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    resume: bool = False,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """The main job: train per ``config``, evaluate on the test set, write into ``out``:
+    ``metrics.json``, ``checkpoint.pt``, ``samples.png``, ``reconstructions.png``, ``curves.png``.
+
+    :return: the metrics written to ``metrics.json``.
+    """
+    config = config.resolved()
+    check_device(config.device)
+    out = pathlib.Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    dataset = load_data(config, data_dir, download)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    model, guide = build(config, dataset)
+    objective = make_objective(config.objective, num_particles=config.num_particles)
+    start = time.perf_counter()
+    history = fit(
+        model, guide, dataset, objective,
+        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
+        seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
+        config=config.to_dict(), progress=progress,
+    )
+    train_seconds = time.perf_counter() - start
+    metrics, guide_test = evaluate_run(config, dataset, model, guide, progress=progress)
+    metrics = {
+        "train_elbo": history.train_bound,
+        "test_bound_per_epoch": history.test_bound,
+        "bound_name": history.bound_name,
+        "epochs": len(history.epoch),
+        **metrics,
+        "seconds": train_seconds + metrics["eval_seconds"],
+        "train_seconds": train_seconds,
+        "seconds_per_epoch": history.seconds,
+        "device": config.device,
+        "torch_threads": torch.get_num_threads(),
+        "config": config.to_dict(),
+    }
+    save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
+    write_json(out / METRICS, metrics)
+    return metrics
+
+
+def restore(
+    checkpoint: str | os.PathLike, data_dir: Optional[str] = None, download: bool = False, device: Optional[str] = None
+) -> tuple[TrainConfig, Dataset, Any, Any, dict[str, Any]]:
+    """Rebuild config, data set, model and guide from a checkpoint written by :func:`fit`."""
+    state = load_checkpoint(checkpoint, map_location=device or "cpu")
+    if not state.get("config"):
+        raise ValueError(f"{checkpoint} holds no config; it was not written by `pyrovae train`")
+    config = TrainConfig.from_dict(state["config"])
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    check_device(config.device)
+    dataset = load_data(config, data_dir, download)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    model, guide = build(config, dataset)
+    for name, module in modules_of(model, guide).items():
+        module.load_state_dict(state["modules"][name])
+    pyro.get_param_store().set_state(state["params"])
+    return config, dataset, model, guide, state
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    eval_samples: Optional[int] = None,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    device: Optional[str] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Test-set metrics of a saved run (``pyrovae evaluate``)."""
+    config, dataset, model, guide, state = restore(checkpoint, data_dir, download, device)
+    if eval_samples is not None:
+        config = dataclasses.replace(config, eval_samples=eval_samples)
+    metrics, _ = evaluate_run(config, dataset, model, guide, progress=progress)
+    return {"checkpoint": str(checkpoint), "epoch": state["epoch"], **metrics}
+
+
+def sample_checkpoint(
+    checkpoint: str | os.PathLike, num: int, out: str | os.PathLike, *, device: Optional[str] = None, seed: int = 0
+) -> torch.Tensor:
+    """Draw ``num`` samples from a saved model (no data needed) and write them as an image grid,
+    or as a scatter of the first two coordinates for non-image data (``pyrovae sample``).
+
+    :return: the means of p(x|z) of the samples, ``(num, x_dim)``.
+    """
+    if num < 1:
+        raise ValueError(f"--num must be at least 1, got {num}")
+    state = load_checkpoint(checkpoint, map_location=device or "cpu")
+    config = TrainConfig.from_dict(state["config"]).resolved()
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    check_device(config.device)
+    info = state["dataset"]
+    image_shape = tuple(info["image_shape"]) if info["image_shape"] else None
+    stub = Dataset(
+        name=info["name"],
+        train=torch.zeros(1, info["x_dim"], device=config.device),
+        test=torch.zeros(1, info["x_dim"], device=config.device),
+        likelihood=info["likelihood"],
+        image_shape=image_shape,
+    )
+    pyro.clear_param_store()
+    model, _ = build(dataclasses.replace(config, guide="prior"), stub)
+    model.decoder.load_state_dict(state["modules"][model.name])
+    pyro.get_param_store().set_state(state["params"])
+    pyro.set_rng_seed(seed)
+    _, x_mean, x_sample = model.sample(num, device=config.device)
+    if image_shape is not None:
+        plots.save_image_grid(x_mean.cpu(), out, image_shape)
+    else:
+        plots.plot_2d_samples(x_sample.cpu(), x_sample.cpu(), out, title="model samples")
+    return x_mean
