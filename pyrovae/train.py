@@ -19,8 +19,9 @@ from tqdm.auto import tqdm
 
 from pyrovae.build import modules_of
 from pyrovae.checkpoint import load_checkpoint, rng_state, save_checkpoint, set_rng_state
-from pyrovae.data import Dataset, index_batches
+from pyrovae.data import Dataset, check_data, index_batches
 from pyrovae.guides import PerDatapointGuide
+from pyrovae.objectives.weights import rng_preserved
 from pyrovae.optim import make_pyro_optimizer
 
 logger = logging.getLogger(__name__)
@@ -128,6 +129,7 @@ def fit(
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
     if not lr > 0 or not 0 < lr_decay <= 1:
         raise ValueError(f"need lr > 0 and 0 < lr_decay <= 1, got lr={lr}, lr_decay={lr_decay}")
+    check_data(dataset.train, dataset.likelihood, name=f"{dataset.name} train")
     device = dataset.train.device
     num_data = dataset.num_train
     steps_per_epoch = math.ceil(num_data / batch_size)
@@ -167,6 +169,12 @@ def fit(
             warnings.warn(f"--resume: no checkpoint at {checkpoint_path}; starting from scratch")
         pyro.set_rng_seed(seed)
         generator.manual_seed(seed)
+
+    if objective.max_plate_nesting == float("inf"):
+        # Guess now, without consuming random numbers, so a resumed run replays an uninterrupted one.
+        index = torch.arange(min(batch_size, num_data), device=device)
+        with rng_preserved():
+            objective._guess_max_plate_nesting(model, guide, (dataset.train[index], index, num_data), {})
 
     x_test = evaluation_data(dataset, "test", seed) if test_bound else None
     generalises = getattr(guide, "amortized", True)

@@ -82,7 +82,7 @@ class VAE:
     def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p_θ(x|z) given the decoder output ``out``."""
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+            return dist.Bernoulli(logits=out).to_event(1)
         return dist.Normal(out, self.x_scale(out.device)).to_event(1)
 
     def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:

@@ -39,16 +39,18 @@ class PerDatapointObjective(ELBO):
     ) -> None:
         if not isinstance(num_particles, int) or num_particles < 1:
             raise ValueError(f"num_particles must be an integer >= 1, got {num_particles!r}")
-        super().__init__(
-            num_particles=num_particles,
-            max_plate_nesting=max_plate_nesting,
-            vectorize_particles=True,
-        )
+        super().__init__(num_particles=num_particles, vectorize_particles=True)
+        # Unlike pyro.infer.ELBO, this counts the model's plates only; the particle plate goes
+        # to their left.
+        self.max_plate_nesting = max_plate_nesting
         self.plate_name = plate_name
 
     def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
         # Required by pyro.infer.ELBO; pyrovae objectives draw their particles in log_weights.
         return get_importance_trace("flat", self.max_plate_nesting, model, guide, args, kwargs)
+
+    def _guess_max_plate_nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> None:
+        self.max_plate_nesting = guess_max_plate_nesting(model, self.wrap_guide(guide), args, kwargs)
 
     def wrap_guide(self, guide: Callable) -> Callable:
         """Hook for objectives that change how the guide samples (e.g. cut pathwise gradients)."""
@@ -59,6 +61,7 @@ class PerDatapointObjective(ELBO):
         guide = self.wrap_guide(guide)
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+
         model_trace, guide_trace = vectorized_traces(
             model, guide, args, kwargs, self.num_particles, int(self.max_plate_nesting)
         )

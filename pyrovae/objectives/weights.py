@@ -45,9 +45,17 @@ class LogWeights:
     plate_scale: float
 
 
+def rng_preserved() -> Any:
+    """A context that restores torch's random state on exit (CPU and the current CUDA device),
+    so dry runs do not shift the random stream and a resumed run replays an uninterrupted one."""
+    devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
+    return torch.random.fork_rng(devices=devices)
+
+
 def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwargs: dict) -> int:
-    """The number of plates the model and guide nest (a dry run of both, as Pyro's ELBO does)."""
-    with poutine.block(), torch.no_grad():
+    """The number of plates the model and guide nest (a dry run of both, as Pyro's ELBO does,
+    but without consuming random numbers)."""
+    with poutine.block(), torch.no_grad(), rng_preserved():
         guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
         model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     depth = 0
