@@ -8,9 +8,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 from pyro import poutine
+from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.distributions import constraints
 
+from pyrovae.data import check_data
 from pyrovae.handlers import batch_device, data_plate, latent_scale
 
 Likelihood = Literal["bernoulli", "gaussian"]
@@ -82,7 +84,9 @@ class VAE:
     def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p_θ(x|z) given the decoder output ``out``."""
         if self.likelihood == "bernoulli":
-            return dist.Bernoulli(logits=out).to_event(1)
+            # Pixel intensities in [0, 1] are allowed as targets (greyscale MNIST without
+            # binarization); torch's Boolean support check would reject them.
+            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
         return dist.Normal(out, self.x_scale(out.device)).to_event(1)
 
     def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:
@@ -97,6 +101,8 @@ class VAE:
         num_data: Optional[int] = None,
     ) -> torch.Tensor:
         pyro.module(self.name, self.decoder)
+        if x is not None and is_validation_enabled():
+            check_data(x, self.likelihood)
         device = batch_device(x, index)
         with data_plate(x, index, num_data) as batch_index:
             with latent_scale(self.beta):
