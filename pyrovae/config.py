@@ -58,7 +58,7 @@ class TrainConfig:
     x_scale: float = 1.0
     learn_x_scale: Optional[bool] = None
     beta: float = 1.0
-    epochs: int = 10
+    epochs: int = 20
     batch_size: int = 100
     lr: float = 1e-3
     lr_decay: float = 1.0
