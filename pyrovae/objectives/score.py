@@ -2,13 +2,17 @@
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from typing import Callable, Literal, Optional
 
 import torch
 
 from pyrovae.handlers import DATA_PLATE, score_function
 from pyrovae.objectives.base import PerDatapointObjective
 from pyrovae.objectives.weights import LogWeights
+
+
+Baseline = Literal["auto", "none", "leave-one-out", "moving-average"]
+BASELINES: tuple[str, ...] = ("auto", "none", "leave-one-out", "moving-average")
 
 
 class ScoreFunctionELBO(PerDatapointObjective):
@@ -24,7 +28,11 @@ class ScoreFunctionELBO(PerDatapointObjective):
     independent of z_kb, so the estimator stays unbiased.
 
     :param num_particles: K.
-    :param baseline_decay: decay of the moving-average baseline used when K = 1.
+    :param baseline_decay: decay of the moving-average baseline.
+    :param baseline: ``"auto"`` (leave-one-out for K >= 2, moving average for K = 1),
+        ``"leave-one-out"`` (needs K >= 2), ``"moving-average"`` (an exponential moving average of
+        past batch means of f, one scalar for the whole batch), or ``"none"`` (b = 0, the plain
+        REINFORCE estimator, for comparisons).
 
     **References**
 
@@ -40,11 +48,22 @@ class ScoreFunctionELBO(PerDatapointObjective):
         max_plate_nesting: float = float("inf"),
         plate_name: str = DATA_PLATE,
         baseline_decay: float = 0.9,
+        baseline: Baseline = "auto",
     ) -> None:
         if not 0 <= baseline_decay < 1:
             raise ValueError(f"baseline_decay must be in [0, 1), got {baseline_decay}")
+        if baseline not in BASELINES:
+            raise ValueError(f"unknown baseline {baseline!r}; choose one of {BASELINES}")
+        if baseline == "leave-one-out" and num_particles < 2:
+            raise ValueError(
+                "the leave-one-out baseline needs num_particles >= 2; use baseline='moving-average' "
+                "(or 'auto') with one particle"
+            )
         super().__init__(num_particles, max_plate_nesting, plate_name)
         self.baseline_decay = baseline_decay
+        if baseline == "auto":
+            baseline = "leave-one-out" if num_particles > 1 else "moving-average"
+        self.baseline = baseline
         self._moving_baseline: Optional[float] = None
 
     def wrap_guide(self, guide: Callable) -> Callable:
@@ -55,7 +74,9 @@ class ScoreFunctionELBO(PerDatapointObjective):
         num_particles = log_w.shape[0]
         value = weights.plate_scale * log_w.mean(0).sum()
         f = log_w.detach()
-        if num_particles > 1:
+        if self.baseline == "none":
+            baseline = torch.zeros_like(f)
+        elif self.baseline == "leave-one-out":
             baseline = (f.sum(0, keepdim=True) - f) / (num_particles - 1)
         else:
             baseline = torch.full_like(f, self._moving_baseline or 0.0)
