@@ -1,0 +1,211 @@
+"""Reparameterization vs the log-derivative trick: how biased, how noisy, and how fast do they train?
+
+Three estimators of ∇ELBO — reparameterized (pathwise), score function without a baseline, score
+function with a baseline (leave-one-out over the K particles for K >= 2, a moving average of past
+batch means of f for K = 1) — compared
+
+1. on the linear-Gaussian model with a fixed, mis-fit diagonal Gaussian guide, where the exact
+   gradient is known: bias (z statistics against it), variance and signal-to-noise ratio per
+   parameter group (guide loc, guide log-scale, decoder) as functions of the latent dimension d and
+   the number of particles K;
+2. on MNIST, at a fixed, briefly trained VAE: variance and SNR of the encoder and decoder gradients;
+3. on MNIST, training from the same initialization for the same wall-clock budget: the test ELBO
+   reached.
+
+Writes ``results.json``, ``variance_vs_dim.png``, ``snr_vs_dim.png``, ``mnist_gradients.png`` and
+``training_curves.png`` under ``--out``. The logic lives in :mod:`pyrovae.studies.gradients`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import pathlib
+import sys
+import time
+from typing import Any, Optional, Sequence
+
+import pyro
+import torch
+
+from pyrovae.data import Dataset, load_mnist
+from pyrovae.run import write_json
+from pyrovae.studies import gradients as study
+from pyrovae.train import evaluation_data
+
+
+def parse_run(text: str) -> tuple[str, int]:
+    """``"estimator:K"`` -> (estimator, K)."""
+    estimator, _, k = text.partition(":")
+    if estimator not in study.ESTIMATORS or not k.isdigit() or int(k) < 1:
+        raise argparse.ArgumentTypeError(
+            f"{text!r}: expected ESTIMATOR:K with ESTIMATOR in {sorted(study.ESTIMATORS)} and K >= 1, "
+            "e.g. score-baseline:4"
+        )
+    return estimator, int(k)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    add = parser.add_argument
+    add("--out", type=str, default="runs/gradient_estimators", help="folder for results.json and the PNGs")
+    add("--seed", type=int, default=0, help="seed of data, guides, networks and every draw")
+    add("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
+    add("--threads", type=int, default=1, help="torch CPU threads (the wall-clock comparison is per thread count)")
+    # linear-Gaussian
+    add("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="latent dimensions d")
+    add("--particles", type=int, nargs="+", default=[1, 4, 16], help="particle counts K")
+    add("--replicates", type=int, default=10000, help="independent gradient draws per (d, K, estimator)")
+    add("--x-dim", type=int, default=64, help="data dimension D of the linear-Gaussian model")
+    add("--num-points", type=int, default=1, help="data points in the linear-Gaussian ELBO (the batch)")
+    add("--noise-scale", type=float, default=0.5, help="observation noise sd σ of the linear-Gaussian model")
+    # MNIST
+    add("--data-dir", type=str, default=None, help="folder holding MNIST/raw (default: $PYROVAE_DATA)")
+    add("--num-train", type=int, default=20000, help="MNIST training points used")
+    add("--num-test", type=int, default=2000, help="MNIST test points used for the test ELBO")
+    add("--z-dim", type=int, default=20, help="latent dimension of the MNIST VAE")
+    add("--hidden", type=int, nargs="+", default=[200], help="hidden layer widths of encoder and decoder")
+    add("--batch-size", type=int, default=100, help="minibatch size for training and the gradient batch")
+    add("--lr", type=float, default=1e-3, help="Adam learning rate (every estimator)")
+    add("--pretrain-steps", type=int, default=500, help="reparameterized Adam steps before measuring MNIST gradients")
+    add("--mnist-particles", type=int, nargs="+", default=[1, 4, 16], help="K for the MNIST gradient study")
+    add("--mnist-replicates", type=int, default=400, help="gradient draws per (K, estimator) on MNIST")
+    add("--train-seconds", type=float, default=60.0, help="training wall-clock budget per MNIST run")
+    add("--eval-every", type=float, default=4.0, help="seconds of training between test-ELBO records")
+    add("--train-runs", type=parse_run, nargs="+",
+        default=[("reparameterized", 1), ("score-baseline", 1), ("score-baseline", 4)],
+        help="MNIST training runs as ESTIMATOR:K")
+    add("--final-eval-samples", type=int, default=10, help="draws per test point for the final test ELBO")
+    return parser
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_subset(args: argparse.Namespace) -> Dataset:
+    full = load_mnist(args.data_dir, device=args.device, binarize="dynamic", seed=args.seed)
+    return Dataset(
+        name="mnist",
+        train=full.train[: args.num_train],
+        test=full.test[: args.num_test],
+        likelihood="bernoulli",
+        binarize="dynamic",
+        image_shape=full.image_shape,
+    )
+
+
+def mnist_part(args: argparse.Namespace) -> dict[str, Any]:
+    dataset = load_subset(args)
+    x_test = evaluation_data(dataset, "test", args.seed)
+    x_dim = dataset.x_dim
+
+    # 2. gradients at a fixed, briefly trained point
+    model, guide = study.build_vae(x_dim, args.z_dim, args.hidden, args.seed, args.device)
+    start = time.perf_counter()
+    pretrain = study.train_for(
+        model, guide, dataset, x_test, study.make_estimator("reparameterized", 1),
+        max_steps=args.pretrain_steps, batch_size=args.batch_size, lr=args.lr, seed=args.seed,
+    )
+    log(f"pretrained {args.pretrain_steps} steps in {time.perf_counter() - start:.1f}s: "
+        f"test ELBO {pretrain['test_elbo'][-1]:.2f}")
+    generator = torch.Generator(device=x_test.device).manual_seed(args.seed)
+    batch = torch.bernoulli(dataset.train[: args.batch_size], generator=generator)
+    variance_runs = study.mnist_variance_study(
+        model, guide, batch, args.mnist_particles, args.mnist_replicates, seed=args.seed, progress=log
+    )
+    study.plot_mnist_variance(
+        variance_runs, pathlib.Path(args.out) / "mnist_gradients.png",
+        f"MNIST VAE ({x_dim}-{'-'.join(map(str, args.hidden))}-{args.z_dim}) after {args.pretrain_steps} steps: "
+        f"∇ of the mean ELBO of {args.batch_size} images, {args.mnist_replicates} draws",
+    )
+
+    # 3. training at equal wall clock, all from the same initialization
+    training_runs = []
+    for estimator, num_particles in args.train_runs:
+        model, guide = study.build_vae(x_dim, args.z_dim, args.hidden, args.seed, args.device)
+        label = f"{study._label(estimator, num_particles)}, K={num_particles}"
+        history = study.train_for(
+            model, guide, dataset, x_test, study.make_estimator(estimator, num_particles),
+            seconds=args.train_seconds, batch_size=args.batch_size, lr=args.lr,
+            eval_every=args.eval_every, seed=args.seed,
+        )
+        with pyro.validation_enabled(False):
+            final, final_se = study.test_elbo(model, guide, x_test, num_samples=args.final_eval_samples)
+        log(f"{label}: {history['steps'][-1]} steps in {history['seconds'][-1]:.1f}s, test ELBO {final:.2f} ± {final_se:.2f}")
+        training_runs.append(
+            {
+                "label": label,
+                "estimator": estimator,
+                "num_particles": num_particles,
+                "baseline": study.baseline_name(estimator, num_particles),
+                "steps": history["steps"][-1],
+                "seconds": history["seconds"][-1],
+                "cpu_seconds": history["cpu_seconds"][-1],
+                "final_test_elbo": final,
+                "final_test_elbo_se": final_se,
+                "history": history,
+            }
+        )
+    study.plot_training(
+        training_runs, pathlib.Path(args.out) / "training_curves.png",
+        f"MNIST VAE, {args.train_seconds:g} s of training each, same initialization "
+        f"({args.threads} thread{'s' if args.threads > 1 else ''})",
+    )
+    return {
+        "num_train": dataset.num_train,
+        "num_test": dataset.num_test,
+        "z_dim": args.z_dim,
+        "hidden": args.hidden,
+        "batch_size": args.batch_size,
+        "lr": args.lr,
+        "pretrain": {
+            "steps": args.pretrain_steps,
+            "seconds": pretrain["seconds"][-1],
+            "test_elbo": pretrain["test_elbo"][-1],
+        },
+        "gradient_batch": "the first batch-size training images, binarized once with the seed",
+        "variance": {"num_replicates": args.mnist_replicates, "runs": variance_runs},
+        "training": {"seconds_budget": args.train_seconds, "final_eval_samples": args.final_eval_samples,
+                     "runs": training_runs},
+    }
+
+
+def main(args: argparse.Namespace) -> dict[str, Any]:
+    logging.getLogger("pyro").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
+    out = pathlib.Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    start = time.perf_counter()
+
+    # 1. linear-Gaussian: exact gradients
+    linear = study.linear_gaussian_study(
+        args.dims, args.particles, args.replicates, x_dim=args.x_dim, num_points=args.num_points,
+        noise_scale=args.noise_scale, seed=args.seed, device=args.device, progress=log,
+    )
+    suffix = f"linear-Gaussian, D = {args.x_dim}, σ = {args.noise_scale:g}, {args.replicates} draws"
+    study.plot_linear_gaussian(linear, "variance", out / "variance_vs_dim.png",
+                               "mean per-coordinate variance", f"Gradient variance ({suffix}; bars ±2 SE)")
+    study.plot_linear_gaussian(linear, "snr", out / "snr_vs_dim.png",
+                               "mean SNR |∇ELBO| / sd", f"Signal-to-noise ratio against the exact gradient ({suffix})")
+    linear_seconds = time.perf_counter() - start
+
+    mnist = mnist_part(args)
+    results = {
+        "question": __doc__.split("\n\n")[0],
+        "estimators": study.ESTIMATORS,
+        "config": {k: v for k, v in vars(args).items()},
+        "linear_gaussian": linear,
+        "mnist": mnist,
+        "linear_gaussian_seconds": linear_seconds,
+        "seconds": time.perf_counter() - start,
+        "torch_threads": torch.get_num_threads(),
+        "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
+    }
+    write_json(out / "results.json", results)
+    log(f"wrote {out} in {results['seconds']:.0f}s")
+    return results
+
+
+if __name__ == "__main__":
+    main(build_parser().parse_args())
