@@ -203,6 +203,13 @@ def fit(
             )
             history.seconds.append(time.perf_counter() - start)
             epoch_bar.set_postfix(train=f"{history.train_bound[-1]:.2f}", test=f"{history.test_bound[-1] or float('nan'):.2f}")
+            if not progress:
+                logger.info(
+                    "epoch %d/%d: train %s %.3f, test %s (%.1f s)", epoch + 1, epochs, history.bound_name,
+                    history.train_bound[-1],
+                    "n/a" if history.test_bound[-1] is None else f"{history.test_bound[-1]:.3f}",
+                    history.seconds[-1],
+                )
             if checkpoint_path is not None:
                 save_checkpoint(
                     checkpoint_path,
