@@ -1,8 +1,16 @@
 """Guides q(z|x): all share the models' signature and latent site names, so they swap freely."""
 
 from pyrovae.guides.amortized import AmortizedGuide
+from pyrovae.guides.categorical import CategoricalGuide, MixturePriorGuide
 from pyrovae.guides.exact import ExactPosteriorGuide
 from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.guides.prior import PriorGuide
 
-__all__ = ["AmortizedGuide", "ExactPosteriorGuide", "PerDatapointGuide", "PriorGuide"]
+__all__ = [
+    "AmortizedGuide",
+    "CategoricalGuide",
+    "ExactPosteriorGuide",
+    "MixturePriorGuide",
+    "PerDatapointGuide",
+    "PriorGuide",
+]

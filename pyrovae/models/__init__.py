@@ -1,6 +1,7 @@
 """Generative models: one file per model family."""
 
 from pyrovae.models.linear_gaussian import LinearGaussian
+from pyrovae.models.mixture import GaussianMixture
 from pyrovae.models.vae import LIKELIHOODS, VAE
 
-__all__ = ["LIKELIHOODS", "LinearGaussian", "VAE"]
+__all__ = ["GaussianMixture", "LIKELIHOODS", "LinearGaussian", "VAE"]
