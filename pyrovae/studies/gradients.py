@@ -38,6 +38,7 @@ import pyro
 import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
+from matplotlib.ticker import NullFormatter
 from pyro.infer import ELBO, SVI
 from torch import Tensor, nn
 from torch.distributions import constraints
@@ -107,7 +108,8 @@ def gradient_statistics(
       u_r = (1/n) Σ_i (g_ri - ḡ_i)² (valid for any tails with a finite fourth moment; for Gaussian
       gradients it reduces to the F-test's sqrt(2/(R-1)) relative error).
     - ``snr``: |E g_i| / sd(g_i) averaged over coordinates, with E g the ``exact`` gradient when
-      given, else the debiased sqrt(max(ḡ_i² - se_i², 0)).
+      given, else the debiased sqrt(max(ḡ_i² - se_i², 0)); ``snr_pooled`` = ‖E g‖ / sqrt(Σ_i var_i),
+      which coordinates with a near-zero variance cannot dominate.
     - with ``exact``: ``max_abs_z`` = max_i |ḡ_i - g*_i| / se_i, ``frac_abs_z_gt_3`` (0.0027 expected
       for an unbiased estimator), ``relative_bias`` = ‖ḡ - g*‖ / ‖g*‖ and ``power`` =
       max_i |g*_i| / se_i (how many SEs the largest true coordinate is: a bias check with power
@@ -146,6 +148,7 @@ def gradient_statistics(
         z = (mean - exact)[live] / se[live]
         stats.update(
             snr=(exact.abs()[live] / sd[live]).mean().item(),
+            snr_pooled=(exact.norm() / var.sum().sqrt()).item(),
             max_abs_z=z.abs().max().item(),
             frac_abs_z_gt_3=(z.abs() > 3).double().mean().item(),
             relative_bias=((mean - exact).norm() / exact.norm()).item(),
@@ -155,6 +158,7 @@ def gradient_statistics(
     else:
         signal = (mean**2 - se**2).clamp(min=0).sqrt()
         stats["snr"] = (signal[live] / sd[live]).mean().item()
+        stats["snr_pooled"] = ((mean**2 - se**2).sum().clamp(min=0).sqrt() / var.sum().sqrt()).item()
     if reference is not None:
         ref_mean, ref_se = reference
         scale = (se**2 + ref_se**2).sqrt()
@@ -406,7 +410,7 @@ def build_vae(x_dim: int, z_dim: int, hidden: Sequence[int], seed: int, device: 
 
 
 @torch.no_grad()
-def test_elbo(model: VAE, guide: AmortizedGuide, x: Tensor, num_samples: int = 1) -> tuple[float, float]:
+def heldout_elbo(model: VAE, guide: AmortizedGuide, x: Tensor, num_samples: int = 1) -> tuple[float, float]:
     """Monte Carlo ELBO per test point (mean of ``num_samples`` draws per point) averaged over
     the points of ``x``, and its standard error over points."""
     index = torch.arange(x.shape[0], device=x.device)
@@ -427,9 +431,14 @@ def train_for(
     lr: float = 1e-3,
     eval_every: float = float("inf"),
     seed: int = 0,
+    clock: str = "cpu",
 ) -> dict[str, list]:
     """Adam on shuffled, dynamically binarized minibatches until ``seconds`` of training time
     (the clock runs during steps only, not during evaluations) or ``max_steps`` steps.
+
+    ``clock="cpu"`` budgets the process's CPU time (on one thread, the wall-clock time the run
+    would take on an idle core: fair between runs when other jobs share the machine);
+    ``clock="wall"`` budgets wall-clock time.
 
     Every ``eval_every`` seconds of training and at the end it records the training time (wall
     clock and process CPU time), the step count, the mean training bound since the last record
@@ -439,6 +448,8 @@ def train_for(
     """
     if not math.isfinite(seconds) and max_steps is None:
         raise ValueError("give a time budget (seconds) or max_steps")
+    if clock not in ("cpu", "wall"):
+        raise ValueError(f"clock must be 'cpu' or 'wall', got {clock!r}")
     device = dataset.train.device
     num_data = dataset.num_train
     pyro.set_rng_seed(seed)
@@ -456,11 +467,14 @@ def train_for(
         history["steps"].append(steps)
         history["train_bound"].append(total / count if count else None)
         with pyro.validation_enabled(False):
-            history["test_elbo"].append(test_elbo(model, guide, x_test)[0])
+            history["test_elbo"].append(heldout_elbo(model, guide, x_test)[0])
         total, count = 0.0, 0
 
+    def spent() -> float:
+        return cpu if clock == "cpu" else elapsed
+
     def done() -> bool:
-        return elapsed >= seconds or (max_steps is not None and steps >= max_steps)
+        return spent() >= seconds or (max_steps is not None and steps >= max_steps)
 
     record()
     next_record = eval_every
@@ -477,7 +491,7 @@ def train_for(
                     raise FloatingPointError(f"the loss became {loss} after {steps} steps; lower lr (now {lr})")
                 total += -loss / num_data
                 count += 1
-                if done() or elapsed >= next_record:
+                if done() or spent() >= next_record:
                     record()
                     next_record += eval_every
                 if done():
@@ -587,6 +601,25 @@ def _label(estimator: str, num_particles: int) -> str:
     return estimator if base == "none" else f"score + {base} baseline"
 
 
+LEGEND = {
+    "reparameterized": "reparameterized (pathwise)",
+    "score": "score function, no baseline",
+    "score-baseline": "score function + baseline (moving average for K = 1, leave-one-out for K ≥ 2)",
+}
+
+
+def _log_axes(ax: Any) -> None:
+    ax.set_yscale("log")
+    ax.yaxis.set_minor_formatter(NullFormatter())
+    ax.grid(True, which="major", alpha=0.4)
+    ax.grid(True, which="minor", alpha=0.15)
+
+
+def _figure_legend(fig: Figure) -> None:
+    handles, labels = fig.axes[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+
+
 def plot_linear_gaussian(study: dict[str, Any], key: str, path: Any, ylabel: str, title: str) -> None:
     """One panel per (K, group): ``key`` (``variance`` or ``snr``) against d, log-log, one line
     per estimator; variance panels show ±2 SE bars."""
@@ -607,25 +640,24 @@ def plot_linear_gaussian(study: dict[str, Any], key: str, path: Any, ylabel: str
                 ys = [r["groups"][group][key] for r in sel]
                 err = [2 * r["groups"][group]["variance_se"] for r in sel] if key == "variance" else None
                 ax.errorbar(xs, ys, yerr=err, marker="o", markersize=4, capsize=2, color=COLORS[estimator],
-                            label=_label(estimator, num_particles))
+                            label=LEGEND[estimator])
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            _log_axes(ax)
             ax.set_xticks(dims, [str(d) for d in dims])
-            ax.grid(True, which="both", alpha=0.3)
-            ax.set_title(f"{group}, K = {num_particles}", fontsize=10)
+            note = " (no score term: all three coincide)" if group == "decoder" else ""
+            ax.set_title(f"{group}, K = {num_particles}{note}", fontsize=10)
             if i == len(particles) - 1:
                 ax.set_xlabel("latent dimension d")
             if j == 0:
                 ax.set_ylabel(ylabel)
-            if j == 0:
-                ax.legend(fontsize=8)
+    _figure_legend(fig)
     fig.suptitle(title)
     _save(fig, path)
 
 
 def plot_mnist_variance(runs: list[dict[str, Any]], path: Any, title: str) -> None:
     """Variance (top) and SNR (bottom) of encoder and decoder gradients against K."""
-    fig = _figure(9.0, 6.5)
+    fig = _figure(10.0, 7.0)
     axes = fig.subplots(2, len(VAE_GROUPS), squeeze=False, sharex=True)
     for j, group in enumerate(VAE_GROUPS):
         for i, key in enumerate(("variance", "snr")):
@@ -636,41 +668,43 @@ def plot_mnist_variance(runs: list[dict[str, Any]], path: Any, title: str) -> No
                     continue
                 xs = [r["num_particles"] for r in sel]
                 ys = [r["groups"][group][key] for r in sel]
-                label = estimator if estimator != "score-baseline" else "score + baseline (MA for K=1, LOO for K≥2)"
-                ax.plot(xs, ys, marker="o", color=COLORS[estimator], label=label)
+                ax.plot(xs, ys, marker="o", color=COLORS[estimator], label=LEGEND[estimator])
             ax.set_xscale("log", base=2)
-            ax.set_yscale("log")
+            _log_axes(ax)
             ks = sorted({r["num_particles"] for r in runs})
             ax.set_xticks(ks, [str(k) for k in ks])
-            ax.grid(True, which="both", alpha=0.3)
             ax.set_title(f"{group}: {'mean per-coordinate variance' if key == 'variance' else 'mean SNR |E g| / sd(g)'}",
                          fontsize=10)
             if i == 1:
                 ax.set_xlabel("particles K")
-    axes[0][0].legend(fontsize=8)
+    _figure_legend(fig)
     fig.suptitle(title)
     _save(fig, path)
 
 
-def plot_training(runs: list[dict[str, Any]], path: Any, title: str) -> None:
-    """Test ELBO against training wall-clock seconds (left) and against steps (right)."""
-    fig = _figure(11.0, 4.2)
+def plot_training(runs: list[dict[str, Any]], path: Any, title: str, clock: str = "cpu") -> None:
+    """Test ELBO against training time on the budget's clock (left) and against Adam steps (right).
+
+    The vertical axis covers the runs that kept improving; a run that fell far below them leaves
+    the chart, and every legend entry gives the run's final test ELBO."""
+    fig = _figure(12.0, 4.8)
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    colors = ["tab:blue", "tab:green", "tab:olive", "tab:red", "tab:purple"]
+    colors = ["tab:blue", "tab:green", "tab:olive", "tab:orange", "tab:purple", "tab:brown"]
+    time_key = "cpu_seconds" if clock == "cpu" else "seconds"
+    best = max(r["final_test_elbo"] for r in runs)
+    shown = [v for r in runs for v in r["history"]["test_elbo"][1:] if v >= best - 100.0]
     for run, color in zip(runs, colors):
         h = run["history"]
-        for ax, xkey in zip(axes, ("seconds", "steps")):
-            ax.plot(h[xkey], h["test_elbo"], marker="o", markersize=3, color=color, label=run["label"])
-    lows = [min(r["history"]["test_elbo"][1:] or r["history"]["test_elbo"]) for r in runs]
-    highs = [max(r["history"]["test_elbo"]) for r in runs]
-    for ax, xlabel in zip(axes, ("training time (s, wall clock)", "Adam steps")):
+        label = f"{run['label']}: final {run['final_test_elbo']:.1f}"
+        for ax, xkey in zip(axes, (time_key, "steps")):
+            ax.plot(h[xkey], h["test_elbo"], marker="o", markersize=3, color=color, label=label)
+    for ax, xlabel in zip(axes, (f"training time (s, {'process CPU' if clock == 'cpu' else 'wall clock'})", "Adam steps")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test ELBO (nats per image)")
         ax.grid(True, alpha=0.3)
-        if lows and highs:
-            span = max(highs) - min(lows)
-            ax.set_ylim(min(lows) - 0.05 * span, max(highs) + 0.05 * span)
-    axes[1].set_xscale("log")
-    axes[0].legend(fontsize=8)
+        if shown:
+            low, high = min(shown), max(shown)
+            ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
+    _figure_legend(fig)
     fig.suptitle(title)
     _save(fig, path)
