@@ -27,6 +27,9 @@ __all__ = [
     "save_reconstructions",
     "plot_curves",
     "plot_2d_samples",
+    "plot_2d_panels",
+    "plot_step_curves",
+    "plot_bar_panels",
     "plot_histogram",
 ]
 
@@ -174,13 +177,90 @@ def plot_2d_samples(
     :raises ValueError: if a tensor has the wrong shape or a covariance is not symmetric
         positive semi-definite.
     """
-    data_xy = _first_two_columns(data, "data")
-    samples_xy = _first_two_columns(samples, "samples")
-
     fig = _new_figure()
-    ax = fig.add_subplot()
+    _draw_2d_samples(fig.add_subplot(), data, samples, title, ellipses)
+    _save_figure(fig, path)
+
+
+def plot_2d_panels(
+    panels: Sequence[Mapping[str, Any]],
+    path: PathLike,
+    ncols: int = 2,
+    title: str | None = None,
+) -> None:
+    """
+    Several :func:`plot_2d_samples` scatters side by side in one PNG, with the same axis limits.
+
+    Each panel may also draw ``reference_ellipses`` (e.g. the true components) at 1 std as thick
+    red lines under its own (thin, black) ellipses, so that a fit can be compared with the truth in
+    place: where they agree, the black line runs inside the red band.
+
+    :param panels: mappings with keys ``data`` and ``samples`` (tensors ``(N, D >= 2)``; ``samples``
+        may be ``None``), optional ``title``, ``ellipses`` and ``reference_ellipses`` (lists of
+        ``(mean, covariance)`` as in :func:`plot_2d_samples`), ``reference_label`` and
+        ``legend_loc`` (a matplotlib legend location, default ``"best"``).
+    :param path: file to write; the PNG format is used whatever the file's extension.
+    :param ncols: panels per row.
+    :param title: title of the whole figure.
+    :raises ValueError: if there are no panels or a panel is malformed.
+    """
+    if not panels:
+        raise ValueError("panels is empty; pass at least one mapping with 'data' and 'samples'")
+    ncols = _check_nrow(ncols)
+    ncols = min(ncols, len(panels))
+    nrows = math.ceil(len(panels) / ncols)
+    fig = Figure(figsize=(4.0 * ncols, 4.0 * nrows), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False).reshape(-1)
+    for ax, panel in zip(axes, panels):
+        if "data" not in panel:
+            raise ValueError(f"every panel needs a 'data' entry, got keys {sorted(panel)}")
+        _draw_2d_samples(
+            ax,
+            panel["data"],
+            panel.get("samples"),
+            panel.get("title"),
+            panel.get("ellipses"),
+            panel.get("reference_ellipses"),
+            panel.get("reference_label", "truth (1 std)"),
+            legend=dict(loc=panel.get("legend_loc", "best"), fontsize="small"),
+        )
+    # The same limits on every panel (shared axes would forbid the equal-aspect "datalim" mode).
+    bounds = [ax.dataLim for ax in axes[: len(panels)]]
+    (x0, x1), (y0, y1) = [(min(b.extents[i] for b in bounds), max(b.extents[i + 2] for b in bounds)) for i in (0, 1)]
+    pad = 0.05 * max(x1 - x0, y1 - y0)
+    for ax in axes[: len(panels)]:
+        ax.set_xlim(x0 - pad, x1 + pad)
+        ax.set_ylim(y0 - pad, y1 + pad)
+        ax.set_aspect("equal", adjustable="box")
+    for ax in axes[len(panels) :]:
+        ax.set_visible(False)
+    if title:
+        fig.suptitle(title)
+    _save_figure(fig, path)
+
+
+def _draw_2d_samples(
+    ax: Any,
+    data: Tensor,
+    samples: Tensor | None,
+    title: str | None,
+    ellipses: Sequence[tuple[Tensor, Tensor]] | None,
+    reference_ellipses: Sequence[tuple[Tensor, Tensor]] | None = None,
+    reference_label: str = "truth (1 std)",
+    legend: Mapping[str, Any] | None = None,
+) -> None:
+    data_xy = _first_two_columns(data, "data")
     ax.scatter(data_xy[:, 0], data_xy[:, 1], s=6, alpha=0.5, color="tab:blue", label="data")
-    ax.scatter(samples_xy[:, 0], samples_xy[:, 1], s=6, alpha=0.5, color="tab:orange", label="model samples")
+    if samples is not None:
+        samples_xy = _first_two_columns(samples, "samples")
+        ax.scatter(samples_xy[:, 0], samples_xy[:, 1], s=6, alpha=0.5, color="tab:orange", label="model samples")
+    for i, (mean, covariance) in enumerate(reference_ellipses or []):
+        center, width, height, angle = _ellipse_geometry(mean, covariance, i)
+        ax.add_patch(
+            Ellipse(center, width=width, height=height, angle=angle, fill=False, color="tab:red",
+                    alpha=0.7, linewidth=3.5, zorder=2.5, label=reference_label if i == 0 else None)
+        )
     for i, (mean, covariance) in enumerate(ellipses or []):
         center, width, height, angle = _ellipse_geometry(mean, covariance, i)
         for k, linestyle in zip(_N_STD, ("-", "--")):
@@ -194,6 +274,7 @@ def plot_2d_samples(
                     color="black",
                     linestyle=linestyle,
                     linewidth=1.0,
+                    zorder=3,
                     label=f"{k:g} std" if i == 0 else None,
                 )
             )
@@ -203,7 +284,111 @@ def plot_2d_samples(
     ax.set_aspect("equal", adjustable="datalim")
     if title:
         ax.set_title(title)
-    ax.legend(loc="best", markerscale=2)
+    ax.legend(**{"loc": "best", "markerscale": 2, **(legend or {})})
+
+
+def plot_step_curves(
+    curves: Mapping[str, tuple[Sequence[float], Sequence[float]]],
+    path: PathLike,
+    ylabel: str,
+    title: str | None = None,
+    reference: tuple[str, float] | None = None,
+    zoom_ylim: tuple[float, float] | None = None,
+    log_steps: bool = False,
+) -> None:
+    """
+    Line charts of a quantity against the optimisation step, one line per run.
+
+    :param curves: ``{label: (steps, values)}``.
+    :param path: file to write; the PNG format is used whatever the file's extension.
+    :param ylabel: label of the vertical axis, with units.
+    :param title: figure title.
+    :param reference: ``(label, value)`` drawn as a horizontal dashed line (e.g. the truth's value).
+    :param zoom_ylim: if given, a second panel shows the same curves with this vertical range, so
+        that small differences near the optimum show.
+    :param log_steps: a symmetric-log step axis in the first panel (linear below 1, so step 0 is
+        shown), for curves evaluated on a geometric schedule; the zoom panel stays linear.
+    :raises ValueError: if ``curves`` is empty or a curve's lists differ in length.
+    """
+    if not curves:
+        raise ValueError("curves is empty; pass {label: (steps, values)}")
+    for label, (steps, values) in curves.items():
+        if len(steps) != len(values) or len(steps) == 0:
+            raise ValueError(f"curve {label!r} has {len(steps)} steps and {len(values)} values; pass one value per step")
+    if zoom_ylim is not None and not zoom_ylim[0] < zoom_ylim[1]:
+        raise ValueError(f"zoom_ylim must be (low, high) with low < high, got {zoom_ylim}")
+    fig = Figure(figsize=(11.0 if zoom_ylim else 6.0, 4.0), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, 2 if zoom_ylim else 1, squeeze=False).reshape(-1)
+    for i, ax in enumerate(axes):
+        for label, (steps, values) in curves.items():
+            ax.plot([float(s) for s in steps], [float(v) for v in values], marker="o", markersize=2,
+                    linewidth=1.2, label=label)
+        if reference is not None:
+            ax.axhline(reference[1], color="black", linestyle="--", linewidth=1.0, label=reference[0])
+        if log_steps and i == 0:
+            ax.set_xscale("symlog", linthresh=1.0)
+            ax.set_xlim(left=0)
+        if i == 1:
+            ax.set_ylim(*zoom_ylim)
+            ax.set_title("zoom (linear steps)" if log_steps else "zoom")
+        elif title:
+            ax.set_title(title)
+        ax.set_xlabel("step")
+        ax.set_ylabel(ylabel)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend()
+    _save_figure(fig, path)
+
+
+def plot_bar_panels(panels: Sequence[Mapping[str, Any]], path: PathLike, title: str | None = None) -> None:
+    """
+    Bar charts side by side: per panel, groups on the horizontal axis and one bar per series,
+    side by side or stacked.
+
+    :param panels: mappings with ``groups`` (list of group names), ``series`` (``{label: values}``,
+        one value per group), optional ``stacked`` (bool), ``ylabel``, ``title``, ``ylim`` and
+        ``markers`` (``{label: values}`` drawn as black ticks over the bars of the series ``label``,
+        e.g. the exact value a bar estimates) with their legend entry ``marker_label``.
+    :param path: file to write; the PNG format is used whatever the file's extension.
+    :param title: title of the whole figure.
+    :raises ValueError: if there are no panels or a series does not have one value per group.
+    """
+    if not panels:
+        raise ValueError("panels is empty; pass at least one mapping with 'groups' and 'series'")
+    fig = Figure(figsize=(5.5 * len(panels), 4.0), dpi=_DPI, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(1, len(panels), squeeze=False).reshape(-1)
+    for ax, panel in zip(axes, panels):
+        groups = list(panel["groups"])
+        series = {label: [float(v) for v in values] for label, values in panel["series"].items()}
+        for label, values in series.items():
+            if len(values) != len(groups):
+                raise ValueError(f"series {label!r} has {len(values)} values for {len(groups)} groups")
+        stacked = bool(panel.get("stacked", False))
+        width = 0.8 if stacked else 0.8 / max(len(series), 1)
+        bottom = [0.0] * len(groups)
+        marked = False
+        for j, (label, values) in enumerate(series.items()):
+            xs = list(range(len(groups))) if stacked else [g - 0.4 + (j + 0.5) * width for g in range(len(groups))]
+            ax.bar(xs, values, width=width, bottom=bottom if stacked else None, label=label)
+            if stacked:
+                bottom = [b + v for b, v in zip(bottom, values)]
+            marks = (panel.get("markers") or {}).get(label)
+            if marks is not None:
+                ax.scatter(xs, [float(m) for m in marks], marker="_", s=300, color="black", zorder=3,
+                           label=None if marked else panel.get("marker_label", "exact value"))
+                marked = True
+        ax.set_xticks(range(len(groups)), groups)
+        if panel.get("ylim") is not None:
+            ax.set_ylim(*panel["ylim"])
+        ax.set_ylabel(panel.get("ylabel", ""))
+        if panel.get("title"):
+            ax.set_title(panel["title"])
+        ax.grid(True, axis="y", alpha=0.3)
+        ax.legend(fontsize="small")
+    if title:
+        fig.suptitle(title)
     _save_figure(fig, path)
 
 
