@@ -36,7 +36,8 @@ class GaussianMixture:
     :param num_components: K.
     :param dim: D, the dimension of x.
     :param learn_weights: learn π (else π_k = 1/K, fixed).
-    :param init_locs: ``(K, D)`` initial means; default standard normal draws seeded by ``init_seed``.
+    :param init_locs: ``(K, D)`` initial means; default standard normal draws seeded by
+        ``init_seed``. Their dtype is the parameters' dtype.
     :param init_scale: the initial Σ_k is ``init_scale² I``.
     :param init_seed: seed of the default initial means (a private generator, the global RNG is
         left alone).
@@ -88,13 +89,14 @@ class GaussianMixture:
     def weights(self, device: torch.device | str | None = None) -> torch.Tensor:
         """π, ``(K,)``: the Pyro param if learned, else uniform."""
         device = self.init_locs.device if device is None else device
+
+        def uniform() -> torch.Tensor:
+            k = self.num_components
+            return torch.full((k,), 1.0 / k, dtype=self.init_locs.dtype, device=device)
+
         if not self.learn_weights:
-            return torch.full((self.num_components,), 1.0 / self.num_components, device=device)
-        return pyro.param(
-            f"{self.prefix}.weights",
-            lambda: torch.full((self.num_components,), 1.0 / self.num_components, device=device),
-            constraint=constraints.simplex,
-        )
+            return uniform()
+        return pyro.param(f"{self.prefix}.weights", uniform, constraint=constraints.simplex)
 
     def locs(self, device: torch.device | str | None = None) -> torch.Tensor:
         """μ, ``(K, D)``."""
@@ -106,7 +108,7 @@ class GaussianMixture:
         device = self.init_locs.device if device is None else device
         return pyro.param(
             f"{self.prefix}.scale_tril",
-            lambda: self.init_scale * torch.eye(self.dim, device=device).expand(
+            lambda: self.init_scale * torch.eye(self.dim, dtype=self.init_locs.dtype, device=device).expand(
                 self.num_components, self.dim, self.dim
             ).clone(),
             constraint=constraints.lower_cholesky,
