@@ -8,6 +8,7 @@ figure registry untouched, and no figure outlives the call.
 
 from __future__ import annotations
 
+import itertools
 import math
 import os
 from collections.abc import Mapping, Sequence
@@ -292,7 +293,7 @@ def plot_step_curves(
     path: PathLike,
     ylabel: str,
     title: str | None = None,
-    reference: tuple[str, float] | None = None,
+    references: Sequence[tuple[str, float]] = (),
     zoom_ylim: tuple[float, float] | None = None,
     log_steps: bool = False,
 ) -> None:
@@ -303,7 +304,7 @@ def plot_step_curves(
     :param path: file to write; the PNG format is used whatever the file's extension.
     :param ylabel: label of the vertical axis, with units.
     :param title: figure title.
-    :param reference: ``(label, value)`` drawn as a horizontal dashed line (e.g. the truth's value).
+    :param references: ``(label, value)`` pairs drawn as horizontal lines (e.g. the truth's value).
     :param zoom_ylim: if given, a second panel shows the same curves with this vertical range, so
         that small differences near the optimum show.
     :param log_steps: a symmetric-log step axis in the first panel (linear below 1, so step 0 is
@@ -324,8 +325,8 @@ def plot_step_curves(
         for label, (steps, values) in curves.items():
             ax.plot([float(s) for s in steps], [float(v) for v in values], marker="o", markersize=2,
                     linewidth=1.2, label=label)
-        if reference is not None:
-            ax.axhline(reference[1], color="black", linestyle="--", linewidth=1.0, label=reference[0])
+        for (label, value), linestyle in zip(references, itertools.cycle(["--", ":", "-."])):
+            ax.axhline(value, color="black", linestyle=linestyle, linewidth=1.0, label=label)
         if log_steps and i == 0:
             ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xlim(left=0)
@@ -337,7 +338,7 @@ def plot_step_curves(
         ax.set_xlabel("step")
         ax.set_ylabel(ylabel)
         ax.grid(True, alpha=0.3)
-    axes[0].legend()
+    axes[0].legend(fontsize="small")
     _save_figure(fig, path)
 
 
@@ -347,7 +348,8 @@ def plot_bar_panels(panels: Sequence[Mapping[str, Any]], path: PathLike, title: 
     side by side or stacked.
 
     :param panels: mappings with ``groups`` (list of group names), ``series`` (``{label: values}``,
-        one value per group), optional ``stacked`` (bool), ``ylabel``, ``title``, ``ylim`` and
+        one value per group), optional ``stacked`` (bool), ``annotate`` (write each bar's value on
+        it, if at least 0.05), ``ylabel``, ``title``, ``ylim`` and
         ``markers`` (``{label: values}`` drawn as black ticks over the bars of the series ``label``,
         e.g. the exact value a bar estimates) with their legend entry ``marker_label``.
     :param path: file to write; the PNG format is used whatever the file's extension.
@@ -371,7 +373,10 @@ def plot_bar_panels(panels: Sequence[Mapping[str, Any]], path: PathLike, title: 
         marked = False
         for j, (label, values) in enumerate(series.items()):
             xs = list(range(len(groups))) if stacked else [g - 0.4 + (j + 0.5) * width for g in range(len(groups))]
-            ax.bar(xs, values, width=width, bottom=bottom if stacked else None, label=label)
+            bars = ax.bar(xs, values, width=width, bottom=bottom if stacked else None, label=label)
+            if panel.get("annotate"):
+                ax.bar_label(bars, labels=[f"{v:.3g}" if abs(v) >= 0.05 else "" for v in values],
+                             label_type="center" if stacked else "edge", fontsize="small")
             if stacked:
                 bottom = [b + v for b, v in zip(bottom, values)]
             marks = (panel.get("markers") or {}).get(label)

@@ -396,6 +396,7 @@ def proposal_study(
     *,
     num_samples: int,
     points_per_component: int,
+    training_num_samples: Optional[int] = None,
 ) -> dict[str, Any]:
     """Who carries p(x), and how many importance samples count, near each true component.
 
@@ -407,7 +408,9 @@ def proposal_study(
       :func:`pyrovae.evaluate.importance_sampling` with ``num_samples`` draws from the proposal
       ``prior`` (q = π) or ``guide`` (q = q_φ(z|x)); ``all`` averages over every point of ``x``;
     - ``ess_over_k_limit``: the same, exactly, for K → ∞ (:func:`ess_limit`). Under the prior,
-      a point carried by one component c has ESS/K → π_c: only the draws with z = c count.
+      a point carried by one component c has ESS/K → π_c: only the draws with z = c count;
+    - ``ess_over_k_training``: ESS/K with ``training_num_samples`` draws (the K of the training
+      objective; ESS >= 1 makes small-K values biased upwards), if given.
     """
     perm = match_components(model.locs(x.device).detach(), truth["locs"].to(x))
     groups = points_near_components(x, truth, points_per_component)
@@ -417,12 +420,17 @@ def proposal_study(
     weights = model.weights(x.device).detach()
     log_q = {"prior": weights.log(), "guide": torch.log_softmax(guide.logits(x), -1)}
     proposals = {"prior": MixturePriorGuide(model), "guide": guide}
-    ess = {}
+    ess, ess_training = {}, {}
     for name, proposal in proposals.items():
         estimate = importance_sampling(
             model, proposal, x, index, x.shape[0], num_samples=num_samples, max_plate_nesting=1
         )
         ess[name] = estimate.ess / num_samples
+        if training_num_samples is not None:
+            estimate = importance_sampling(
+                model, proposal, x, index, x.shape[0], num_samples=training_num_samples, max_plate_nesting=1
+            )
+            ess_training[name] = estimate.ess / training_num_samples
     limit = {name: ess_limit(log_joint, lq) for name, lq in log_q.items()}
     names = [f"near {COMPONENT_NAMES[c]}" for c in range(len(groups))]
 
@@ -431,7 +439,7 @@ def proposal_study(
         out["all"] = values.mean().item()
         return out
 
-    return {
+    results = {
         "groups": names,
         "points_per_component": points_per_component,
         "num_samples": num_samples,
@@ -442,6 +450,10 @@ def proposal_study(
         "ess_over_k": {name: by_group(values) for name, values in ess.items()},
         "ess_over_k_limit": {name: by_group(values) for name, values in limit.items()},
     }
+    if training_num_samples is not None:
+        results["training_num_samples"] = training_num_samples
+        results["ess_over_k_training"] = {name: by_group(values) for name, values in ess_training.items()}
+    return results
 
 
 def run_three_ways(
@@ -514,6 +526,7 @@ def run_three_ways(
     results["proposals"] = proposal_study(
         fitted["guide"]["model"], fitted["guide"]["guide"], x_test, truth,
         num_samples=config.ess_samples, points_per_component=config.points_per_component,
+        training_num_samples=config.num_particles,
     )
     results["proposals"]["model"] = "guide"
     return results, fitted, dataset
@@ -557,10 +570,13 @@ def save_figures(results: dict[str, Any], fitted: dict[str, Any], dataset: Datas
         steps, values = r["curve"]["steps"], r["curve"]["test_log_likelihood"]
         if abs(values[-1] - truth_ll) < 0.1:
             tail += [v for s, v in zip(steps, values) if s >= steps[-1] / 2]
-    pad = max(0.5 * (max(tail) - min(tail)), 0.002)
+    pad = max(0.25 * (max(tail) - min(tail)), 0.001)
+    mle_ll = results["mle_em"]["test_log_likelihood"]
+    tail.append(mle_ll)
     plots.plot_step_curves(
         curves, out / "curves.png", ylabel="exact held-out log p(x) (nats/point)",
-        title="learning curves", reference=("true parameters", truth_ll),
+        title="learning curves",
+        references=[("true parameters", truth_ll), ("maximum likelihood (EM)", mle_ll)],
         zoom_ylim=(min(tail) - pad, max(tail) + pad), log_steps=True,
     )
 
@@ -573,7 +589,7 @@ def save_figures(results: dict[str, Any], fitted: dict[str, Any], dataset: Datas
     ess_groups = groups + ["all"]
     plots.plot_bar_panels([
         {
-            "groups": groups, "series": responsibilities, "stacked": True, "ylim": (0, 1.05),
+            "groups": groups, "series": responsibilities, "stacked": True, "ylim": (0, 1.05), "annotate": True,
             "ylabel": "share of p(x): p(z=k|x)", "title": f"who carries p(x)\n({study['points_per_component']} test points nearest each true component)",
         },
         {
@@ -587,7 +603,7 @@ def save_figures(results: dict[str, Any], fitted: dict[str, Any], dataset: Datas
                 "z ~ guide q(z|x)": [study["ess_over_k_limit"]["guide"][g] for g in ess_groups],
             },
             "marker_label": "exact K → ∞ limit",
-            "ylim": (0, 1.1), "ylabel": f"ESS / K  (K = {k})",
+            "ylim": (0, 1.1), "ylabel": f"ESS / K  (K = {k})", "annotate": True,
             "title": "importance samples that count\n(model and guide of method (c))",
         },
     ], out / "proposals.png")
