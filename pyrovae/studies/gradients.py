@@ -49,6 +49,7 @@ from pyrovae.guides import AmortizedGuide, PerDatapointGuide
 from pyrovae.models import VAE
 from pyrovae.nets import Decoder, GaussianEncoder
 from pyrovae.objectives import make_objective
+from pyrovae.objectives.weights import rng_preserved
 from pyrovae.optim import make_pyro_optimizer
 
 #: estimator name -> description
@@ -442,7 +443,7 @@ def train_for(
 
     Every ``eval_every`` seconds of training and at the end it records the training time (wall
     clock and process CPU time), the step count, the mean training bound since the last record
-    and the test ELBO (one draw per test point).
+    and the test ELBO (one draw per test point, from a forked random stream).
 
     :return: lists ``seconds``, ``cpu_seconds``, ``steps``, ``train_bound``, ``test_elbo``.
     """
@@ -466,7 +467,9 @@ def train_for(
         history["cpu_seconds"].append(cpu)
         history["steps"].append(steps)
         history["train_bound"].append(total / count if count else None)
-        with pyro.validation_enabled(False):
+        # Evaluation draws come from a forked RNG, so the training trajectory does not depend on
+        # when (on the clock) the evaluations happen.
+        with pyro.validation_enabled(False), rng_preserved():
             history["test_elbo"].append(heldout_elbo(model, guide, x_test)[0])
         total, count = 0.0, 0
 
@@ -596,7 +599,8 @@ def _save(fig: Figure, path: Any) -> None:
         fig.clear()
 
 
-def _label(estimator: str, num_particles: int) -> str:
+def run_label(estimator: str, num_particles: int) -> str:
+    """A legend label naming the estimator and, for score-baseline, which baseline K gives it."""
     base = baseline_name(estimator, num_particles)
     return estimator if base == "none" else f"score + {base} baseline"
 
@@ -615,9 +619,9 @@ def _log_axes(ax: Any) -> None:
     ax.grid(True, which="minor", alpha=0.15)
 
 
-def _figure_legend(fig: Figure) -> None:
+def _figure_legend(fig: Figure, ncol: Optional[int] = None) -> None:
     handles, labels = fig.axes[0].get_legend_handles_labels()
-    fig.legend(handles, labels, loc="outside lower center", ncol=len(labels), fontsize=9, frameon=False)
+    fig.legend(handles, labels, loc="outside lower center", ncol=ncol or len(labels), fontsize=9, frameon=False)
 
 
 def plot_linear_gaussian(study: dict[str, Any], key: str, path: Any, ylabel: str, title: str) -> None:
@@ -683,21 +687,27 @@ def plot_mnist_variance(runs: list[dict[str, Any]], path: Any, title: str) -> No
 
 
 def plot_training(runs: list[dict[str, Any]], path: Any, title: str, clock: str = "cpu") -> None:
-    """Test ELBO against training time on the budget's clock (left) and against Adam steps (right).
+    """Test ELBO against training time on the budget's clock (left) and against Adam steps (right):
+    one colour per configuration (``run["label"]``), one line style per seed (``run["seed"]``).
 
     The vertical axis covers the runs that kept improving; a run that fell far below them leaves
     the chart, and every legend entry gives the run's final test ELBO."""
-    fig = _figure(12.0, 4.8)
+    fig = _figure(12.0, 5.6)
     axes = fig.subplots(1, 2, squeeze=False)[0]
-    colors = ["tab:blue", "tab:green", "tab:olive", "tab:orange", "tab:purple", "tab:brown"]
+    palette = ["tab:blue", "tab:green", "tab:olive", "tab:orange", "tab:purple", "tab:brown"]
+    styles = ["-", "--", ":", "-."]
+    labels = list(dict.fromkeys(r["label"] for r in runs))
+    seeds = list(dict.fromkeys(r.get("seed", 0) for r in runs))
     time_key = "cpu_seconds" if clock == "cpu" else "seconds"
     best = max(r["final_test_elbo"] for r in runs)
     shown = [v for r in runs for v in r["history"]["test_elbo"][1:] if v >= best - 100.0]
-    for run, color in zip(runs, colors):
+    for run in runs:
         h = run["history"]
-        label = f"{run['label']}: final {run['final_test_elbo']:.1f}"
+        color = palette[labels.index(run["label"]) % len(palette)]
+        style = styles[seeds.index(run.get("seed", 0)) % len(styles)]
+        label = f"{run['label']}, seed {run.get('seed', 0)}: final {run['final_test_elbo']:.1f}"
         for ax, xkey in zip(axes, (time_key, "steps")):
-            ax.plot(h[xkey], h["test_elbo"], marker="o", markersize=3, color=color, label=label)
+            ax.plot(h[xkey], h["test_elbo"], linestyle=style, marker="o", markersize=2.5, color=color, label=label)
     for ax, xlabel in zip(axes, (f"training time (s, {'process CPU' if clock == 'cpu' else 'wall clock'})", "Adam steps")):
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test ELBO (nats per image)")
@@ -705,6 +715,6 @@ def plot_training(runs: list[dict[str, Any]], path: Any, title: str, clock: str 
         if shown:
             low, high = min(shown), max(shown)
             ax.set_ylim(low - 0.05 * (high - low), high + 0.05 * (high - low))
-    _figure_legend(fig)
+    _figure_legend(fig, ncol=2)
     fig.suptitle(title)
     _save(fig, path)
