@@ -17,8 +17,15 @@ from pyrovae.evaluate import (
     log_likelihood,
     posterior_means,
 )
-from pyrovae.guides import AmortizedGuide, ExactPosteriorGuide, PerDatapointGuide, PriorGuide
-from pyrovae.models import VAE, LinearGaussian
+from pyrovae.guides import (
+    AmortizedGuide,
+    CategoricalGuide,
+    ExactPosteriorGuide,
+    MixturePriorGuide,
+    PerDatapointGuide,
+    PriorGuide,
+)
+from pyrovae.models import VAE, GaussianMixture, LinearGaussian
 from pyrovae.nets import MLP, Decoder, GaussianEncoder
 from pyrovae.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
 from pyrovae.optim import LazyAdam, make_pyro_optimizer
@@ -28,16 +35,19 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmortizedGuide",
+    "CategoricalGuide",
     "DataNotFoundError",
     "Dataset",
     "Decoder",
     "ExactPosteriorGuide",
     "GaussianEncoder",
+    "GaussianMixture",
     "History",
     "IWAE",
     "ImportanceEstimate",
     "LazyAdam",
     "LinearGaussian",
+    "MixturePriorGuide",
     "MLP",
     "OBJECTIVES",
     "PerDatapointGuide",
