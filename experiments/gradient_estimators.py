@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import json
 import logging
 import pathlib
 import sys
@@ -62,6 +63,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--out", type=str, default="runs/gradient_estimators", help="folder for results.json and the PNGs")
     add("--seed", type=int, default=0, help="seed of data, guides, networks and every draw")
     add("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
+    add("--replot", type=str, default=None,
+        help="redraw the figures from this results.json into --out, computing nothing")
     add("--threads", type=int, default=1, help="torch CPU threads (the wall-clock comparison is per thread count)")
     # linear-Gaussian
     add("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="latent dimensions d")
@@ -129,11 +132,6 @@ def mnist_part(args: argparse.Namespace) -> dict[str, Any]:
     variance_runs = study.mnist_variance_study(
         model, guide, batch, args.mnist_particles, args.mnist_replicates, seed=args.seed, progress=log
     )
-    study.plot_mnist_variance(
-        variance_runs, pathlib.Path(args.out) / "mnist_gradients.png",
-        f"MNIST VAE ({x_dim}-{'-'.join(map(str, args.hidden))}-{args.z_dim}) after {args.pretrain_steps} steps: "
-        f"∇ of the mean ELBO of {args.batch_size} images, {args.mnist_replicates} draws",
-    )
 
     # 3. training at equal wall clock, all from the same initialization
     training_runs = []
@@ -167,16 +165,10 @@ def mnist_part(args: argparse.Namespace) -> dict[str, Any]:
                 "history": history,
             }
         )
-    study.plot_training(
-        training_runs, pathlib.Path(args.out) / "training_curves.png",
-        f"MNIST VAE, {args.train_seconds:g} s of {'CPU' if args.clock == 'cpu' else 'wall-clock'} time each, "
-        f"same initialization per seed ({args.threads} thread{'s' if args.threads > 1 else ''}, "
-        f"{dataset.num_train} training images)",
-        clock=args.clock,
-    )
     return {
         "num_train": dataset.num_train,
         "num_test": dataset.num_test,
+        "x_dim": x_dim,
         "z_dim": args.z_dim,
         "hidden": args.hidden,
         "batch_size": args.batch_size,
@@ -193,11 +185,40 @@ def mnist_part(args: argparse.Namespace) -> dict[str, Any]:
     }
 
 
+def save_figures(results: dict[str, Any], out: pathlib.Path) -> None:
+    """Draw every figure from the results (so ``--replot`` can redraw them without recomputing)."""
+    config, linear, mnist = results["config"], results["linear_gaussian"], results["mnist"]
+    suffix = f"linear-Gaussian, D = {linear['x_dim']}, σ = {linear['noise_scale']:g}, {linear['num_replicates']} draws"
+    study.plot_linear_gaussian(linear, "variance", out / "variance_vs_dim.png",
+                               "mean per-coordinate variance", f"Gradient variance ({suffix}; bars ±2 SE)")
+    study.plot_linear_gaussian(linear, "snr", out / "snr_vs_dim.png",
+                               "mean SNR |∇ELBO| / sd", f"Signal-to-noise ratio against the exact gradient ({suffix})")
+    architecture = "-".join(map(str, [mnist["x_dim"], *mnist["hidden"], mnist["z_dim"]]))
+    study.plot_mnist_variance(
+        mnist["variance"]["runs"], out / "mnist_gradients.png",
+        f"MNIST VAE ({architecture}) after {mnist['pretrain']['steps']} steps: ∇ of the mean ELBO of "
+        f"{mnist['batch_size']} images, {mnist['variance']['num_replicates']} draws",
+    )
+    training = mnist["training"]
+    threads = results["torch_threads"]
+    study.plot_training(
+        training["runs"], out / "training_curves.png",
+        f"MNIST VAE, {training['seconds_budget']:g} s of {'CPU' if training['clock'] == 'cpu' else 'wall-clock'} "
+        f"time each, same initialization per seed ({threads} thread{'s' if threads > 1 else ''}, "
+        f"{mnist['num_train']} training images)",
+        clock=training["clock"],
+    )
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
-    logging.getLogger("pyro").setLevel(logging.WARNING)
-    torch.set_num_threads(args.threads)
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
+    if args.replot is not None:
+        results = json.loads(pathlib.Path(args.replot).read_text())
+        save_figures(results, out)
+        return results
+    logging.getLogger("pyro").setLevel(logging.WARNING)
+    torch.set_num_threads(args.threads)
     start = time.perf_counter()
 
     # 1. linear-Gaussian: exact gradients
@@ -205,11 +226,6 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         args.dims, args.particles, args.replicates, x_dim=args.x_dim, num_points=args.num_points,
         noise_scale=args.noise_scale, seed=args.seed, device=args.device, progress=log,
     )
-    suffix = f"linear-Gaussian, D = {args.x_dim}, σ = {args.noise_scale:g}, {args.replicates} draws"
-    study.plot_linear_gaussian(linear, "variance", out / "variance_vs_dim.png",
-                               "mean per-coordinate variance", f"Gradient variance ({suffix}; bars ±2 SE)")
-    study.plot_linear_gaussian(linear, "snr", out / "snr_vs_dim.png",
-                               "mean SNR |∇ELBO| / sd", f"Signal-to-noise ratio against the exact gradient ({suffix})")
     linear_seconds = time.perf_counter() - start
 
     mnist = mnist_part(args)
@@ -225,6 +241,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
     }
     write_json(out / "results.json", results)
+    save_figures(results, out)
     log(f"wrote {out} in {results['seconds']:.0f}s")
     return results
 

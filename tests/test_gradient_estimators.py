@@ -227,8 +227,13 @@ def test_script_smoke(tmp_path: Path, mnist_root: Path) -> None:
     for run in training:
         assert run["cpu_seconds"] >= 0.3 and math.isfinite(run["final_test_elbo"])
         assert len(run["history"]["test_elbo"]) == len(run["history"]["seconds"]) >= 2
-    for name in ("variance_vs_dim.png", "snr_vs_dim.png", "mnist_gradients.png", "training_curves.png"):
+    figures = ("variance_vs_dim.png", "snr_vs_dim.png", "mnist_gradients.png", "training_curves.png")
+    for name in figures:
         assert (out / name).stat().st_size > 1000, name
+    # --replot redraws every figure from results.json alone
+    replot = tmp_path / "replot"
+    script.main(script.build_parser().parse_args(["--replot", str(out / "results.json"), "--out", str(replot)]))
+    assert sorted(p.name for p in replot.iterdir()) == sorted(figures)
 
 
 def test_script_flags_have_type_and_help() -> None:

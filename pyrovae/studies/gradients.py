@@ -613,8 +613,11 @@ LEGEND = {
 
 
 def _log_axes(ax: Any) -> None:
+    """Log y axis, call after plotting: minor tick labels only when the axis spans under a decade."""
     ax.set_yscale("log")
-    ax.yaxis.set_minor_formatter(NullFormatter())
+    low, high = ax.get_ylim()
+    if high / low >= 10:
+        ax.yaxis.set_minor_formatter(NullFormatter())
     ax.grid(True, which="major", alpha=0.4)
     ax.grid(True, which="minor", alpha=0.15)
 
@@ -648,7 +651,7 @@ def plot_linear_gaussian(study: dict[str, Any], key: str, path: Any, ylabel: str
             ax.set_xscale("log", base=2)
             _log_axes(ax)
             ax.set_xticks(dims, [str(d) for d in dims])
-            note = " (no score term: all three coincide)" if group == "decoder" else ""
+            note = " (all three coincide)" if group == "decoder" else ""
             ax.set_title(f"{group}, K = {num_particles}{note}", fontsize=10)
             if i == len(particles) - 1:
                 ax.set_xlabel("latent dimension d")
@@ -681,7 +684,7 @@ def plot_mnist_variance(runs: list[dict[str, Any]], path: Any, title: str) -> No
                          fontsize=10)
             if i == 1:
                 ax.set_xlabel("particles K")
-    _figure_legend(fig)
+    _figure_legend(fig, ncol=2)
     fig.suptitle(title)
     _save(fig, path)
 
