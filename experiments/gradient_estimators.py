@@ -27,7 +27,7 @@ import logging
 import pathlib
 import sys
 import time
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import pyro
 import torch
