@@ -25,6 +25,7 @@ from pyrovae.studies.gap import (
     mnist_gap,
     plot_gap_vs_k,
     plot_gap_vs_kl,
+    summarize_by_label,
     train_small_vae,
 )
 from pyrovae.train import evaluation_data
@@ -108,12 +109,15 @@ def run_mnist(args: argparse.Namespace) -> dict:
           f"gap mean {summary['gap_mean']:.3f} ± {summary['gap_se'] or 0:.3f}, median {summary['gap_median']:.3f}, "
           f"5–95% [{q['0.05']:.3f}, {q['0.95']:.3f}], KL(q‖p(z)) {summary['kl_prior_mean']:.2f}, "
           f"gap/KL {summary['gap_over_kl_prior']:.3f}, corr(gap, KL) {summary['pearson_gap_kl_prior']}")
+    labels = None if dataset.test_labels is None else dataset.test_labels[: args.num_test].cpu()
+    if labels is not None:
+        summary["by_label"] = summarize_by_label(per_point["gap"], per_point["kl_prior"], labels)
     label = f"{summary['num_points']} MNIST test points, K = {args.eval_samples}"
     plots.plot_histogram(per_point["gap"], f"{args.out}/mnist_gap_histogram.png",
                          xlabel="log p̂(x) − ELBO (nats) ≈ KL(q(z|x) ‖ p(z|x))",
-                         title=f"Inference gap per test point ({label})")
+                         title=f"Gap per point ({label})")
     plot_gap_vs_kl(per_point, f"{args.out}/mnist_gap_vs_kl.png",
-                   title=f"Gap against KL(q ‖ p(z)) per test point ({label})")
+                   title=f"Gap against KL(q ‖ p(z)) per point ({label})", labels=labels)
     summary["per_point_gap"] = [round(v, 5) for v in per_point["gap"].tolist()]
     summary["per_point_kl_prior"] = [round(v, 5) for v in per_point["kl_prior"].tolist()]
     return summary

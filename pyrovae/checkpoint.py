@@ -6,11 +6,16 @@ written with :func:`torch.save`. Loading uses ``torch.load(weights_only=True)``,
 tensors, containers, numbers and strings (plus the distribution-constraint objects of the param
 store), so opening a checkpoint never runs code from the file. :func:`save_checkpoint` checks the
 same rule before it replaces anything, so a checkpoint that was saved can always be loaded.
+
+A torch file does not notice damage inside a tensor's bytes (a flipped bit in the weights loads
+as a different number), so every checkpoint also carries a SHA-256 digest of its contents, which
+:func:`load_checkpoint` recomputes.
 """
 
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
 import pathlib
 import random
@@ -27,6 +32,7 @@ __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "load_checkpoint",
+    "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
     "set_rng_state",
@@ -73,8 +79,8 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
     with :func:`os.replace`. On any failure the temporary file is removed and an existing
     checkpoint at ``path`` is left untouched. Missing folders are created.
 
-    The saved dict gets two extra keys, ``"format": "pyrovae-checkpoint"`` and ``"version"``,
-    which :func:`load_checkpoint` checks.
+    The saved dict gets three extra keys, ``"format": "pyrovae-checkpoint"``, ``"version"`` and
+    ``"checksum"`` (SHA-256 of the contents), which :func:`load_checkpoint` checks.
 
     :param path: where to write the checkpoint.
     :param state: tensors, numbers, strings, ``None`` and lists/tuples/dicts of them (e.g.
@@ -87,13 +93,14 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
         raise ValueError(
             f"state must be a dict, got {type(state).__name__}; wrap it, e.g. {{'model': state}}."
         )
-    reserved = {"format", "version"} & set(state)
+    reserved = {"format", "version", "checksum"} & set(state)
     if reserved:
         raise ValueError(
             f"state uses the reserved key(s) {sorted(reserved)}, which save_checkpoint fills in; "
             f"rename them."
         )
     payload = {**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
+    payload["checksum"] = _digest(payload)
 
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -122,6 +129,24 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
             pass
         raise
     _fsync_directory(path.parent)
+
+
+def remove_stale_temporaries(path: PathLike) -> list[pathlib.Path]:
+    """Delete the temporary files that a :func:`save_checkpoint` to ``path`` left behind when its
+    process was killed mid-write (``.<name>.*.tmp`` next to ``path``); the checkpoint itself is
+    never touched. Call it only while no other process writes to ``path``.
+
+    :returns: the files removed.
+    """
+    path = pathlib.Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.*.tmp"):
+        try:
+            tmp.unlink()
+            removed.append(tmp)
+        except FileNotFoundError:
+            pass
+    return removed
 
 
 def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[str, Any]:
@@ -167,7 +192,42 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
             f"{path} is a version-{version} checkpoint but this pyrovae reads up to version "
             f"{CHECKPOINT_VERSION}; upgrade pyrovae."
         )
+    checksum = payload.pop("checksum", None)  # absent from checkpoints of earlier pyrovae versions
+    if checksum is not None and checksum != _digest(payload):
+        raise ValueError(
+            f"{path} is corrupt: its contents do not match the SHA-256 checksum written with them "
+            f"(damaged on disk or in transfer); point to another checkpoint or train again."
+        )
     return payload
+
+
+def _digest(state: Any) -> str:
+    """SHA-256 of a checkpoint's contents: every tensor's dtype, shape and bytes, and every other
+    value, in the order a (weights-only) round trip preserves."""
+    digest = hashlib.sha256()
+
+    def visit(value: Any) -> None:
+        if isinstance(value, torch.Tensor):
+            data = value.detach().cpu().contiguous()
+            digest.update(f"T{data.dtype}{tuple(data.shape)}".encode())
+            digest.update(data.reshape(-1).view(torch.uint8).numpy().tobytes())
+        elif isinstance(value, dict):
+            digest.update(f"D{len(value)}".encode())
+            for key, item in value.items():
+                visit(key)
+                visit(item)
+        elif isinstance(value, (list, tuple)):
+            digest.update(f"{type(value).__name__[0]}{len(value)}".encode())
+            for item in value:
+                visit(item)
+        elif value is None or isinstance(value, (bool, int, float, str, bytes)):
+            digest.update(f"{type(value).__name__}:{value!r};".encode())
+        else:  # a distribution constraint: its class and its data
+            digest.update(f"O{type(value).__module__}.{type(value).__qualname__}".encode())
+            visit(dict(sorted(vars(value).items())) if hasattr(value, "__dict__") else repr(value))
+
+    visit(state)
+    return digest.hexdigest()
 
 
 def rng_state() -> dict[str, Any]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from typing import Optional, Sequence, get_args
 
@@ -64,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
     train.add_argument("--lr", type=float, default=d.lr, help="Adam learning rate")
     train.add_argument("--lr-decay", type=float, default=d.lr_decay, help="learning-rate factor per epoch")
+    train.add_argument("--clip-norm", type=float, default=None,
+                       help="clip the gradient's global L2 norm to this value (default: no clipping)")
     train.add_argument("--seed", type=int, default=d.seed, help="random seed")
     train.add_argument("--device", type=str, default=d.device, help="cpu or cuda[:N]")
     train.add_argument("--binarize", choices=get_args(BinarizeName), default=None, help="MNIST binarization (default dynamic)")
@@ -74,7 +77,12 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--test-time-steps", type=int, default=d.test_time_steps,
                        help="Adam steps fitting a per-datapoint guide to the test set")
     train.add_argument("--out", type=str, required=True, help="output folder")
-    train.add_argument("--resume", action="store_true", help="continue from --out/checkpoint.pt")
+    train.add_argument("--resume", action="store_true",
+                       help="continue from --out/checkpoint.pt (also after Ctrl-C: the result is the same as "
+                            "an uninterrupted run)")
+    train.add_argument("--overwrite", action="store_true",
+                       help="replace the results of an earlier run in --out (without it, train refuses a "
+                            "folder that is not empty)")
     _add_data_flags(train)
 
     evaluate = sub.add_parser("evaluate", help="test-set metrics of a checkpoint")
@@ -120,6 +128,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         eval_samples=args.eval_samples,
         eval_chunk=args.eval_chunk,
         test_time_steps=args.test_time_steps,
+        clip_norm=args.clip_norm,
     )
 
 
@@ -136,17 +145,21 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s")
-    from pyrovae import run  # deferred: `pyrovae --help` stays fast
+    from pyrovae import distributed, run  # deferred: `pyrovae --help` stays fast
+    from pyrovae.interrupt import TrainingInterrupted
 
     try:
+        if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:
+            raise ValueError(f"`pyrovae {args.command}` runs in one process; run it without torchrun")
         if args.command == "train":
             config = _config_from_args(args)
             metrics = run.train_and_evaluate(
                 config, args.out, data_dir=args.data_dir, download=args.download,
-                resume=args.resume, progress=not args.no_progress,
+                resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
             )
-            _print_metrics(metrics)
-            print(f"wrote {args.out}/metrics.json, checkpoint.pt, samples.png, reconstructions.png, curves.png")
+            if metrics is not None:  # rank 0 (or the only process)
+                _print_metrics(metrics)
+                print(f"wrote {args.out}/metrics.json, checkpoint.pt, samples.png, reconstructions.png, curves.png")
         elif args.command == "evaluate":
             metrics = run.evaluate_checkpoint(
                 args.checkpoint, eval_samples=args.eval_samples, data_dir=args.data_dir,
@@ -162,6 +175,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             print(f"wrote {args.out}")
     except (DataNotFoundError, FileNotFoundError, ValueError, FloatingPointError) as error:
         parser.exit(2, f"pyrovae {args.command}: error: {error}\n")
+    except TrainingInterrupted as stop:
+        parser.exit(stop.exit_code, f"pyrovae {args.command}: {stop}\n")
+    except KeyboardInterrupt:
+        where = (
+            f"; {args.out}/checkpoint.pt holds the last completed epoch, continue with --resume"
+            if args.command == "train" else ""
+        )
+        parser.exit(130, f"pyrovae {args.command}: interrupted{where}\n")
+    finally:
+        distributed.shutdown()
     return 0
 
 

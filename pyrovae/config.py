@@ -43,6 +43,7 @@ class TrainConfig:
     :param num_test: use only the first ``num_test`` test points (``None``: all).
     :param eval_samples: K of the importance-sampled test log-likelihood.
     :param test_time_steps: Adam steps of the test-set per-datapoint guide (per-datapoint only).
+    :param clip_norm: clip the gradient's global L2 norm to this value (``None``: no clipping).
     """
 
     dataset: DatasetName = "mnist"
@@ -71,6 +72,7 @@ class TrainConfig:
     eval_chunk: int = 500
     eval_batch: int = 100
     test_time_steps: int = 300
+    clip_norm: Optional[float] = None
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -93,9 +95,18 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
         if self.test_time_steps < 0:
             raise ValueError(f"test_time_steps must be >= 0, got {self.test_time_steps}")
-        for name in ("lr", "beta", "x_scale"):
+        hints = {
+            "lr": "the Adam step size, e.g. 1e-3",
+            "beta": "the KL weight of the β-VAE; 1 is the plain VAE",
+            "x_scale": "the standard deviation σ of the Gaussian likelihood, e.g. 1.0",
+        }
+        for name, hint in hints.items():
             if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive, got {getattr(self, name)}")
+                raise ValueError(
+                    f"{name} must be positive, got {getattr(self, name)} (--{name.replace('_', '-')}: {hint})"
+                )
+        if self.clip_norm is not None and not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive, got {self.clip_norm}; leave it unset for no clipping")
         if not 0 < self.lr_decay <= 1:
             raise ValueError(f"lr_decay must be in (0, 1], got {self.lr_decay}; 1 means no decay")
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import os
 import pathlib
 import tempfile
@@ -16,9 +17,9 @@ from typing import Any, Optional
 import pyro
 import torch
 
-from pyrovae import plots
+from pyrovae import distributed, plots
 from pyrovae.build import build, modules_of
-from pyrovae.checkpoint import load_checkpoint
+from pyrovae.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.evaluate import evaluate_dataset, posterior_means
@@ -27,6 +28,10 @@ from pyrovae.train import evaluation_data, fit, optimize_local_guide
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
+#: Everything `pyrovae train` writes into --out; --overwrite removes these and nothing else.
+RESULT_FILES = (METRICS, CHECKPOINT, "samples.png", "reconstructions.png", "curves.png")
+
+logger = logging.getLogger(__name__)
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -69,6 +74,41 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
             truth=dataset.truth,
         )
     return dataset
+
+
+def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> pathlib.Path:
+    """Make ``out`` ready for a training run without ever silently replacing earlier results.
+
+    A missing or empty folder is fine. A folder that holds anything is refused, unless
+    ``resume`` (and it holds a checkpoint to continue) or ``overwrite`` (then the files
+    :data:`RESULT_FILES` of the earlier run are deleted first, other files are left alone).
+    """
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it; pass only one of them"
+        )
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if present:
+        if overwrite:
+            removed = [name for name in RESULT_FILES if (out / name).is_file()]
+            for name in removed:
+                (out / name).unlink()
+            remove_stale_temporaries(out / CHECKPOINT)
+            if removed:
+                logger.info("--overwrite: removed %s from %s", ", ".join(removed), out)
+        elif not (resume and (out / CHECKPOINT).is_file()):
+            listed = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            fix = (
+                "--resume needs a checkpoint.pt there; pass --overwrite to start again in it"
+                if resume
+                else "pass --resume to continue that run, --overwrite to replace its results"
+            )
+            raise ValueError(f"the output folder {out} already holds {listed}; {fix}, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
 
 
 def check_device(device: str) -> None:
@@ -154,31 +194,47 @@ def train_and_evaluate(
     data_dir: Optional[str] = None,
     download: bool = False,
     resume: bool = False,
+    overwrite: bool = False,
     progress: bool = True,
-) -> dict[str, Any]:
+) -> Optional[dict[str, Any]]:
     """The main job: train per ``config``, evaluate on the test set, write into ``out``:
     ``metrics.json``, ``checkpoint.pt``, ``samples.png``, ``reconstructions.png``, ``curves.png``.
 
-    :return: the metrics written to ``metrics.json``.
+    ``out`` must be empty or new, unless ``resume`` (continue the checkpoint there) or
+    ``overwrite`` (replace the earlier results), see :func:`prepare_output`.
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) this joins the process group and trains data
+    parallel (:mod:`pyrovae.distributed`); rank 0 then evaluates and writes every file, and the
+    other ranks return ``None`` once training is done.
+
+    :return: the metrics written to ``metrics.json`` (``None`` on ranks other than 0).
     """
     config = config.resolved()
     check_device(config.device)
-    out = pathlib.Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    dataset = load_data(config, data_dir, download)
+    world, device = distributed.init_process_group(config.device)
+    out = distributed.run_on_main(lambda: prepare_output(out, resume=resume, overwrite=overwrite), world)
+    local = dataclasses.replace(config, device=device)
+    if download and world.is_distributed:
+        # One download per machine: local rank 0 fetches, the others then read what it wrote.
+        if world.local_rank == 0:
+            load_data(local, data_dir, download)
+        distributed.barrier(world)
+    dataset = load_data(local, data_dir, download and not world.is_distributed)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
-    model, guide = build(config, dataset)
+    model, guide = build(local, dataset)
     objective = make_objective(config.objective, num_particles=config.num_particles)
     start = time.perf_counter()
     history = fit(
         model, guide, dataset, objective,
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
         seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
-        config=config.to_dict(), progress=progress,
+        config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
     )
     train_seconds = time.perf_counter() - start
-    metrics, guide_test = evaluate_run(config, dataset, model, guide, progress=progress)
+    if not world.is_main:
+        return None
+    metrics, guide_test = evaluate_run(local, dataset, model, guide, progress=progress)
     metrics = {
         "train_elbo": history.train_bound,
         "test_bound_per_epoch": history.test_bound,
@@ -189,6 +245,7 @@ def train_and_evaluate(
         "train_seconds": train_seconds,
         "seconds_per_epoch": history.seconds,
         "device": config.device,
+        "world_size": world.world_size,
         "torch_threads": torch.get_num_threads(),
         "config": config.to_dict(),
     }
@@ -197,23 +254,62 @@ def train_and_evaluate(
     return metrics
 
 
+def load_run_checkpoint(
+    checkpoint: str | os.PathLike, device: Optional[str] = None
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a checkpoint written by ``pyrovae train`` (safely: ``weights_only``) and its config.
+
+    :raises ValueError: for a file that is not such a checkpoint (truncated, corrupt, foreign, or a
+        pyrovae checkpoint of something else), naming what is wrong.
+    """
+    state = load_checkpoint(checkpoint, map_location=device or "cpu")
+    missing = sorted({"config", "modules", "params", "epoch", "dataset"} - set(state))
+    if missing or not isinstance(state.get("config"), dict):
+        raise ValueError(
+            f"{checkpoint} is a pyrovae checkpoint but not one written by `pyrovae train` (it lacks "
+            f"{missing or ['a config']}); point --checkpoint at OUT/checkpoint.pt of a training run"
+        )
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"the config saved in {checkpoint} is not valid for this pyrovae ({error}); it was written "
+            "by another version or edited"
+        ) from None
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    check_device(config.device)
+    return config, state
+
+
+def _load_weights(module: torch.nn.Module, weights: Any, name: str, checkpoint: Any) -> None:
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        summary = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"the {name!r} weights in {checkpoint} do not fit the network its config describes "
+            f"({summary}); the file was altered or written by another version"
+        ) from None
+
+
 def restore(
     checkpoint: str | os.PathLike, data_dir: Optional[str] = None, download: bool = False, device: Optional[str] = None
 ) -> tuple[TrainConfig, Dataset, Any, Any, dict[str, Any]]:
     """Rebuild config, data set, model and guide from a checkpoint written by :func:`fit`."""
-    state = load_checkpoint(checkpoint, map_location=device or "cpu")
-    if not state.get("config"):
-        raise ValueError(f"{checkpoint} holds no config; it was not written by `pyrovae train`")
-    config = TrainConfig.from_dict(state["config"])
-    if device is not None:
-        config = dataclasses.replace(config, device=device)
-    check_device(config.device)
+    config, state = load_run_checkpoint(checkpoint, device)
     dataset = load_data(config, data_dir, download)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     model, guide = build(config, dataset)
-    for name, module in modules_of(model, guide).items():
-        module.load_state_dict(state["modules"][name])
+    modules = modules_of(model, guide)
+    if set(state["modules"]) != set(modules):
+        raise ValueError(
+            f"{checkpoint} holds networks {sorted(state['modules'])} but its config describes "
+            f"{sorted(modules)}; the file was altered or written by another version"
+        )
+    for name, module in modules.items():
+        _load_weights(module, state["modules"][name], name, checkpoint)
     pyro.get_param_store().set_state(state["params"])
     return config, dataset, model, guide, state
 
@@ -245,11 +341,8 @@ def sample_checkpoint(
     """
     if num < 1:
         raise ValueError(f"--num must be at least 1, got {num}")
-    state = load_checkpoint(checkpoint, map_location=device or "cpu")
-    config = TrainConfig.from_dict(state["config"]).resolved()
-    if device is not None:
-        config = dataclasses.replace(config, device=device)
-    check_device(config.device)
+    config, state = load_run_checkpoint(checkpoint, device)
+    config = config.resolved()
     info = state["dataset"]
     image_shape = tuple(info["image_shape"]) if info["image_shape"] else None
     stub = Dataset(
@@ -261,7 +354,9 @@ def sample_checkpoint(
     )
     pyro.clear_param_store()
     model, _ = build(dataclasses.replace(config, guide="prior"), stub)
-    model.decoder.load_state_dict(state["modules"][model.name])
+    if model.name not in state["modules"]:
+        raise ValueError(f"{checkpoint} holds no {model.name!r} weights; the file was altered or written by another version")
+    _load_weights(model.decoder, state["modules"][model.name], model.name, checkpoint)
     pyro.get_param_store().set_state(state["params"])
     pyro.set_rng_seed(seed)
     _, x_mean, x_sample = model.sample(num, device=config.device)

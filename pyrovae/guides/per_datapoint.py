@@ -6,6 +6,7 @@ from typing import Optional
 
 import pyro
 import torch
+from pyro.infer.util import is_validation_enabled
 from torch.distributions import constraints
 
 from pyrovae.distributions import diag_normal
@@ -76,6 +77,16 @@ class PerDatapointGuide:
             raise ValueError(
                 "pass index= (the batch's positions in the data set) to a per-datapoint guide"
             )
+        if index is not None and index.numel() and (index.device.type == "cpu" or is_validation_enabled()):
+            # Out-of-range rows would otherwise fail deep inside the plate's index_select (CPU) or
+            # as an asynchronous device assert (GPU, hence checked there only under validation).
+            low, high = int(index.min()), int(index.max())
+            if low < 0 or high >= self.num_data:
+                raise ValueError(
+                    f"index holds positions {low}..{high}, but this per-datapoint guide holds "
+                    f"parameters for points 0..{self.num_data - 1} only; pass positions in the data "
+                    "set it was built for, or build a PerDatapointGuide for the other data"
+                )
         device = (x if x is not None else index).device  # type: ignore[union-attr]
         shape = (self.num_data, self.z_dim)
         with data_plate(x, index, self.num_data):

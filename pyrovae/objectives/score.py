@@ -66,6 +66,14 @@ class ScoreFunctionELBO(PerDatapointObjective):
         self.baseline = baseline
         self._moving_baseline: Optional[float] = None
 
+    def get_state(self) -> dict[str, Optional[float]]:
+        """The moving-average baseline, for checkpoints (a resumed run continues it exactly)."""
+        return {"moving_baseline": self._moving_baseline}
+
+    def set_state(self, state: dict[str, Optional[float]]) -> None:
+        """Restore the state returned by :meth:`get_state`."""
+        self._moving_baseline = state["moving_baseline"]
+
     def wrap_guide(self, guide: Callable) -> Callable:
         return score_function(guide)
 

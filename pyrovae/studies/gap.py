@@ -49,6 +49,7 @@ __all__ = [
     "mnist_gap",
     "plot_gap_vs_k",
     "plot_gap_vs_kl",
+    "summarize_by_label",
     "train_small_vae",
 ]
 
@@ -265,6 +266,27 @@ def mnist_gap(
     return summary, per_point
 
 
+def summarize_by_label(
+    gap: torch.Tensor, kl_prior: torch.Tensor, labels: torch.Tensor
+) -> dict[str, dict[str, float]]:
+    """Mean gap, mean KL(q ‖ p(z)) and their ratio per class label (e.g. MNIST digit)."""
+    if not gap.shape == kl_prior.shape == labels.shape:
+        raise ValueError(f"gap, kl_prior and labels must have one entry per point, got "
+                         f"{tuple(gap.shape)}, {tuple(kl_prior.shape)}, {tuple(labels.shape)}")
+    out = {}
+    for label in sorted(set(labels.tolist())):
+        sel = labels == label
+        g, k = gap[sel].double(), kl_prior[sel].double()
+        out[str(label)] = {
+            "num_points": int(sel.sum()),
+            "gap_mean": float(g.mean()),
+            "gap_median": float(g.median()),
+            "kl_prior_mean": float(k.mean()),
+            "gap_over_kl_prior": float(g.mean() / k.mean()),
+        }
+    return out
+
+
 _COLORS = ("tab:green", "tab:red", "tab:blue", "tab:orange", "tab:purple", "tab:brown")
 
 
@@ -317,11 +339,27 @@ def plot_gap_vs_k(results: dict[str, Any], path: Any) -> None:
     _save(fig, path)
 
 
-def plot_gap_vs_kl(per_point: dict[str, torch.Tensor], path: Any, title: str) -> None:
-    """Scatter of the per-point gap log p̂(x) − ELBO against KL(q(z|x) ‖ p(z))."""
-    fig, axes = _figure(1, 1, (6.5, 5.0))
+def plot_gap_vs_kl(
+    per_point: dict[str, torch.Tensor], path: Any, title: str, labels: Optional[torch.Tensor] = None
+) -> None:
+    """Scatter of the per-point gap log p̂(x) − ELBO against KL(q(z|x) ‖ p(z)), coloured by
+    ``labels`` if given, with the line gap = (mean gap / mean KL) × KL."""
+    fig, axes = _figure(1, 1, (7.0, 5.2))
     ax = axes[0, 0]
-    ax.scatter(per_point["kl_prior"].numpy(), per_point["gap"].numpy(), s=3, alpha=0.3)
+    kl, gap = per_point["kl_prior"].double(), per_point["gap"].double()
+    if labels is None:
+        ax.scatter(kl.numpy(), gap.numpy(), s=3, alpha=0.3)
+    else:
+        for label in sorted(set(labels.tolist())):
+            sel = labels == label
+            ax.scatter(kl[sel].numpy(), gap[sel].numpy(), s=3, alpha=0.4, label=str(label),
+                       color=f"C{int(label) % 10}")
+        ax.legend(title="label", fontsize=7, markerscale=3, ncol=2, loc="upper left")
+    ratio = float(gap.mean() / kl.mean())
+    grid = torch.linspace(float(kl.min()), float(kl.max()), 2)
+    ax.plot(grid.numpy(), (ratio * grid).numpy(), color="black", linestyle="--")
+    ax.text(0.99, 0.01, f"dashed: gap = {ratio:.3f} × KL (ratio of the means)", transform=ax.transAxes,
+            ha="right", va="bottom", fontsize=8)
     ax.set_xlabel("KL(q(z|x) ‖ p(z)) (nats)")
     ax.set_ylabel("log p̂(x) − ELBO (nats)")
     ax.set_title(title, fontsize=10)
