@@ -169,7 +169,8 @@ def test_gap_is_kl_script_smoke(tmp_path, mnist_root):
     assert len(results["linear_gaussian"]["rows"]) == 5
     mnist = results["mnist"]
     assert mnist["num_points"] == 20 and mnist["num_samples"] == 20
-    for key in ("gap_mean", "gap_median", "gap_quantiles", "kl_prior_mean", "gap_over_kl_prior", "per_point_gap"):
+    keys = ("gap_mean", "gap_median", "gap_quantiles", "kl_prior_mean", "gap_over_kl_prior", "per_point_gap", "by_label")
+    for key in keys:
         assert key in mnist
     for name in ("gap_vs_k.png", "mnist_gap_histogram.png", "mnist_gap_vs_kl.png"):
         assert (tmp_path / name).stat().st_size > 0
