@@ -47,6 +47,7 @@ __all__ = [
     "float64",
     "log_abs_expm1",
     "log_weight_moment",
+    "make_guide",
     "plot_dimension_study",
     "random_linear_gaussian",
     "relative_variance_from_replicates",
