@@ -176,7 +176,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except (DataNotFoundError, FileNotFoundError, ValueError, FloatingPointError) as error:
         parser.exit(2, f"pyrovae {args.command}: error: {error}\n")
     except TrainingInterrupted as stop:
-        parser.exit(stop.exit_code, f"pyrovae {args.command}: {stop}\n")
+        # Every process of a data-parallel run stops; the one that saved says so.
+        quiet = not distributed.current_world().is_main
+        parser.exit(stop.exit_code, None if quiet else f"pyrovae {args.command}: {stop}\n")
     except KeyboardInterrupt:
         where = (
             f"; {args.out}/checkpoint.pt holds the last completed epoch, continue with --resume"
