@@ -24,12 +24,13 @@ from pyrovae.guides import (
     MixturePriorGuide,
     PerDatapointGuide,
     PriorGuide,
+    SemiAmortizedGuide,
 )
 from pyrovae.models import VAE, GaussianMixture, LinearGaussian
 from pyrovae.nets import MLP, Decoder, GaussianEncoder
 from pyrovae.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
 from pyrovae.optim import LazyAdam, make_pyro_optimizer
-from pyrovae.train import History, fit, optimize_local_guide
+from pyrovae.train import History, LocalFitHistory, fit, optimize_local_guide
 
 __version__ = "0.1.0"
 
@@ -46,6 +47,7 @@ __all__ = [
     "IWAE",
     "ImportanceEstimate",
     "LazyAdam",
+    "LocalFitHistory",
     "LinearGaussian",
     "MixturePriorGuide",
     "MLP",
@@ -53,6 +55,7 @@ __all__ = [
     "PerDatapointGuide",
     "PriorGuide",
     "ScoreFunctionELBO",
+    "SemiAmortizedGuide",
     "TrainConfig",
     "VAE",
     "active_units",

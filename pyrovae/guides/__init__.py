@@ -5,6 +5,7 @@ from pyrovae.guides.categorical import CategoricalGuide, MixturePriorGuide
 from pyrovae.guides.exact import ExactPosteriorGuide
 from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.guides.prior import PriorGuide
+from pyrovae.guides.semi_amortized import SemiAmortizedGuide, gaussian_elbo, refine_gaussian
 
 __all__ = [
     "AmortizedGuide",
@@ -13,4 +14,7 @@ __all__ = [
     "MixturePriorGuide",
     "PerDatapointGuide",
     "PriorGuide",
+    "SemiAmortizedGuide",
+    "gaussian_elbo",
+    "refine_gaussian",
 ]
