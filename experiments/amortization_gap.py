@@ -74,6 +74,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--curve-points", type=int, default=1000, help="points of the steps-vs-ELBO curves (0: none)")
     parser.add_argument("--curve-steps", type=int, default=1500, help="steps of those curves")
     parser.add_argument("--curve-check-every", type=int, default=10, help="steps between points of the curves")
+    parser.add_argument("--train-points", type=int, default=1000,
+                        help="first training points on which the trained guide is compared with q* (0: skip)")
     parser.add_argument("--idata-points", type=int, default=6, help="test points in the InferenceData (decoder A)")
     parser.add_argument("--idata-draws", type=int, default=500, help="draws per guide and point in the InferenceData")
     defaults = study.InferenceSettings()
@@ -162,6 +164,20 @@ def run_part(args: argparse.Namespace, part: str) -> None:
         eval_batch=args.eval_batch, curve_points=min(args.curve_points, x_test.shape[0]) if part == "amortized" else 0,
         curve_steps=args.curve_steps, curve_check_every=args.curve_check_every, progress=bool(args.progress), log=log,
     )
+    if args.train_points > 0:
+        x_train = evaluation_data(dataset, "train", config_a.seed)[: args.train_points]
+        if encoder_guide is not None:
+            start_guide = encoder_guide
+        else:
+            rows = slice(0, x_train.shape[0])
+            start_guide = study.fixed_gaussian_guide(
+                pyro.param(f"{guide.prefix}.z_loc").detach()[rows],
+                pyro.param(f"{guide.prefix}.z_scale").detach()[rows], f"{part}.train.rows",
+            )
+        summary["train_points"] = study.train_subset_study(
+            part, model, x_train, config.z_dim, settings, start_guide, diag_samples=args.diag_samples,
+            eval_batch=args.eval_batch, log=log,
+        )
     summary["label"] = LABELS[part]
     summary["decoder"] = {"z_dim": config.z_dim, "hidden_sizes": list(config.hidden_sizes), **source}
     if part == "amortized" and args.idata_points > 0:

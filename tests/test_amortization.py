@@ -328,7 +328,7 @@ def test_amortization_gap_experiment_smoke(tmp_path, mnist_root):
         "--train-epochs", "1", "--num-train", "200", "--local-steps", "2", "--sa-steps", "2",
         "--num-test", "30", "--eval-samples", "40", "--diag-samples", "20", "--khat-samples", "20",
         "--eval-batch", "15", "--curve-points", "10", "--curve-steps", "20", "--curve-check-every", "5",
-        "--opt-max-steps", "30", "--opt-check-every", "10", "--opt-particles", "1",
+        "--opt-max-steps", "30", "--opt-check-every", "10", "--opt-particles", "1", "--train-points", "20",
         "--idata-points", "3", "--idata-draws", "8", "--out", str(tmp_path / "out"),
     ])
     results = script.main(args)
@@ -342,6 +342,8 @@ def test_amortization_gap_experiment_smoke(tmp_path, mnist_root):
         gaps = parts[part]["gaps"]
         assert math.isfinite(gaps["approximation"]["mean"]) and math.isfinite(gaps["encoder"]["below_best"])
     assert "prior" in parts["per-datapoint"]["routes"]
+    for part in parts.values():
+        assert part["train_points"]["num_points"] == 20
     assert (tmp_path / "pd.pt").exists() and (tmp_path / "sa.pt").exists()
     # The saved decoders are reused on a second run.
     args.parts = ["per-datapoint"]

@@ -73,6 +73,7 @@ __all__ = [
     "semi_amortized_route",
     "study_model",
     "train_per_datapoint",
+    "train_subset_study",
     "train_semi_amortized",
 ]
 
@@ -503,6 +504,38 @@ def study_model(
             name: float(v[idx].double().mean()) for name, v in elbos.items()
         } | {"log_px": float(per_point["log_px"][idx].double().mean())}
     return summary, per_point
+
+
+def train_subset_study(
+    label: str,
+    model: Any,
+    x_train: torch.Tensor,
+    z_dim: int,
+    settings: InferenceSettings,
+    start: Any,
+    *,
+    diag_samples: int = 1000,
+    eval_batch: int = 100,
+    log: Callable[[str], None] = print,
+) -> dict[str, Any]:
+    """On training points ``x_train``: the ELBO of the guide the decoder was trained with
+    (``start``: the encoder, or a per-datapoint guide holding these points' rows), and of q*
+    optimised from it. For an encoder, L[q*] − L[start] here against the same gap on the test set
+    says how much of the amortization gap is the encoder failing to generalise; for trained
+    per-datapoint rows, how far joint training left them from the best q_i for the final decoder."""
+    from pyrovae.diagnostics import importance_diagnostics
+
+    guide, history, seconds = optimised_route(model, x_train, z_dim, settings, init=start, prefix=f"{label}.train.qstar")
+    out: dict[str, Any] = {"num_points": x_train.shape[0], "optimise_seconds": seconds}
+    for name, route_guide in (("trained", start), ("optimised", guide)):
+        diag = importance_diagnostics(model, route_guide, x_train, num_samples=diag_samples, batch_size=eval_batch)
+        out[name] = diag.summary()
+        out[f"elbo_values.{name}"] = diag.elbo
+    gap = out.pop("elbo_values.optimised") - out.pop("elbo_values.trained")
+    out["optimised_minus_trained"], out["optimised_minus_trained_se"] = _mean_se(gap)
+    log(f"[{label}] {x_train.shape[0]} training points: L[trained q] {out['trained']['elbo']:.3f}, "
+        f"L[q*] {out['optimised']['elbo']:.3f}, gap {out['optimised_minus_trained']:.3f}")
+    return out
 
 
 def convergence_curves(
