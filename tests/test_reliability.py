@@ -414,7 +414,7 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(tmp_path, capsys):
     """A real SIGINT to a real `pyrovae train`, then --resume: the same parameters as a run that
     was never interrupted."""
     args = ["train", "--dataset", "linear", "--guide", "per-datapoint", "--objective", "iwae",
-            "--num-particles", "2", "--num-train", "600", "--num-test", "20", "--batch-size", "10",
+            "--num-particles", "2", "--num-train", "1000", "--num-test", "20", "--batch-size", "10",
             "--epochs", "3", "--eval-samples", "5", "--test-time-steps", "2", "--no-progress"]
     split, full = tmp_path / "split", tmp_path / "full"
     process = subprocess.Popen([sys.executable, "-m", "pyrovae", *args, "--out", str(split)],
@@ -423,7 +423,10 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(tmp_path, capsys):
     deadline = time.monotonic() + 120
     while not (split / "checkpoint.pt").exists() and process.poll() is None and time.monotonic() < deadline:
         time.sleep(0.005)
-    process.send_signal(signal.SIGINT)  # during epoch 2 of 3 (60 steps each)
+    # The checkpoint appears at the end of epoch 1; a moment later the process is inside epoch 2
+    # (of 3, 100 steps each). Right away it could still be finishing epoch 1's bookkeeping.
+    time.sleep(0.03)
+    process.send_signal(signal.SIGINT)
     _, err = process.communicate(timeout=120)
     assert process.returncode == 130, err
     assert "Traceback" not in err and "interrupted by SIGINT at epoch 2, step" in err and "--resume" in err
