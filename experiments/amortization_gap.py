@@ -82,6 +82,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name, value in defaults.to_dict().items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
                             help=f"InferenceSettings.{name} (see pyrovae.studies.amortization)")
+    parser.add_argument("--report-only", action="store_true",
+                        help="run nothing: merge the parts already under --out and redraw the figures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
     parser.add_argument("--progress", type=int, choices=[0, 1], default=0, help="1: progress bars")
     parser.add_argument("--seed", type=int, default=0, help="seed of the draws and of (B) and (C)")
@@ -197,6 +199,7 @@ def run_part(args: argparse.Namespace, part: str) -> None:
         summary["inference_data_points"] = points
     summary["seconds"] = time.perf_counter() - start
     summary["torch_threads"] = torch.get_num_threads()
+    summary["args"] = vars(args)
     write_json(out / f"part_{part}.json", summary)
     torch.save({k: v.float() for k, v in per_point.items()}, out / f"part_{part}.pt")
     log(f"[{part}] done in {summary['seconds']:.0f} s")
@@ -207,7 +210,9 @@ def report(args: argparse.Namespace) -> dict:
     out = Path(args.out)
     parts = {p: json.loads((out / f"part_{p}.json").read_text()) for p in PARTS if (out / f"part_{p}.json").exists()}
     per_point = {p: torch.load(out / f"part_{p}.pt") for p in parts}
-    results = {"parts": parts, "reference_cremer_2018": CREMER_2018, "args": vars(args)}
+    if not parts:
+        raise FileNotFoundError(f"no part_<name>.json under {out}: run some --parts first")
+    results = {"parts": parts, "reference_cremer_2018": CREMER_2018}
     write_json(out / "results.json", results)
     labels = {p: LABELS[p].replace(" trained with ", "\ntrained with ") for p in parts}
     study.plot_gaps({labels[p]: parts[p] for p in parts}, out / "gaps.png", reference=CREMER_2018)
@@ -230,7 +235,7 @@ def report(args: argparse.Namespace) -> dict:
 def main(args: argparse.Namespace) -> dict:
     torch.set_num_threads(args.threads)
     Path(args.out).mkdir(parents=True, exist_ok=True)
-    for part in args.parts:
+    for part in [] if args.report_only else args.parts:
         run_part(args, part)
     return report(args)
 

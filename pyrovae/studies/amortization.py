@@ -695,20 +695,22 @@ def plot_gaps(models: dict[str, dict[str, Any]], path: Any, reference: Optional[
             sa_left = gaps.get("semi-amortized", {}).get("below_best", amort)
             closed.append(amort - sa_left)
             residual.append(sa_left)
+            notes.append("")
         else:
             closed.append(0.0)
             residual.append(0.0)
             prior = gaps.get("prior", {}).get("below_best")
-            notes.append(f"{label}: q = p(z) on test points is {prior:.0f} nats below q*" if prior else "")
+            notes.append(f"no encoder;\nq = p(z) on test\npoints: {prior:.0f} nats\nbelow L[q*]" if prior else "no encoder")
     if reference is not None:
         names.append(reference["label"])
         approx.append(reference["approximation"])
         closed.append(0.0)
         residual.append(reference["amortization"])
+        notes.append("")
     xs = list(range(len(names)))
     ax.bar(xs, approx, color="tab:blue", label="approximation gap  log p̂(x) − L[q*]")
     ax.bar(xs, residual, bottom=approx, color="tab:red",
-           label="amortization gap left by q_SA  L[q*] − L[q_SA]")
+           label="amortization gap that q_SA leaves  L[q*] − L[q_SA] (all of it for the reference)")
     ax.bar(xs, closed, bottom=[a + r for a, r in zip(approx, residual)], color="tab:orange",
            label="closed by the semi-amortized refinement  L[q_SA] − L[q]")
     for x_, a, c, r in zip(xs, approx, closed, residual):
@@ -725,9 +727,9 @@ def plot_gaps(models: dict[str, dict[str, Any]], path: Any, reference: Optional[
     ax.grid(True, axis="y", alpha=0.3)
     top = max(a + r + c for a, r, c in zip(approx, residual, closed))
     ax.set_ylim(0, top * 1.45)
-    if any(notes):
-        ax.text(0.01, 0.98, "\n".join(n for n in notes if n), transform=ax.transAxes, fontsize=7,
-                va="top", ha="left")
+    for x_, a, c, r, note in zip(xs, approx, closed, residual, notes):
+        if note:
+            ax.text(x_, a + r + c + 0.06 * top, note, ha="center", va="bottom", fontsize=7)
     _save(fig, path)
 
 
@@ -770,7 +772,7 @@ def plot_convergence(curves: dict[str, Any], path: Any, title: str) -> None:
 def plot_khat(models: dict[str, dict[str, torch.Tensor]], path: Any, threshold: float = 0.7) -> None:
     """Histograms of the PSIS k̂ of every route's importance weights, one panel per decoder, with
     the 0.7 threshold and the share of points above it."""
-    fig, axes = _figure(1, len(models), (4.4 * len(models), 3.8))
+    fig, axes = _figure(1, len(models), (4.6 * len(models), 4.0))
     for ax, (label, per_point) in zip(axes[0], models.items()):
         for key, values in per_point.items():
             if not key.startswith("khat."):
@@ -782,7 +784,7 @@ def plot_khat(models: dict[str, dict[str, torch.Tensor]], path: Any, threshold: 
             ax.hist(clipped.numpy(), bins=60, range=(-0.5, 2.5), histtype="step", linewidth=1.4,
                     color=ROUTE_COLORS.get(name), label=f"{ROUTE_LABELS.get(name, name)}: {100 * share:.1f}% > {threshold}")
         ax.axvline(threshold, color="black", linestyle="--", linewidth=1)
-        ax.set_xlabel("Pareto k̂ of the importance weights (clipped to [−0.5, 2.5])")
+        ax.set_xlabel("Pareto k̂ of the importance weights\n(values outside [−0.5, 2.5] in the end bins)")
         ax.set_ylabel("test points")
         ax.set_title(label, fontsize=9)
         ax.legend(fontsize=7)
@@ -802,7 +804,7 @@ def plot_marginals(idata: Any, path: Any, dims_per_point: int = 3) -> None:
     post = idata.posterior
     names = [v for v in post.data_vars]
     points = list(post["point"].values)
-    fig, axes = _figure(len(points), dims_per_point, (3.2 * dims_per_point, 1.9 * len(points)))
+    fig, axes = _figure(len(points), dims_per_point, (2.7 * dims_per_point, 1.5 * len(points)))
     ref = post["z_importance_resampled"].values.reshape(-1, len(points), post.sizes["latent"])
     enc = post["z_encoder"].values.reshape(-1, len(points), post.sizes["latent"]) if "z_encoder" in names else None
     for row, point in enumerate(points):
