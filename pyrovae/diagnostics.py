@@ -114,7 +114,7 @@ class ProposalDiagnostics:
             "ess_mean": float(self.ess.double().mean()),
             "ess_median": float(self.ess.double().median()),
             "khat_median": float(self.khat.median()),
-            "khat_mean": float(self.khat[torch.isfinite(self.khat)].mean()),
+            "khat_mean": float(finite.mean()) if (finite := self.khat[torch.isfinite(self.khat)]).numel() else None,
             "fraction_khat_above_0.5": float((self.khat > 0.5).double().mean()),
             f"fraction_khat_above_{threshold:g}": float((self.khat > threshold).double().mean()),
             "fraction_khat_above_1": float((self.khat > 1.0).double().mean()),
