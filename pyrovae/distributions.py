@@ -52,3 +52,81 @@ def diag_normal(
     """N(loc, diag scale²) over the last dimension, optionally non-reparameterized."""
     fn = dist.Normal(loc, scale).to_event(1)
     return fn if reparameterized else non_reparameterized(fn)
+
+
+class _BernoulliEventLogProb(torch.autograd.Function):
+    # Σ_d [x_d l_d - softplus(l_d)] over the last dim, with logits l of shape (..., D) and values x
+    # broadcastable to it. softplus(l) = max(l, 0) + log(1 + exp(-|l|)) uses only exp and log,
+    # which torch vectorizes on the CPU (its log1p, softplus and log_sigmoid kernels are ~5x slower
+    # per element here); the rounding of 1 + u costs at most 6e-8 nats per element. The gradient
+    # x - sigmoid(l) is formed in one pass in backward, with no (K, B, D) temporaries kept.
+
+    @staticmethod
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+        ctx.save_for_backward(logits, value)
+        softplus = logits.abs().neg_().exp_().add_(1).log_().add_(logits.clamp(min=0))
+        if value.shape == logits.shape:
+            dot = torch.linalg.vecdot(logits, value)
+        else:
+            dot = torch.linalg.vecdot(logits, value.expand_as(logits))
+        return dot.sub_(softplus.sum(-1))
+
+    @staticmethod
+    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+        logits, value = ctx.saved_tensors
+        grad = grad.unsqueeze(-1)
+        grad_logits = grad_value = None
+        if ctx.needs_input_grad[0]:
+            grad_logits = torch.sigmoid(logits).neg_().add_(value).mul_(grad)
+        if ctx.needs_input_grad[1]:
+            grad_value = logits * grad
+            while grad_value.dim() > value.dim():
+                grad_value = grad_value.sum(0)
+            dims = [i for i, (a, b) in enumerate(zip(value.shape, grad_value.shape)) if a == 1 and b != 1]
+            if dims:
+                grad_value = grad_value.sum(dims, keepdim=True)
+        return grad_logits, grad_value
+
+
+class BernoulliEvent(dist.Independent):
+    """Independent Bernoulli(logits) pixels as one event: ``Bernoulli(logits=l).to_event(1)``
+    with a fused log-density.
+
+    The log-density of an image is Σ_d x_d l_d - softplus(l_d), computed in one pass without
+    materialising the broadcast of x against K particles, and with a hand-written gradient
+    x - sigmoid(l). On the CPU this is ~3x faster than ``Bernoulli.log_prob`` (whose
+    ``binary_cross_entropy_with_logits`` goes through torch's slow ``log_sigmoid`` kernel) and it
+    is most of the time of a K=5000 evaluation; values agree to ~1e-5 nats per image
+    (``tests/test_distributions.py``). Sampling, support, mean and ``expand`` are those of the
+    Pyro distribution.
+
+    :param logits: ``(..., D)`` decoder outputs.
+    """
+
+    def __init__(self, logits: torch.Tensor | dist.Bernoulli, reinterpreted_batch_ndims: int = 1,
+                 validate_args: bool | None = None) -> None:
+        base = logits if isinstance(logits, torch.distributions.Bernoulli) else dist.Bernoulli(
+            logits=logits, validate_args=False
+        )
+        if reinterpreted_batch_ndims != 1:
+            raise ValueError(f"BernoulliEvent takes one event dim, got {reinterpreted_batch_ndims}")
+        super().__init__(base, 1, validate_args=False)
+
+    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+        new = self._get_checked_instance(BernoulliEvent, _instance)
+        batch_shape = torch.Size(batch_shape)
+        base = self.base_dist.expand(batch_shape + self.event_shape)
+        super(BernoulliEvent, new).__init__(base, 1, validate_args=False)
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        logits = self.base_dist.logits
+        if value.dim() < 1 or value.shape[-1] != logits.shape[-1]:
+            raise ValueError(
+                f"value of shape {tuple(value.shape)} does not match the event shape {tuple(self.event_shape)}"
+            )
+        value = value.to(logits.dtype)
+        batch = torch.broadcast_shapes(logits.shape[:-1], value.shape[:-1])
+        if logits.shape[:-1] != batch:
+            logits = logits.expand(batch + logits.shape[-1:])
+        return _BernoulliEventLogProb.apply(logits, value)

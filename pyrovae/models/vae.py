@@ -13,6 +13,7 @@ from torch import nn
 from torch.distributions import constraints
 
 from pyrovae.data import check_data
+from pyrovae.distributions import BernoulliEvent
 from pyrovae.handlers import batch_device, data_plate, latent_scale
 
 Likelihood = Literal["bernoulli", "gaussian"]
@@ -84,9 +85,10 @@ class VAE:
     def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p_θ(x|z) given the decoder output ``out``."""
         if self.likelihood == "bernoulli":
+            # Bernoulli(logits=out).to_event(1) with a fused log-density (pyrovae.distributions).
             # Pixel intensities in [0, 1] are allowed as targets (greyscale MNIST without
             # binarization); torch's Boolean support check would reject them.
-            return dist.Bernoulli(logits=out, validate_args=False).to_event(1)
+            return BernoulliEvent(out)
         return dist.Normal(out, self.x_scale(out.device)).to_event(1)
 
     def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:

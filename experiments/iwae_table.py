@@ -1,0 +1,151 @@
+"""Burda, Grosse & Salakhutdinov (2016), Table 1 (MNIST, one stochastic layer) on a CPU budget.
+
+Trains the 784-200-200-50 tanh VAE with the K-sample ELBO ("VAE") and with the IWAE bound,
+K ∈ {1, 5, 50}, every cell under the same schedule (--epochs passes, batch --batch-size, Adam from
+--lr decayed geometrically to --lr × --final-lr-factor), then evaluates the test NLL with 5000
+importance samples and counts active units. Each cell is a `pyrovae train` run in --out/<cell>, so
+an interrupted run (Ctrl-C, a lost session) continues where it stopped when started again; cells
+already finished are not redone. Cells can run in separate processes (--cells) to use more cores.
+
+Writes --docs/results.json (our table beside the paper's, the orderings, convergence of each cell,
+the budget and the machine) and --docs/curves.png (test bound per epoch).
+
+Example (the committed run, two processes):
+    python experiments/iwae_table.py --cells iwae-k50 k1 iwae-k5 &
+    python experiments/iwae_table.py --cells vae-k50 vae-k5 &
+    wait; python experiments/iwae_table.py --report-only
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import sys
+from pathlib import Path
+
+import torch
+
+from pyrovae.perf import tune_malloc
+from pyrovae.run import train_and_evaluate, write_json
+from pyrovae.studies import burda
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--cells", nargs="+", choices=list(burda.CELLS), default=list(burda.CELLS),
+                        help="which cells to train and evaluate (k1 is VAE = IWAE at K=1)")
+    parser.add_argument("--out", default="runs/iwae_table", help="one run folder per cell (checkpoints)")
+    parser.add_argument("--docs", default="docs/iwae_table", help="where results.json and curves.png go")
+    parser.add_argument("--epochs", type=int, default=100, help="passes over the training set per cell")
+    parser.add_argument("--batch-size", type=int, default=100)
+    parser.add_argument("--lr", type=float, default=1e-3, help="initial Adam step size")
+    parser.add_argument("--final-lr-factor", type=float, default=0.1, help="final step size / initial")
+    parser.add_argument("--eval-samples", type=int, default=5000, help="K of the test log-likelihood")
+    parser.add_argument("--num-train", type=int, default=None, help="first training points (default all)")
+    parser.add_argument("--num-test", type=int, default=None, help="first test points (default all 10,000)")
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (else $PYROVAE_DATA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
+    parser.add_argument("--progress", action="store_true", help="progress bars")
+    return parser.parse_args(argv)
+
+
+def machine() -> dict[str, object]:
+    return {
+        "processor": platform.processor() or platform.machine(),
+        "cpu_count": os.cpu_count(),
+        "torch": torch.__version__,
+        "torch_threads": torch.get_num_threads(),
+        "python": sys.version.split()[0],
+    }
+
+
+def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
+    for cell in args.cells:
+        config = burda.cell_config(
+            cell, schedule, seed=args.seed, device=args.device, num_train=args.num_train,
+            num_test=args.num_test, eval_samples=args.eval_samples,
+        )
+        folder = Path(args.out) / cell
+        metrics_path = folder / "metrics.json"
+        if metrics_path.exists():
+            done = json.loads(metrics_path.read_text())
+            if done.get("config") == config.resolved().to_dict():
+                logging.info("%s: finished earlier (test NLL %.2f), skipped", cell, done["test_nll"])
+                continue
+        logging.info("%s: training %s", cell, config.resolved().to_json().replace("\n", " "))
+        metrics = train_and_evaluate(config, folder, data_dir=args.data_dir, resume=True, progress=args.progress)
+        logging.info("%s: test NLL %.2f, active units %d", cell, metrics["test_nll"], metrics["active_units"])
+
+
+def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, object]:
+    results = burda.collect(Path(args.out))
+    rows = burda.table_rows(results)
+    summary = {
+        "schedule": burda.schedule_dict(schedule),
+        "paper": {"epochs": burda.PAPER["epochs"], "batch_size": burda.PAPER["batch_size"]},
+        "rows": rows,
+        "ordering": burda.ordering_checks(rows),
+        "machine": machine(),
+        "cells_missing": sorted(set(burda.CELLS) - set(results)),
+        "num_test": {cell: m["num_test"] for cell, m in results.items()},
+    }
+    docs = Path(args.docs)
+    docs.mkdir(parents=True, exist_ok=True)
+    write_json(docs / "results.json", summary)
+    if results:
+        plot_curves(results, docs / "curves.png")
+    print(f"{'':4} {'K':>3}  {'ours':>7}  {'paper':>6}  {'diff':>5}  {'active':>6}  {'epochs':>6}  last-10% gain")
+    for row in rows:
+        if "nll" in row:
+            print(f"{row['objective']:4} {row['k']:3d}  {row['nll']:7.2f}  {row['paper_nll']:6.2f}  "
+                  f"{row['difference']:5.2f}  {row['active_units']:6d}  {row['epochs']:6d}  "
+                  f"{row['convergence_gain']:.3f}")
+        else:
+            print(f"{row['objective']:4} {row['k']:3d}  {'-':>7}  {row['paper_nll']:6.2f}")
+    print("ordering:", json.dumps(summary["ordering"]))
+    return summary
+
+
+def plot_curves(results: dict[str, dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(7, 4.5))
+    for cell, metrics in sorted(results.items()):
+        bounds = metrics["test_bound_per_epoch"]
+        epochs = range(1, len(bounds) + 1)
+        ax.plot(epochs, [-b for b in bounds], label=f"{cell}: {metrics['bound_name']}")
+        ax.axhline(metrics["test_nll"], color=ax.lines[-1].get_color(), ls=":", lw=1)
+    ax.set_xlabel("epoch")
+    ax.set_ylabel("test −bound (nats); dotted: final NLL, K=5000")
+    lows = [m["test_nll"] for m in results.values()]
+    ax.set_ylim(min(lows) - 1, min(lows) + 12)
+    ax.set_title("Burda et al. Table 1 cells: test bound during training")
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    tune_malloc()
+    schedule = burda.Schedule(args.epochs, args.batch_size, args.lr, args.final_lr_factor)
+    if not args.report_only:
+        run_cells(args, schedule)
+    report(args, schedule)
+
+
+if __name__ == "__main__":
+    main()
