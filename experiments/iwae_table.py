@@ -105,7 +105,7 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
         if "nll" in row:
             print(f"{row['objective']:4} {row['k']:3d}  {row['nll']:7.2f}  {row['paper_nll']:6.2f}  "
                   f"{row['difference']:5.2f}  {row['active_units']:6d}  {row['epochs']:6d}  "
-                  f"{row['convergence_gain']:.3f}")
+                  f"{row['convergence_gain'] if row['convergence_gain'] is None else round(row['convergence_gain'], 3)}")
         else:
             print(f"{row['objective']:4} {row['k']:3d}  {'-':>7}  {row['paper_nll']:6.2f}")
     print("ordering:", json.dumps(summary["ordering"]))
@@ -135,7 +135,7 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
-def main(argv: list[str] | None = None) -> None:
+def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads is not None:
@@ -144,7 +144,7 @@ def main(argv: list[str] | None = None) -> None:
     schedule = burda.Schedule(args.epochs, args.batch_size, args.lr, args.final_lr_factor)
     if not args.report_only:
         run_cells(args, schedule)
-    report(args, schedule)
+    return report(args, schedule)
 
 
 if __name__ == "__main__":

@@ -16,7 +16,7 @@ from typing import Callable, Optional
 import torch
 from pyro import poutine
 from pyro.infer import ELBO
-from pyro.infer.util import torch_item, zero_grads
+from pyro.infer.util import torch_item
 from pyro.optim import PyroOptim
 
 from pyrovae.distributed import World, all_reduce_sum_
@@ -124,12 +124,17 @@ class GradientStep:
         problem = None
         if not math.isfinite(loss):
             problem = f"the loss became {loss}"
-        elif grads and not bool(torch.stack([torch.isfinite(grad).all() for grad in grads]).all()):
+        elif grads and not bool(torch.stack(torch._foreach_norm(grads)).isfinite().all()):
+            # One L2 norm per tensor by a single foreach kernel (a per-tensor isfinite loop costs
+            # ~1.5 ms a step on a CPU); a norm is non-finite if the gradient holds an inf or a NaN,
+            # or if it overflowed, which the exact check below tells apart.
             bad = [name for name, grad in zip(names, grads) if not torch.isfinite(grad).all()]
-            problem = f"the gradient of {', '.join(bad)} became non-finite (the loss was {loss:.6g})"
+            if bad:
+                problem = f"the gradient of {', '.join(bad)} became non-finite (the loss was {loss:.6g})"
         if problem is None:
             if self.clip_norm is not None:
                 torch.nn.utils.clip_grad_norm_([params[name] for name in names], self.clip_norm)
             self.optimizer(params.values())
-        zero_grads(params.values())
+        for param in params.values():
+            param.grad = None  # as optimizer.zero_grad(set_to_none=True): no zero-filled copies
         return StepResult(loss, stop, problem)

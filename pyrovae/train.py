@@ -43,7 +43,7 @@ from pyrovae.distributed import (
 from pyrovae.guides import PerDatapointGuide
 from pyrovae.guides.semi_amortized import gaussian_elbo
 from pyrovae.interrupt import StopSignals, TrainingInterrupted
-from pyrovae.objectives.weights import rng_preserved
+from pyrovae.objectives.weights import guess_max_plate_nesting, rng_preserved
 from pyrovae.optim import make_pyro_optimizer
 from pyrovae.step import GradientStep
 
@@ -643,13 +643,15 @@ def optimize_local_guide(
         z_scale0 = torch.ones(num_data, z_dim, device=x.device)
     pyro.param(f"{prefix}.z_loc", z_loc0.detach().clone(), event_dim=1)
     pyro.param(f"{prefix}.z_scale", z_scale0.detach().clone(), constraint=constraints.positive, event_dim=1)
-    svi = SVI(
-        _unit_scale(poutine.block(model, hide_types=["param"])),
-        _unit_scale(guide),
-        make_pyro_optimizer(lr, lr_decay, lazy_params=guide.local_param_names),
-        loss=make_objective("elbo-analytic", num_particles),
-    )
+    local_model, local_guide = _unit_scale(poutine.block(model, hide_types=["param"])), _unit_scale(guide)
     index = torch.arange(num_data, device=x.device)
+    # Pyro would guess the plate nesting by a dry run that draws random numbers; guessing it here
+    # without drawing keeps the optimisation's draws a function of the seed alone.
+    nesting = guess_max_plate_nesting(local_model, local_guide, (x[:1], index[:1], num_data), {})
+    loss = make_objective("elbo-analytic", num_particles, max_plate_nesting=nesting)
+    svi = SVI(
+        local_model, local_guide, make_pyro_optimizer(lr, lr_decay, lazy_params=guide.local_param_names), loss=loss
+    )
     active = torch.ones(num_data, dtype=torch.bool, device=x.device)
     track = tol is not None or return_history
     history = LocalFitHistory()
