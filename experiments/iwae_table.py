@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pyrovae.interrupt import TrainingInterrupted
 from pyrovae.perf import tune_malloc
 from pyrovae.run import train_and_evaluate, write_json
 from pyrovae.studies import burda
@@ -65,6 +66,12 @@ def machine() -> dict[str, object]:
     }
 
 
+def same_run(a: dict, b: dict) -> bool:
+    """Configs equal up to how the evaluation is chunked (which changes speed, not the estimate)."""
+    ignore = {"eval_chunk", "eval_batch"}
+    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+
+
 def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
     for cell in args.cells:
         config = burda.cell_config(
@@ -75,7 +82,7 @@ def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
         metrics_path = folder / "metrics.json"
         if metrics_path.exists():
             done = json.loads(metrics_path.read_text())
-            if done.get("config") == config.resolved().to_dict():
+            if same_run(done.get("config") or {}, config.resolved().to_dict()):
                 logging.info("%s: finished earlier (test NLL %.2f), skipped", cell, done["test_nll"])
                 continue
         logging.info("%s: training %s", cell, config.resolved().to_json().replace("\n", " "))
@@ -143,7 +150,11 @@ def main(argv: list[str] | None = None) -> dict[str, object]:
     tune_malloc()
     schedule = burda.Schedule(args.epochs, args.batch_size, args.lr, args.final_lr_factor)
     if not args.report_only:
-        run_cells(args, schedule)
+        try:
+            run_cells(args, schedule)
+        except TrainingInterrupted as stop:
+            logging.warning("%s; run the same command again to continue", stop)
+            raise SystemExit(128 + stop.signum) from None
     return report(args, schedule)
 
 

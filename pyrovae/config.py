@@ -69,7 +69,7 @@ class TrainConfig:
     num_train: Optional[int] = None
     num_test: Optional[int] = None
     eval_samples: int = 5000
-    eval_chunk: int = 500
+    eval_chunk: int = 100
     eval_batch: int = 100
     test_time_steps: int = 300
     clip_norm: Optional[float] = None

@@ -129,7 +129,7 @@ def importance_diagnostics(
     x: torch.Tensor,
     *,
     num_samples: int = 1000,
-    chunk_size: int = 500,
+    chunk_size: int = 100,
     batch_size: int = 100,
     khat_samples: Optional[int] = None,
     progress: bool = False,

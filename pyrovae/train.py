@@ -125,6 +125,11 @@ def _same_fingerprint(a: dict[str, Any], b: dict[str, Any]) -> bool:
     return all(math.isclose(a[k], b[k], rel_tol=1e-9, abs_tol=1e-6) for k in ("sum", "weighted_sum"))
 
 
+#: Config fields a resumed run may change: the number of epochs, and evaluation settings, which
+#: do not touch training.
+RESUMABLE_CHANGES = frozenset({"epochs", "eval_samples", "eval_chunk", "eval_batch", "test_time_steps"})
+
+
 def _check_resumable(
     state: dict[str, Any], path: Any, config: Optional[dict[str, Any]], dataset: Dataset, epochs: int
 ) -> None:
@@ -133,7 +138,7 @@ def _check_resumable(
         differ = {
             k: (saved_config.get(k), v)
             for k, v in config.items()
-            if k != "epochs" and saved_config.get(k) != v
+            if k not in RESUMABLE_CHANGES and saved_config.get(k) != v
         }
         if differ:
             raise ValueError(
@@ -252,7 +257,8 @@ def fit(
     :param objective: a ``pyro.infer.ELBO``, e.g. from :func:`pyrovae.make_objective`.
     :param batch_size: points per step (the global batch, summed over processes).
     :param resume: continue from ``checkpoint_path`` if it exists (to ``epochs`` in total).
-    :param config: saved in the checkpoint; on resume it must match the saved one (except epochs).
+    :param config: saved in the checkpoint; on resume it must match the saved one (except epochs
+        and the evaluation settings, :data:`RESUMABLE_CHANGES`).
     :param test_bound: compute the test-set bound each epoch (amortized guides only).
     :param validate: keep Pyro's argument validation on in the training loop (slower).
     :param clip_norm: clip the global L2 norm of the gradient to this value (``None``: no clipping).

@@ -92,7 +92,7 @@ def cell_config(
         z_dim=50, hidden_sizes=(200, 200), activation="tanh", likelihood="bernoulli", binarize="dynamic",
         epochs=schedule.epochs, batch_size=schedule.batch_size, lr=schedule.lr, lr_decay=schedule.lr_decay,
         seed=seed, device=device, num_train=num_train, num_test=num_test, eval_samples=eval_samples,
-        eval_chunk=min(500, eval_samples), eval_batch=100,
+        eval_chunk=min(100, eval_samples), eval_batch=100,
     )
 
 

@@ -201,7 +201,7 @@ def mnist_gap(
     guide: Callable,
     x: torch.Tensor,
     num_samples: int = 5000,
-    chunk_size: int = 500,
+    chunk_size: int = 100,
     batch_size: int = 100,
     progress: bool = False,
 ) -> tuple[dict[str, Any], dict[str, torch.Tensor]]:

@@ -97,7 +97,7 @@ def handwritten_log_likelihood(
     decoder: nn.Module,
     x: torch.Tensor,
     num_samples: int = 5000,
-    chunk_size: int = 500,
+    chunk_size: int = 100,
     batch_size: int = 100,
     log_likelihood: str = "fused",
 ) -> torch.Tensor:
