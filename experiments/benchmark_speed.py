@@ -84,6 +84,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu")
     parser.add_argument("--threads", type=int, default=None, help="torch threads (default: torch's choice)")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--merge", action="store_true",
+                        help="keep the parts of an earlier results.json in --out that this run does not measure")
     return parser.parse_args(argv)
 
 
@@ -239,24 +241,25 @@ def bench_epoch(args, dataset, device: torch.device, sync) -> dict[str, Any]:
 
 
 def pyrovae_dataset_log_likelihood(model, guide, x: torch.Tensor, num_samples: int, batch_size: int = 100) -> torch.Tensor:
-    """log p̂(x) of every point, as evaluate_dataset computes it (batches of 100, chunks of 500)."""
+    """log p̂(x) of every point, as evaluate_dataset computes it (batches of 100 points, 100 draws per pass)."""
     num_data = x.shape[0]
     index_all = torch.arange(num_data, device=x.device)
     out = []
     with torch.no_grad():
         for index in index_all.split(batch_size):
             out.append(importance_sampling(model, guide, x[index], index, num_data, num_samples=num_samples,
-                                           chunk_size=min(500, num_samples), max_plate_nesting=1).log_likelihood)
+                                           chunk_size=min(100, num_samples), max_plate_nesting=1).log_likelihood)
     return torch.cat(out)
 
 
 def bench_eval(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[str, Any]:
     network = "784-400-50"
+    pyro.clear_param_store()
     encoder, decoder = make_pair(network, args.seed, device)
     model, guide = VAE(decoder, Z_DIM), AmortizedGuide(encoder)
     x = x_test[: args.eval_points]
     k = args.eval_samples
-    chunks = math.ceil(k / min(500, k))
+    chunks = math.ceil(k / min(100, k))
     enc_macs, dec_macs = network_macs(network)
     macs_per_image = k * dec_macs + chunks * enc_macs
     contestants = {
@@ -298,6 +301,7 @@ def bench_eval(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[s
 def bench_local(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[str, Any]:
     from pyrovae.train import optimize_local_guide
 
+    pyro.clear_param_store()
     x = x_test if args.local_points is None else x_test[: args.local_points]
     _, decoder = make_pair("784-400-50", args.seed, device)
     model = VAE(decoder, Z_DIM)
@@ -331,6 +335,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     x_test = torch.bernoulli(dataset.test, generator=torch.Generator(device=device).manual_seed(args.seed))
     results: dict[str, Any] = {"machine": {**machine(device), "malloc_tuned": tuned}, "args": vars(args)}
     start = time.perf_counter()
+    results["measured_at"] = {part: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) for part in args.parts}
     if "step" in args.parts:
         results["step"] = bench_steps(args, dataset.train, device, sync)
     if "epoch" in args.parts:
@@ -340,6 +345,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if "local" in args.parts:
         results["local"] = bench_local(args, x_test, device, sync)
     results["seconds"] = time.perf_counter() - start
+    if args.merge and (Path(args.out) / "results.json").exists():
+        earlier = json.loads((Path(args.out) / "results.json").read_text())
+        for part in ("step", "epoch", "eval", "local"):
+            if part not in results and part in earlier:
+                results[part] = earlier[part]
+                results["measured_at"][part] = earlier.get("measured_at", {}).get(part, "earlier run")
     if "step" in results:
         ratios = [row["ratio_vs_bce"] for row in results["step"]]
         fused = [row["ratio_vs_fused"] for row in results["step"]]

@@ -147,6 +147,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     from pyrovae import distributed, run  # deferred: `pyrovae --help` stays fast
     from pyrovae.interrupt import TrainingInterrupted
+    from pyrovae.perf import tune_malloc
+
+    tune_malloc()  # a process-wide setting, so the command line makes it, not the library
 
     try:
         if args.command != "train" and int(os.environ.get("WORLD_SIZE", "1") or 1) > 1:

@@ -566,6 +566,22 @@ def frozen_params(freeze: Callable[[str], bool]) -> Iterator[None]:
             tensor.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def _frozen_modules(modules: Any) -> Iterator[None]:
+    # The model's own networks, frozen too: if the param store holds other tensors under their
+    # names (a module built after another was registered under the same name), freezing the store
+    # alone would leave the weights in use trainable, and autograd would compute (and leak) their
+    # gradients at every step — 40 % of the time of a test-time optimisation.
+    tensors = [p for module in modules for p in module.parameters() if p.requires_grad]
+    for tensor in tensors:
+        tensor.requires_grad_(False)
+    try:
+        yield
+    finally:
+        for tensor in tensors:
+            tensor.requires_grad_(True)
+
+
 def _unit_scale(fn: Callable) -> Callable:
     # Undo the data plate's N/B: each row's gradient is that of its own ELBO however many rows
     # are still active, so Adam's moment estimates do not jump when points stop.
@@ -689,7 +705,8 @@ def optimize_local_guide(
         history.seconds.append(time.perf_counter() - start)
 
     local_names = guide.local_param_names
-    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names):
+    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
+            _frozen_modules(modules_of(model).values()):
         if track:
             check(0)
         bar = tqdm(range(1, steps + 1), desc="test-time inference", leave=False, disable=not progress)

@@ -187,3 +187,16 @@ def test_benchmark_speed_smoke(tmp_path: Path, mnist_root: Path) -> None:
     assert results["epoch"]["speedup_fit_vs_dataloader"] > 0
     assert set(results["eval"]["images_per_second"]) == {"pyrovae", "handwritten_fused", "handwritten_bce"}
     assert results["local"]["points"] == 16
+
+
+def test_local_fit_freezes_the_models_own_weights() -> None:
+    # A decoder registered after another under the same name: the store holds the first one's
+    # tensors, the model computes with the second's. Neither may get a gradient.
+    _, first = _pair(seed=0)
+    _, second = _pair(seed=1)
+    x, index = _batch(9)
+    pyro.clear_param_store()
+    VAE(first, 3)(x, index, 9)  # registers "decoder" with the first network's tensors
+    optimize_local_guide(VAE(second, 3), x, 3, steps=3, lr=0.05)
+    assert all(p.grad is None for p in [*first.parameters(), *second.parameters()])
+    assert all(p.requires_grad for p in second.parameters())
