@@ -25,7 +25,6 @@ Writes --out/results.json (all timings, ratios and the machine) and prints a tab
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import math
 import os

@@ -187,7 +187,7 @@ def mnist_part(args: argparse.Namespace) -> dict[str, Any]:
 
 def save_figures(results: dict[str, Any], out: pathlib.Path) -> None:
     """Draw every figure from the results (so ``--replot`` can redraw them without recomputing)."""
-    config, linear, mnist = results["config"], results["linear_gaussian"], results["mnist"]
+    linear, mnist = results["linear_gaussian"], results["mnist"]
     suffix = f"linear-Gaussian, D = {linear['x_dim']}, σ = {linear['noise_scale']:g}, {linear['num_replicates']} draws"
     study.plot_linear_gaussian(linear, "variance", out / "variance_vs_dim.png",
                                "mean per-coordinate variance", f"Gradient variance ({suffix}; bars ±2 SE)")

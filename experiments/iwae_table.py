@@ -28,6 +28,7 @@ from pathlib import Path
 
 import torch
 
+from pyrovae.config import config_differences
 from pyrovae.interrupt import TrainingInterrupted
 from pyrovae.perf import tune_malloc
 from pyrovae.run import train_and_evaluate, write_json
@@ -66,10 +67,9 @@ def machine() -> dict[str, object]:
     }
 
 
-def same_run(a: dict, b: dict) -> bool:
+def same_run(saved: dict, requested: dict) -> bool:
     """Configs equal up to how the evaluation is chunked (which changes speed, not the estimate)."""
-    ignore = {"eval_chunk", "eval_batch"}
-    return {k: v for k, v in a.items() if k not in ignore} == {k: v for k, v in b.items() if k not in ignore}
+    return not config_differences(saved, requested, {"eval_chunk", "eval_batch"})
 
 
 def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:

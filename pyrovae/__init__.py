@@ -21,12 +21,13 @@ from pyrovae.guides import (
     AmortizedGuide,
     CategoricalGuide,
     ExactPosteriorGuide,
+    HierarchicalGuide,
     MixturePriorGuide,
     PerDatapointGuide,
     PriorGuide,
     SemiAmortizedGuide,
 )
-from pyrovae.models import VAE, GaussianMixture, LinearGaussian
+from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
 from pyrovae.nets import MLP, Decoder, GaussianEncoder
 from pyrovae.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
 from pyrovae.optim import LazyAdam, make_pyro_optimizer
@@ -41,6 +42,8 @@ __all__ = [
     "Dataset",
     "Decoder",
     "ExactPosteriorGuide",
+    "HierarchicalGuide",
+    "HierarchicalVAE",
     "GaussianEncoder",
     "GaussianMixture",
     "History",

@@ -8,9 +8,9 @@ import torch
 
 from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset
-from pyrovae.guides import AmortizedGuide, PerDatapointGuide, PriorGuide
-from pyrovae.models import VAE, LinearGaussian
-from pyrovae.nets import Decoder, GaussianEncoder
+from pyrovae.guides import AmortizedGuide, HierarchicalGuide, PerDatapointGuide, PriorGuide
+from pyrovae.models import VAE, HierarchicalVAE, LinearGaussian
+from pyrovae.nets import Decoder, GaussianEncoder, HierarchicalDecoder, HierarchicalEncoder
 
 
 def _vae(config: TrainConfig, dataset: Dataset) -> VAE:
@@ -18,6 +18,20 @@ def _vae(config: TrainConfig, dataset: Dataset) -> VAE:
     return VAE(
         decoder.to(config.device),
         config.z_dim,
+        likelihood=config.likelihood,
+        x_scale=config.x_scale,
+        learn_x_scale=config.learn_x_scale,
+        beta=config.beta,
+    )
+
+
+def _hvae(config: TrainConfig, dataset: Dataset) -> HierarchicalVAE:
+    decoder = HierarchicalDecoder(
+        dataset.x_dim, (config.z_dim, *config.upper_z_dims), config.hidden_sizes,
+        config.upper_hidden_sizes, config.activation,
+    )
+    return HierarchicalVAE(
+        decoder.to(config.device),
         likelihood=config.likelihood,
         x_scale=config.x_scale,
         learn_x_scale=config.learn_x_scale,
@@ -39,7 +53,12 @@ def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
     return model
 
 
-def _amortized(config: TrainConfig, dataset: Dataset, model: Any) -> AmortizedGuide:
+def _amortized(config: TrainConfig, dataset: Dataset, model: Any) -> AmortizedGuide | HierarchicalGuide:
+    if isinstance(model, HierarchicalVAE):
+        encoder = HierarchicalEncoder(
+            dataset.x_dim, model.z_dims, config.hidden_sizes, config.upper_hidden_sizes, config.activation
+        )
+        return HierarchicalGuide(encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized)
     encoder = GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation)
     return AmortizedGuide(
         encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized
@@ -56,12 +75,18 @@ def _prior(config: TrainConfig, dataset: Dataset, model: Any) -> PriorGuide:
     return PriorGuide(config.z_dim, beta=config.beta)
 
 
-MODELS: dict[str, Callable[[TrainConfig, Dataset], Any]] = {"vae": _vae, "linear": _linear}
+MODELS: dict[str, Callable[[TrainConfig, Dataset], Any]] = {"vae": _vae, "hvae": _hvae, "linear": _linear}
 GUIDES: dict[str, Callable[[TrainConfig, Dataset, Any], Any]] = {
     "amortized": _amortized,
     "per-datapoint": _per_datapoint,
     "prior": _prior,
 }
+
+
+def build_model(config: TrainConfig, dataset: Dataset) -> Any:
+    """The model alone (e.g. to sample from a checkpoint without building a guide)."""
+    config = config.resolved()
+    return MODELS[config.model](config, dataset)
 
 
 def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
@@ -74,6 +99,11 @@ def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
         raise ValueError(
             f"the {dataset.name} data set needs likelihood={dataset.likelihood!r}, "
             f"got {config.likelihood!r}"
+        )
+    if config.model == "hvae" and config.guide != "amortized":
+        raise ValueError(
+            f"model='hvae' is trained with its amortized bottom-up guide; --guide {config.guide} has one "
+            "latent layer. Use --guide amortized"
         )
     model = MODELS[config.model](config, dataset)
     guide = GUIDES[config.guide](config, dataset, model)

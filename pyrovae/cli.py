@@ -47,7 +47,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model/guide pair, evaluate it, write results to --out")
     train.add_argument("--dataset", choices=get_args(DatasetName), default=d.dataset, help="data set")
     train.add_argument("--model", choices=get_args(ModelName), default=None,
-                       help="vae (MLP decoder) or linear (linear-Gaussian); default by data set")
+                       help="vae (MLP decoder), hvae (several stochastic layers) or linear (linear-Gaussian); "
+                            "default by data set")
     train.add_argument("--guide", choices=get_args(GuideName), default=d.guide, help="variational family q(z|x)")
     train.add_argument("--objective", choices=get_args(ObjectiveName), default=d.objective, help="training objective")
     train.add_argument("--num-particles", type=int, default=d.num_particles, help="K samples per data point")
@@ -55,6 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
                        help="sample the guide without pathwise gradients (score-function gradients only)")
     train.add_argument("--z-dim", type=int, default=None, help="latent dimension (default: 50 mnist, 2 gmm/linear)")
     train.add_argument("--hidden-sizes", type=int, nargs="+", default=None, help="hidden layer widths, e.g. 400 or 200 200")
+    train.add_argument("--upper-z-dims", type=int, nargs="+", default=None,
+                       help="hvae: sizes of the latent layers above --z-dim, e.g. 50 (default z-dim/2)")
+    train.add_argument("--upper-hidden-sizes", type=int, nargs="+", default=None,
+                       help="hvae: hidden widths between latent layers, e.g. 100 100 (default half of --hidden-sizes)")
     train.add_argument("--activation", choices=get_args(ActivationName), default=d.activation, help="hidden activation")
     train.add_argument("--likelihood", choices=get_args(LikelihoodName), default=None, help="p(x|z) family (default by data set)")
     train.add_argument("--x-scale", type=float, default=d.x_scale, help="σ of the Gaussian likelihood (initial value if learned)")
@@ -111,6 +116,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         reparameterized=not args.no_reparameterize,
         z_dim=args.z_dim,
         hidden_sizes=tuple(args.hidden_sizes) if args.hidden_sizes else None,
+        upper_z_dims=tuple(args.upper_z_dims) if args.upper_z_dims else (),
+        upper_hidden_sizes=tuple(args.upper_hidden_sizes) if args.upper_hidden_sizes else None,
         activation=args.activation,
         likelihood=args.likelihood,
         x_scale=args.x_scale,

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DatasetName = Literal["mnist", "gmm", "linear"]
-ModelName = Literal["vae", "linear"]
+ModelName = Literal["vae", "hvae", "linear"]
 GuideName = Literal["amortized", "per-datapoint", "prior"]
 ObjectiveName = Literal["elbo", "elbo-analytic", "iwae", "score"]
 LikelihoodName = Literal["bernoulli", "gaussian"]
@@ -32,12 +32,18 @@ class TrainConfig:
 
     :param dataset: ``mnist``, ``gmm`` (3-component Gaussian mixture in R²) or ``linear``
         (linear-Gaussian latent model with exact log p(x)).
-    :param model: ``vae`` (MLP decoder) or ``linear`` (linear decoder, Gaussian noise).
+    :param model: ``vae`` (MLP decoder), ``hvae`` (several stochastic layers,
+        :class:`~pyrovae.models.HierarchicalVAE`) or ``linear`` (linear decoder, Gaussian noise).
     :param guide: ``amortized`` (encoder), ``per-datapoint`` (one Gaussian per training point) or
         ``prior`` (q = p(z)).
     :param objective: ``elbo``, ``elbo-analytic``, ``iwae`` or ``score``.
     :param num_particles: K samples per data point in the objective.
     :param reparameterized: ``False`` samples the guide without pathwise gradients.
+    :param upper_z_dims: ``hvae``: sizes of the latent layers above z (``z_dim`` is the bottom
+        one); default one layer of ``z_dim // 2``.
+    :param upper_hidden_sizes: ``hvae``: hidden widths of the networks between latent layers;
+        default half of ``hidden_sizes``. Burda et al.'s two-layer model is ``z_dim=100,
+        upper_z_dims=(50,), hidden_sizes=(200, 200)``, ``upper_hidden_sizes=(100, 100)``, tanh.
     :param lr_decay: learning-rate factor per epoch (1 = constant).
     :param num_train: use only the first ``num_train`` training points (``None``: all).
     :param num_test: use only the first ``num_test`` test points (``None``: all).
@@ -54,6 +60,8 @@ class TrainConfig:
     reparameterized: bool = True
     z_dim: Optional[int] = None
     hidden_sizes: Optional[tuple[int, ...]] = None
+    upper_z_dims: tuple[int, ...] = ()
+    upper_hidden_sizes: Optional[tuple[int, ...]] = None
     activation: ActivationName = "relu"
     likelihood: Optional[LikelihoodName] = None
     x_scale: float = 1.0
@@ -76,8 +84,12 @@ class TrainConfig:
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
-        if self.hidden_sizes is not None:
-            self.hidden_sizes = tuple(int(h) for h in self.hidden_sizes)
+        for name in ("hidden_sizes", "upper_hidden_sizes", "upper_z_dims"):
+            value = getattr(self, name)
+            if value is not None:
+                setattr(self, name, tuple(int(h) for h in value))
+                if any(h < 1 for h in getattr(self, name)):
+                    raise ValueError(f"{name} must hold positive integers, got {value!r}")
         hints = get_type_hints(type(self))
         for f in dataclasses.fields(self):
             value = getattr(self, f.name)
@@ -118,12 +130,26 @@ class TrainConfig:
         }
         if self.learn_x_scale is None and "learn_x_scale" not in updates:
             updates["learn_x_scale"] = False
-        return dataclasses.replace(self, **updates)
+        resolved = dataclasses.replace(self, **updates)
+        if resolved.model == "hvae":
+            more: dict[str, Any] = {}
+            if not resolved.upper_z_dims:
+                more["upper_z_dims"] = (max(1, resolved.z_dim // 2),)
+            if resolved.upper_hidden_sizes is None:
+                more["upper_hidden_sizes"] = tuple(max(1, h // 2) for h in resolved.hidden_sizes)
+            resolved = dataclasses.replace(resolved, **more)
+        elif resolved.upper_z_dims or resolved.upper_hidden_sizes is not None:
+            raise ValueError(
+                f"upper_z_dims and upper_hidden_sizes are for model='hvae' (several latent layers), not "
+                f"{resolved.model!r}; add --model hvae or drop them"
+            )
+        return resolved
 
     def to_dict(self) -> dict[str, Any]:
         out = dataclasses.asdict(self)
-        if out["hidden_sizes"] is not None:
-            out["hidden_sizes"] = list(out["hidden_sizes"])
+        for name in ("hidden_sizes", "upper_hidden_sizes", "upper_z_dims"):
+            if out[name] is not None:
+                out[name] = list(out[name])
         return out
 
     def to_json(self) -> str:
@@ -140,6 +166,23 @@ class TrainConfig:
     @classmethod
     def from_json(cls, text: str) -> "TrainConfig":
         return cls.from_dict(json.loads(text))
+
+
+def config_differences(
+    saved: dict[str, Any], requested: dict[str, Any], ignore: frozenset[str] | set[str] = frozenset()
+) -> dict[str, tuple[Any, Any]]:
+    """The fields in which two config dicts (``TrainConfig.to_dict()``) differ, as
+    ``{name: (saved, requested)}``, skipping ``ignore``. A field that ``saved`` lacks (it was
+    written by an older pyrovae, before the field existed) counts as that field's default."""
+    defaults = TrainConfig().to_dict()
+    differ = {}
+    for name, value in requested.items():
+        if name in ignore:
+            continue
+        old = saved.get(name, defaults.get(name))
+        if old != value:
+            differ[name] = (old, value)
+    return differ
 
 
 def _literal_choices(hint: Any) -> tuple[Any, ...]:

@@ -92,3 +92,70 @@ class Decoder(MLP):
         super().__init__(z_dim, hidden_sizes, x_dim, activation)
         self.z_dim = z_dim
         self.x_dim = x_dim
+
+
+class HierarchicalDecoder(nn.Module):
+    """The networks of a VAE with L stochastic layers z_1 (next to x), ..., z_L (top):
+    a Gaussian MLP p(z_l | z_{l+1}) for each l < L and the decoder f_θ(z_1) of p(x | z_1).
+
+    ``forward(z_1)`` is the decoder, so :meth:`pyrovae.models.VAE.decode` works unchanged.
+
+    :param x_dim: data features.
+    :param z_dims: latent sizes from the bottom (z_1) to the top (z_L), e.g. ``(100, 50)``.
+    :param hidden_sizes: hidden widths between z_1 and x.
+    :param upper_hidden_sizes: hidden widths of every p(z_l | z_{l+1}).
+    :param activation: hidden activation.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dims: Sequence[int],
+        hidden_sizes: Sequence[int] = (200, 200),
+        upper_hidden_sizes: Sequence[int] = (100, 100),
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        if len(z_dims) < 2:
+            raise ValueError(f"a hierarchical VAE needs at least two latent layers, got z_dims={tuple(z_dims)}")
+        self.z_dims = tuple(int(d) for d in z_dims)
+        self.x_dim = x_dim
+        self.z_dim = self.z_dims[0]
+        self.decoder = Decoder(self.z_dims[0], x_dim, hidden_sizes, activation)
+        self.priors = nn.ModuleList(
+            GaussianEncoder(self.z_dims[level + 1], self.z_dims[level], upper_hidden_sizes, activation)
+            for level in range(len(self.z_dims) - 1)
+        )
+
+    def forward(self, z1: torch.Tensor) -> torch.Tensor:
+        return self.decoder(z1)
+
+
+class HierarchicalEncoder(nn.Module):
+    """The inference networks q(z_1 | x) and q(z_{l+1} | z_l) of a hierarchical VAE (bottom-up, as
+    in Burda et al. 2016), each a diagonal Gaussian MLP.
+
+    :param x_dim: data features.
+    :param z_dims: latent sizes from the bottom (z_1) to the top (z_L).
+    :param hidden_sizes: hidden widths between x and z_1.
+    :param upper_hidden_sizes: hidden widths of every q(z_{l+1} | z_l).
+    :param activation: hidden activation.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dims: Sequence[int],
+        hidden_sizes: Sequence[int] = (200, 200),
+        upper_hidden_sizes: Sequence[int] = (100, 100),
+        activation: str = "tanh",
+    ) -> None:
+        super().__init__()
+        if len(z_dims) < 2:
+            raise ValueError(f"a hierarchical VAE needs at least two latent layers, got z_dims={tuple(z_dims)}")
+        self.z_dims = tuple(int(d) for d in z_dims)
+        sizes = (x_dim, *self.z_dims)
+        self.nets = nn.ModuleList(
+            GaussianEncoder(sizes[level], sizes[level + 1], hidden_sizes if level == 0 else upper_hidden_sizes, activation)
+            for level in range(len(self.z_dims))
+        )

@@ -18,7 +18,7 @@ import pyro
 import torch
 
 from pyrovae import distributed, plots
-from pyrovae.build import build, modules_of
+from pyrovae.build import build, build_model, modules_of
 from pyrovae.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset, load_dataset
@@ -353,7 +353,7 @@ def sample_checkpoint(
         image_shape=image_shape,
     )
     pyro.clear_param_store()
-    model, _ = build(dataclasses.replace(config, guide="prior"), stub)
+    model = build_model(config, stub)
     if model.name not in state["modules"]:
         raise ValueError(f"{checkpoint} holds no {model.name!r} weights; the file was altered or written by another version")
     _load_weights(model.decoder, state["modules"][model.name], model.name, checkpoint)

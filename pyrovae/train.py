@@ -21,6 +21,7 @@ from torch.distributions import constraints
 from tqdm.auto import tqdm
 
 from pyrovae.build import modules_of
+from pyrovae.config import config_differences
 from pyrovae.checkpoint import (
     load_checkpoint,
     remove_stale_temporaries,
@@ -135,11 +136,7 @@ def _check_resumable(
 ) -> None:
     saved_config = state.get("config")
     if config is not None and saved_config is not None:
-        differ = {
-            k: (saved_config.get(k), v)
-            for k, v in config.items()
-            if k not in RESUMABLE_CHANGES and saved_config.get(k) != v
-        }
+        differ = config_differences(saved_config, config, RESUMABLE_CHANGES)
         if differ:
             raise ValueError(
                 f"cannot resume {path}: its config differs in {differ} "

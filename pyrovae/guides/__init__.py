@@ -3,6 +3,7 @@
 from pyrovae.guides.amortized import AmortizedGuide
 from pyrovae.guides.categorical import CategoricalGuide, MixturePriorGuide
 from pyrovae.guides.exact import ExactPosteriorGuide
+from pyrovae.guides.hierarchical import HierarchicalGuide
 from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.guides.prior import PriorGuide
 from pyrovae.guides.semi_amortized import SemiAmortizedGuide, gaussian_elbo, refine_gaussian
@@ -11,6 +12,7 @@ __all__ = [
     "AmortizedGuide",
     "CategoricalGuide",
     "ExactPosteriorGuide",
+    "HierarchicalGuide",
     "MixturePriorGuide",
     "PerDatapointGuide",
     "PriorGuide",

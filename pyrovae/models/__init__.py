@@ -1,7 +1,8 @@
 """Generative models: one file per model family."""
 
+from pyrovae.models.hierarchical import HierarchicalVAE, latent_site_names
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.mixture import GaussianMixture
 from pyrovae.models.vae import LIKELIHOODS, VAE
 
-__all__ = ["GaussianMixture", "LIKELIHOODS", "LinearGaussian", "VAE"]
+__all__ = ["GaussianMixture", "HierarchicalVAE", "LIKELIHOODS", "LinearGaussian", "VAE", "latent_site_names"]

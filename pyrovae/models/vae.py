@@ -72,15 +72,15 @@ class VAE:
         self.beta = float(beta)
         self.name = name
 
-    def x_scale(self, device: torch.device) -> torch.Tensor:
-        """σ_x of the Gaussian likelihood (the Pyro param when learned)."""
+    def x_scale(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
+        """σ_x of the Gaussian likelihood (the Pyro param when learned), fixed σ_x in ``dtype``."""
         if self.learn_x_scale:
             return pyro.param(
                 "x_scale",
-                lambda: torch.tensor(self.x_scale_init, device=device),
+                lambda: torch.tensor(self.x_scale_init, device=device, dtype=dtype),
                 constraint=constraints.positive,
             )
-        return torch.tensor(self.x_scale_init, device=device)
+        return torch.tensor(self.x_scale_init, device=device, dtype=dtype)
 
     def likelihood_dist(self, out: torch.Tensor) -> dist.TorchDistribution:
         """p_θ(x|z) given the decoder output ``out``."""
@@ -89,7 +89,7 @@ class VAE:
             # Pixel intensities in [0, 1] are allowed as targets (greyscale MNIST without
             # binarization); torch's Boolean support check would reject them.
             return BernoulliEvent(out)
-        return dist.Normal(out, self.x_scale(out.device)).to_event(1)
+        return dist.Normal(out, self.x_scale(out.device, out.dtype)).to_event(1)
 
     def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:
         """p(z) = N(0, I) for a batch."""

@@ -44,7 +44,6 @@ from typing import Any, Callable, Optional
 
 import pyro
 import torch
-from pyro import poutine
 from pyro.infer import SVI
 
 from pyrovae.data import Dataset, index_batches
