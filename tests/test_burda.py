@@ -25,6 +25,10 @@ def test_cells_are_the_papers_architecture() -> None:
     assert config.hidden_sizes == (200, 200) and config.activation == "tanh" and config.z_dim == 50
     assert config.binarize == "dynamic" and config.likelihood == "bernoulli"
     assert burda.cell_config("k1", burda.Schedule()).num_particles == 1
+    two = burda.cell_config("2l-iwae-k5", burda.Schedule()).resolved()
+    assert (two.model, two.z_dim, two.upper_z_dims, two.hidden_sizes, two.upper_hidden_sizes) == (
+        "hvae", 100, (50,), (200, 200), (100, 100))
+    assert burda.cell_name(2, "vae", 1) == "2l-k1" and burda.cell_name(1, "iwae", 50) == "iwae-k50"
     with pytest.raises(ValueError, match="unknown cell"):
         burda.cell_config("iwae-k7", burda.Schedule())
 
@@ -34,13 +38,15 @@ def test_convergence_and_ordering() -> None:
     assert flat["gain"] == pytest.approx(0.05) and flat["converged"]
     assert not burda.convergence([float(-100 + i) for i in range(20)])["converged"]
     rows = [
-        {"objective": "VAE", "k": 1, "nll": 88.0}, {"objective": "VAE", "k": 5, "nll": 87.8},
-        {"objective": "VAE", "k": 50, "nll": 87.9}, {"objective": "IWAE", "k": 1, "nll": 88.0},
-        {"objective": "IWAE", "k": 5, "nll": 87.0}, {"objective": "IWAE", "k": 50, "nll": None},
+        {"layers": 1, "objective": "VAE", "k": 1, "nll": 88.0}, {"layers": 1, "objective": "VAE", "k": 5, "nll": 87.8},
+        {"layers": 1, "objective": "VAE", "k": 50, "nll": 87.9}, {"layers": 1, "objective": "IWAE", "k": 1, "nll": 88.0},
+        {"layers": 1, "objective": "IWAE", "k": 5, "nll": 87.0}, {"layers": 1, "objective": "IWAE", "k": 50, "nll": None},
+        {"layers": 2, "objective": "VAE", "k": 50, "nll": 87.0},
     ]
     checks = burda.ordering_checks(rows)
-    assert checks["VAE: K=5 < K=1"] is True and checks["VAE: K=50 < K=5"] is False
-    assert checks["IWAE K=50 < VAE K=50"] is None
+    assert checks["1 layer: VAE K=5 < K=1"] is True and checks["1 layer: VAE K=50 < K=5"] is False
+    assert checks["1 layer: IWAE K=50 < VAE K=50"] is None
+    assert checks["2 layers < 1 layer: VAE K=50"] is True and checks["2 layers < 1 layer: IWAE K=50"] is None
 
 
 def _load(relative: str):  # type: ignore[no-untyped-def]
@@ -56,11 +62,13 @@ def test_iwae_table_smoke_and_resume(tmp_path: Path, mnist_root: Path) -> None:
     script = _load("experiments/iwae_table.py")
     common = ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--data-dir", str(mnist_root),
               "--num-train", "200", "--num-test", "30", "--eval-samples", "10", "--batch-size", "50", "--threads", "1"]
-    summary = script.main(["--cells", "k1", "iwae-k5", "--epochs", "1", *common])
-    rows = {(r["objective"], r["k"]): r for r in summary["rows"]}
+    summary = script.main(["--cells", "k1", "iwae-k5", "2l-k1", "--epochs", "1", *common])
+    rows = {(r["objective"], r["k"]): r for r in summary["rows"] if r["layers"] == 1}
     assert rows[("VAE", 1)]["nll"] == rows[("IWAE", 1)]["nll"]  # one run fills both K=1 cells
     assert math.isfinite(rows[("IWAE", 5)]["nll"]) and "nll" not in rows[("VAE", 50)]
-    assert summary["cells_missing"] == ["iwae-k50", "vae-k5", "vae-k50"]
+    assert summary["cells_missing"] == sorted(set(burda.CELLS) - {"k1", "iwae-k5", "2l-k1"})
+    two = {(r["objective"], r["k"]): r for r in summary["rows"] if r["layers"] == 2}
+    assert set(two[("VAE", 1)]["active_units_by_site"]) == {"z", "z2"}
     assert (tmp_path / "docs" / "curves.png").exists()
     saved = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))

@@ -25,7 +25,6 @@ import sys
 import time
 
 import pyro
-import pyro.distributions as dist
 import pytest
 import torch
 
