@@ -10,7 +10,7 @@ from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 DatasetName = Literal["mnist", "gmm", "linear"]
 ModelName = Literal["vae", "hvae", "linear"]
 GuideName = Literal["amortized", "per-datapoint", "prior"]
-ObjectiveName = Literal["elbo", "elbo-analytic", "iwae", "score"]
+ObjectiveName = Literal["elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score"]
 LikelihoodName = Literal["bernoulli", "gaussian"]
 BinarizeName = Literal["dynamic", "static", "none"]
 ActivationName = Literal["relu", "tanh", "softplus", "elu", "gelu"]
@@ -36,7 +36,8 @@ class TrainConfig:
         :class:`~pyrovae.models.HierarchicalVAE`) or ``linear`` (linear decoder, Gaussian noise).
     :param guide: ``amortized`` (encoder), ``per-datapoint`` (one Gaussian per training point) or
         ``prior`` (q = p(z)).
-    :param objective: ``elbo``, ``elbo-analytic``, ``iwae`` or ``score``.
+    :param objective: ``elbo``, ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``,
+        ``iwae-dreg`` or ``score`` (:data:`pyrovae.objectives.OBJECTIVES`).
     :param num_particles: K samples per data point in the objective.
     :param reparameterized: ``False`` samples the guide without pathwise gradients.
     :param upper_z_dims: ``hvae``: sizes of the latent layers above z (``z_dim`` is the bottom

@@ -65,9 +65,13 @@ class PerDatapointObjective(ELBO):
         model_trace, guide_trace = vectorized_traces(
             model, guide, args, kwargs, self.num_particles, int(self.max_plate_nesting)
         )
+        self.prepare_traces(model_trace, guide_trace)
         return per_datapoint_log_weights(
             model_trace, guide_trace, self.num_particles, int(self.max_plate_nesting), self.plate_name
         )
+
+    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> None:
+        """Hook: change the traces' log-densities before they are reduced to log-weights (STL)."""
 
     def value_and_score_term(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """The bound (differentiable along pathwise gradients) and the score-function surrogate

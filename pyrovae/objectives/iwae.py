@@ -3,11 +3,17 @@
 from __future__ import annotations
 
 import math
+from typing import Any, Callable
 
 import torch
 
+from pyrovae.handlers import DATA_PLATE
 from pyrovae.objectives.base import PerDatapointObjective, log_mean_exp
+from pyrovae.objectives.pathwise import stick_the_landing_
 from pyrovae.objectives.weights import LogWeights
+
+#: Gradient estimators of :class:`IWAE` for reparameterized guide sites.
+IWAE_ESTIMATORS: tuple[str, ...] = ("standard", "stl", "dreg")
 
 
 def vimco_learning_signal(log_w: torch.Tensor) -> torch.Tensor:
@@ -49,12 +55,53 @@ class IWAE(PerDatapointObjective):
 
     :param num_particles: K.
     :param max_plate_nesting: plates nested in model and guide (guessed if omitted).
+    :param estimator: the gradient of reparameterized guide sites: ``"standard"`` (the pathwise
+        gradient of the bound), ``"stl"`` (log q with detached parameters; biased for K > 1) or
+        ``"dreg"`` (doubly reparameterized, unbiased; :mod:`pyrovae.objectives.pathwise`).
 
     **References**
 
     [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
     [2] A. Mnih, D. J. Rezende, "Variational Inference for Monte Carlo Objectives", ICML 2016.
     """
+
+    def __init__(
+        self,
+        num_particles: int = 1,
+        max_plate_nesting: float = float("inf"),
+        plate_name: str = DATA_PLATE,
+        estimator: str = "standard",
+    ) -> None:
+        if estimator not in IWAE_ESTIMATORS:
+            raise ValueError(f"unknown IWAE gradient estimator {estimator!r}; choose one of {IWAE_ESTIMATORS}")
+        super().__init__(num_particles, max_plate_nesting, plate_name)
+        self.estimator = estimator
+
+    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> None:
+        if self.estimator == "standard":
+            return
+        names = stick_the_landing_(guide_trace)
+        if self.estimator == "dreg" and torch.is_grad_enabled():
+            # Weight the gradient reaching each sample z_k by w̃_k: the surrogate's Σ w̃_k ∂log w_k
+            # then gives the encoder Σ w̃_k² ∂log w_k/∂z_k ∂z_k/∂φ (DReG); the decoder's gradient
+            # does not pass through z and stays Σ w̃_k ∇θ log w_k.
+            self._dreg_values = [guide_trace.nodes[name]["value"] for name in names]
+
+    def log_weights(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> LogWeights:
+        self._dreg_values = []
+        weights = super().log_weights(model, guide, args, kwargs)
+        for value in self._dreg_values:
+            if value.requires_grad:
+                normalized = torch.softmax(weights.log_w.detach(), dim=0)  # (K, B)
+                if tuple(value.shape[:2]) != tuple(normalized.shape):
+                    raise ValueError(
+                        f"DReG needs latent samples of shape (K, B, ...), got {tuple(value.shape)} for "
+                        f"(K, B) = {tuple(normalized.shape)}"
+                    )
+                factor = normalized.reshape(normalized.shape + (1,) * (value.dim() - 2))
+                value.register_hook(lambda grad, factor=factor: grad * factor)
+        self._dreg_values = []
+        return weights
 
     def value_and_score_term(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         log_w = weights.log_w
@@ -68,3 +115,21 @@ class IWAE(PerDatapointObjective):
         else:
             signal = vimco_learning_signal(log_w)
         return value, weights.plate_scale * (signal * weights.score_log_q).sum()
+
+
+class STLELBO(PerDatapointObjective):
+    r"""The K-sample ELBO (1/K) Σ_k log w_k with the "sticking the landing" gradient (Roeder et al.
+    2017): log q is evaluated with its parameters detached, so the guide's gradient flows only
+    through the samples. Unbiased for the ELBO's gradient, and of zero variance when q is the exact
+    posterior. Needs a reparameterized guide with one latent site
+    (:func:`pyrovae.objectives.pathwise.stick_the_landing_`). The value is the ELBO itself.
+
+    :param num_particles: K.
+    """
+
+    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> None:
+        stick_the_landing_(guide_trace)
+
+    def value_and_score_term(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
+        value = weights.plate_scale * weights.log_w.mean(0).sum()
+        return value, torch.zeros((), device=value.device)

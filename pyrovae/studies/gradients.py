@@ -78,6 +78,8 @@ def make_estimator(estimator: str, num_particles: int) -> ELBO:
         return make_objective("score", num_particles, baseline="none")
     if estimator == "score-baseline":
         return make_objective("score", num_particles, baseline="auto")
+    if estimator in ("elbo-stl", "iwae", "iwae-stl", "iwae-dreg"):
+        return make_objective(estimator, num_particles)
     raise ValueError(f"unknown estimator {estimator!r}; choose one of {sorted(ESTIMATORS)}")
 
 
