@@ -10,11 +10,32 @@ from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset
 from pyrovae.guides import AmortizedGuide, HierarchicalGuide, PerDatapointGuide, PriorGuide
 from pyrovae.models import VAE, HierarchicalVAE, LinearGaussian
-from pyrovae.nets import Decoder, GaussianEncoder, HierarchicalDecoder, HierarchicalEncoder
+from pyrovae.nets import (
+    ConvDecoder,
+    ConvGaussianEncoder,
+    Decoder,
+    GaussianEncoder,
+    HierarchicalDecoder,
+    HierarchicalEncoder,
+    _conv_width,
+)
+
+
+def _image_shape(config: TrainConfig, dataset: Dataset) -> Any:
+    """The image shape for convolutional networks (``None`` for MLPs)."""
+    if config.network != "conv":
+        return None
+    if dataset.image_shape is None:
+        raise ValueError(f"--network conv needs image data; the {dataset.name} data set has no image shape")
+    return dataset.image_shape
 
 
 def _vae(config: TrainConfig, dataset: Dataset) -> VAE:
-    decoder = Decoder(config.z_dim, dataset.x_dim, config.hidden_sizes, config.activation)
+    image_shape = _image_shape(config, dataset)
+    decoder = (
+        Decoder(config.z_dim, dataset.x_dim, config.hidden_sizes, config.activation) if image_shape is None
+        else ConvDecoder(config.z_dim, image_shape, _conv_width(config.hidden_sizes), activation=config.activation)
+    )
     return VAE(
         decoder.to(config.device),
         config.z_dim,
@@ -22,13 +43,14 @@ def _vae(config: TrainConfig, dataset: Dataset) -> VAE:
         x_scale=config.x_scale,
         learn_x_scale=config.learn_x_scale,
         beta=config.beta,
+        x_scale_shape=config.x_scale_shape,
     )
 
 
 def _hvae(config: TrainConfig, dataset: Dataset) -> HierarchicalVAE:
     decoder = HierarchicalDecoder(
         dataset.x_dim, (config.z_dim, *config.upper_z_dims), config.hidden_sizes,
-        config.upper_hidden_sizes, config.activation,
+        config.upper_hidden_sizes, config.activation, image_shape=_image_shape(config, dataset),
     )
     return HierarchicalVAE(
         decoder.to(config.device),
@@ -36,6 +58,7 @@ def _hvae(config: TrainConfig, dataset: Dataset) -> HierarchicalVAE:
         x_scale=config.x_scale,
         learn_x_scale=config.learn_x_scale,
         beta=config.beta,
+        x_scale_shape=config.x_scale_shape,
     )
 
 
@@ -56,10 +79,15 @@ def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
 def _amortized(config: TrainConfig, dataset: Dataset, model: Any) -> AmortizedGuide | HierarchicalGuide:
     if isinstance(model, HierarchicalVAE):
         encoder = HierarchicalEncoder(
-            dataset.x_dim, model.z_dims, config.hidden_sizes, config.upper_hidden_sizes, config.activation
+            dataset.x_dim, model.z_dims, config.hidden_sizes, config.upper_hidden_sizes, config.activation,
+            image_shape=_image_shape(config, dataset),
         )
         return HierarchicalGuide(encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized)
-    encoder = GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation)
+    image_shape = _image_shape(config, dataset)
+    encoder = (
+        GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation) if image_shape is None
+        else ConvGaussianEncoder(image_shape, config.z_dim, _conv_width(config.hidden_sizes), activation=config.activation)
+    )
     return AmortizedGuide(
         encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized
     )
@@ -100,6 +128,10 @@ def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
             f"the {dataset.name} data set needs likelihood={dataset.likelihood!r}, "
             f"got {config.likelihood!r}"
         )
+    if config.x_scale_shape == "pixel" and config.model == "linear":
+        raise ValueError("the linear model has one noise scale; drop --x-scale-shape pixel")
+    if config.network == "conv" and config.model == "linear":
+        raise ValueError("the linear model has no network to make convolutional; drop --network conv")
     if config.model == "hvae" and config.guide != "amortized":
         raise ValueError(
             f"model='hvae' is trained with its amortized bottom-up guide; --guide {config.guide} has one "

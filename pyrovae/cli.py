@@ -19,6 +19,7 @@ from pyrovae.config import (
     GuideName,
     LikelihoodName,
     ModelName,
+    NetworkName,
     ObjectiveName,
     TrainConfig,
 )
@@ -60,11 +61,15 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hvae: sizes of the latent layers above --z-dim, e.g. 50 (default z-dim/2)")
     train.add_argument("--upper-hidden-sizes", type=int, nargs="+", default=None,
                        help="hvae: hidden widths between latent layers, e.g. 100 100 (default half of --hidden-sizes)")
+    train.add_argument("--network", choices=get_args(NetworkName), default=d.network,
+                       help="mlp, or conv (convolutional encoder/decoder for image data; dense width = first --hidden-sizes)")
     train.add_argument("--activation", choices=get_args(ActivationName), default=d.activation, help="hidden activation")
     train.add_argument("--likelihood", choices=get_args(LikelihoodName), default=None, help="p(x|z) family (default by data set)")
     train.add_argument("--x-scale", type=float, default=d.x_scale, help="σ of the Gaussian likelihood (initial value if learned)")
     train.add_argument("--learn-x-scale", action=argparse.BooleanOptionalAction, default=None,
                        help="learn σ of the Gaussian likelihood (default: on for gmm/linear)")
+    train.add_argument("--x-scale-shape", choices=("shared", "pixel"), default=d.x_scale_shape,
+                       help="one learned σ of the Gaussian likelihood, or one per pixel (with --learn-x-scale)")
     train.add_argument("--beta", type=float, default=d.beta, help="KL weight (β-VAE); 1 = plain VAE")
     train.add_argument("--epochs", type=int, default=d.epochs, help="passes over the training set")
     train.add_argument("--batch-size", type=int, default=d.batch_size, help="minibatch size")
@@ -119,9 +124,11 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         upper_z_dims=tuple(args.upper_z_dims) if args.upper_z_dims else (),
         upper_hidden_sizes=tuple(args.upper_hidden_sizes) if args.upper_hidden_sizes else None,
         activation=args.activation,
+        network=args.network,
         likelihood=args.likelihood,
         x_scale=args.x_scale,
         learn_x_scale=args.learn_x_scale,
+        x_scale_shape=args.x_scale_shape,
         beta=args.beta,
         epochs=args.epochs,
         batch_size=args.batch_size,

@@ -14,6 +14,8 @@ ObjectiveName = Literal["elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl",
 LikelihoodName = Literal["bernoulli", "gaussian"]
 BinarizeName = Literal["dynamic", "static", "none"]
 ActivationName = Literal["relu", "tanh", "softplus", "elu", "gelu"]
+NetworkName = Literal["mlp", "conv"]
+XScaleShape = Literal["shared", "pixel"]
 
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -45,6 +47,11 @@ class TrainConfig:
     :param upper_hidden_sizes: ``hvae``: hidden widths of the networks between latent layers;
         default half of ``hidden_sizes``. Burda et al.'s two-layer model is ``z_dim=100,
         upper_z_dims=(50,), hidden_sizes=(200, 200)``, ``upper_hidden_sizes=(100, 100)``, tanh.
+    :param x_scale_shape: ``shared`` (one σ of the Gaussian likelihood) or ``pixel`` (one learned
+        σ per pixel; needs ``learn_x_scale``).
+    :param network: ``mlp`` or ``conv`` (for image data: two stride-2 convolutions and a dense
+        layer of width ``hidden_sizes[0]`` in the encoder, the mirror image in the decoder; for
+        ``hvae`` the networks next to x).
     :param lr_decay: learning-rate factor per epoch (1 = constant).
     :param num_train: use only the first ``num_train`` training points (``None``: all).
     :param num_test: use only the first ``num_test`` test points (``None``: all).
@@ -64,9 +71,11 @@ class TrainConfig:
     upper_z_dims: tuple[int, ...] = ()
     upper_hidden_sizes: Optional[tuple[int, ...]] = None
     activation: ActivationName = "relu"
+    network: NetworkName = "mlp"
     likelihood: Optional[LikelihoodName] = None
     x_scale: float = 1.0
     learn_x_scale: Optional[bool] = None
+    x_scale_shape: XScaleShape = "shared"
     beta: float = 1.0
     epochs: int = 20
     batch_size: int = 100

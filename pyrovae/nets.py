@@ -105,6 +105,8 @@ class HierarchicalDecoder(nn.Module):
     :param hidden_sizes: hidden widths between z_1 and x.
     :param upper_hidden_sizes: hidden widths of every p(z_l | z_{l+1}).
     :param activation: hidden activation.
+    :param image_shape: with it, the x-level network is convolutional (:class:`ConvDecoder` /
+        :class:`ConvGaussianEncoder`, dense width ``hidden_sizes[0]``).
     """
 
     def __init__(
@@ -114,6 +116,7 @@ class HierarchicalDecoder(nn.Module):
         hidden_sizes: Sequence[int] = (200, 200),
         upper_hidden_sizes: Sequence[int] = (100, 100),
         activation: str = "tanh",
+        image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(z_dims) < 2:
@@ -121,7 +124,10 @@ class HierarchicalDecoder(nn.Module):
         self.z_dims = tuple(int(d) for d in z_dims)
         self.x_dim = x_dim
         self.z_dim = self.z_dims[0]
-        self.decoder = Decoder(self.z_dims[0], x_dim, hidden_sizes, activation)
+        self.decoder: nn.Module = (
+            Decoder(self.z_dims[0], x_dim, hidden_sizes, activation) if image_shape is None
+            else ConvDecoder(self.z_dims[0], image_shape, _conv_width(hidden_sizes), activation=activation)
+        )
         self.priors = nn.ModuleList(
             GaussianEncoder(self.z_dims[level + 1], self.z_dims[level], upper_hidden_sizes, activation)
             for level in range(len(self.z_dims) - 1)
@@ -140,6 +146,8 @@ class HierarchicalEncoder(nn.Module):
     :param hidden_sizes: hidden widths between x and z_1.
     :param upper_hidden_sizes: hidden widths of every q(z_{l+1} | z_l).
     :param activation: hidden activation.
+    :param image_shape: with it, the x-level network is convolutional (:class:`ConvDecoder` /
+        :class:`ConvGaussianEncoder`, dense width ``hidden_sizes[0]``).
     """
 
     def __init__(
@@ -149,13 +157,102 @@ class HierarchicalEncoder(nn.Module):
         hidden_sizes: Sequence[int] = (200, 200),
         upper_hidden_sizes: Sequence[int] = (100, 100),
         activation: str = "tanh",
+        image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
         if len(z_dims) < 2:
             raise ValueError(f"a hierarchical VAE needs at least two latent layers, got z_dims={tuple(z_dims)}")
         self.z_dims = tuple(int(d) for d in z_dims)
         sizes = (x_dim, *self.z_dims)
-        self.nets = nn.ModuleList(
-            GaussianEncoder(sizes[level], sizes[level + 1], hidden_sizes if level == 0 else upper_hidden_sizes, activation)
-            for level in range(len(self.z_dims))
+        first: nn.Module = (
+            GaussianEncoder(x_dim, self.z_dims[0], hidden_sizes, activation) if image_shape is None
+            else ConvGaussianEncoder(image_shape, self.z_dims[0], _conv_width(hidden_sizes), activation=activation)
         )
+        self.nets = nn.ModuleList(
+            [first] + [GaussianEncoder(sizes[level], sizes[level + 1], upper_hidden_sizes, activation)
+                       for level in range(1, len(self.z_dims))]
+        )
+
+
+def _image_dims(image_shape: Sequence[int]) -> tuple[int, int, int]:
+    shape = tuple(int(s) for s in image_shape)
+    if len(shape) == 2:
+        shape = (1, *shape)
+    if len(shape) != 3 or min(shape) < 1:
+        raise ValueError(f"image_shape must be (channels, height, width) or (height, width), got {tuple(image_shape)}")
+    channels, height, width = shape
+    if height % 4 or width % 4:
+        raise ValueError(
+            f"the convolutional networks halve the image twice, so height and width must be multiples of 4; "
+            f"got {height}x{width}"
+        )
+    return channels, height, width
+
+
+class ConvTrunk(nn.Module):
+    """Flattened images ``(..., C·H·W)`` → features ``(..., out_dim)``: two stride-2 4×4
+    convolutions (``channels``), then a dense layer. Any leading batch dims (particles, plates)
+    are folded into one for the convolutions and restored after."""
+
+    def __init__(self, image_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (32, 64),
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.image_shape = _image_dims(image_shape)
+        c, h, w = self.image_shape
+        c1, c2 = (int(v) for v in channels)
+        act = _activation(activation)
+        self.conv = nn.Sequential(
+            nn.Conv2d(c, c1, 4, stride=2, padding=1), act(), nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(),
+        )
+        self.dense = nn.Linear(c2 * (h // 4) * (w // 4), out_dim)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        out = self.conv(x.reshape(-1, *self.image_shape))
+        return self.dense(out.flatten(1)).reshape(*batch, -1)
+
+
+class ConvGaussianEncoder(GaussianEncoder):
+    """A convolutional q_φ(z|x) = N(z_loc(x), diag z_scale(x)²): :class:`ConvTrunk` to
+    ``hidden`` features, the activation, then a linear map to ``(z_loc, z_scale)``. Same interface
+    as :class:`GaussianEncoder` (input: flattened images)."""
+
+    def __init__(self, image_shape: Sequence[int], z_dim: int, hidden: int = 256, channels: Sequence[int] = (32, 64),
+                 activation: str = "relu", min_scale: float = 1e-4) -> None:
+        nn.Module.__init__(self)
+        self.z_dim = z_dim
+        self.min_scale = min_scale
+        self.net = nn.Sequential(
+            ConvTrunk(image_shape, hidden, channels, activation), _activation(activation)(), nn.Linear(hidden, 2 * z_dim)
+        )
+
+
+class ConvDecoder(nn.Module):
+    """A convolutional decoder f_θ(z): dense layers to a ``(channels[-1], H/4, W/4)`` grid, then two
+    stride-2 4×4 transposed convolutions to the image; output flattened to ``(..., C·H·W)``
+    (Bernoulli logits or Gaussian means), like :class:`Decoder`."""
+
+    def __init__(self, z_dim: int, image_shape: Sequence[int], hidden: int = 256, channels: Sequence[int] = (32, 64),
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.image_shape = _image_dims(image_shape)
+        c, h, w = self.image_shape
+        c1, c2 = (int(v) for v in channels)
+        act = _activation(activation)
+        self.z_dim = z_dim
+        self.x_dim = c * h * w
+        self.grid = (c2, h // 4, w // 4)
+        self.dense = nn.Sequential(nn.Linear(z_dim, hidden), act(), nn.Linear(hidden, c2 * (h // 4) * (w // 4)), act())
+        self.deconv = nn.Sequential(
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
+        )
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-1]
+        out = self.dense(z.reshape(-1, z.shape[-1])).reshape(-1, *self.grid)
+        return self.deconv(out).reshape(*batch, self.x_dim)
+
+
+def _conv_width(hidden_sizes: Sequence[int]) -> int:
+    # The dense width of a convolutional network: the first hidden size (256 if none is given).
+    return int(hidden_sizes[0]) if len(hidden_sizes) else 256

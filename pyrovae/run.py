@@ -53,6 +53,11 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
     """The data set ``config`` names, on ``config.device``, cut to ``num_train``/``num_test``."""
     config = config.resolved()
+    if config.dataset == "mnist" and config.likelihood == "gaussian" and config.binarize != "none":
+        raise ValueError(
+            "a Gaussian decoder models MNIST's continuous intensities: add --binarize none "
+            f"(got --binarize {config.binarize})"
+        )
     dataset = load_dataset(
         config.dataset,
         data_dir=data_dir,
@@ -61,6 +66,8 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
         seed=config.seed,
         device=config.device,
     )
+    if config.dataset == "mnist" and config.likelihood == "gaussian":
+        dataset = dataclasses.replace(dataset, likelihood="gaussian")  # continuous MNIST in [0, 1]
     if config.num_train is not None or config.num_test is not None:
         dataset = Dataset(
             name=dataset.name,

@@ -33,7 +33,7 @@ from pyrovae.nets import GaussianEncoder
 from pyrovae.objectives import OBJECTIVES, make_objective
 
 X_DIM, Z_DIM, NOISE_SCALE = 4, 2, 0.5
-NAMES = ("elbo", "elbo-analytic", "iwae", "score")
+NAMES = ("elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score")
 Z_MAX = 5.0  # every stochastic check: |estimate - truth| < 5 standard errors
 
 

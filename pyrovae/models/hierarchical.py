@@ -52,10 +52,11 @@ class HierarchicalVAE(VAE):
         learn_x_scale: bool = False,
         beta: float = 1.0,
         name: str = "decoder",
+        x_scale_shape: str = "shared",
     ) -> None:
         if not isinstance(decoder, HierarchicalDecoder):
             raise TypeError(f"decoder must be a pyrovae.nets.HierarchicalDecoder, got {type(decoder).__name__}")
-        super().__init__(decoder, decoder.z_dims[0], likelihood, x_scale, learn_x_scale, beta, name)
+        super().__init__(decoder, decoder.z_dims[0], likelihood, x_scale, learn_x_scale, beta, name, x_scale_shape)
         self.z_dims = decoder.z_dims
         self.site_names = latent_site_names(len(self.z_dims))
 

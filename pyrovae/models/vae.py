@@ -36,6 +36,7 @@ class VAE:
     :param likelihood: ``"bernoulli"`` (decoder outputs logits) or ``"gaussian"`` (means).
     :param x_scale: σ_x of the Gaussian likelihood (initial value if learned).
     :param learn_x_scale: learn σ_x as the Pyro param ``"x_scale"``.
+    :param x_scale_shape: ``"shared"`` (one σ_x) or ``"pixel"`` (one learned σ per pixel).
     :param beta: weight of the KL term (β-VAE); 1 is the plain VAE.
     :param name: name under which the decoder is registered with ``pyro.module``.
 
@@ -55,7 +56,12 @@ class VAE:
         learn_x_scale: bool = False,
         beta: float = 1.0,
         name: str = "decoder",
+        x_scale_shape: str = "shared",
     ) -> None:
+        if x_scale_shape not in ("shared", "pixel"):
+            raise ValueError(f"x_scale_shape must be 'shared' or 'pixel', got {x_scale_shape!r}")
+        if x_scale_shape == "pixel" and not learn_x_scale:
+            raise ValueError("a per-pixel σ_x is learned: x_scale_shape='pixel' needs learn_x_scale=True")
         if likelihood not in LIKELIHOODS:
             raise ValueError(f"unknown likelihood {likelihood!r}; choose one of {LIKELIHOODS}")
         if not x_scale > 0:
@@ -69,15 +75,20 @@ class VAE:
         self.likelihood = likelihood
         self.x_scale_init = float(x_scale)
         self.learn_x_scale = learn_x_scale
+        self.x_scale_shape = x_scale_shape
         self.beta = float(beta)
         self.name = name
 
-    def x_scale(self, device: torch.device, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
-        """σ_x of the Gaussian likelihood (the Pyro param when learned), fixed σ_x in ``dtype``."""
+    def x_scale(self, device: torch.device, dtype: Optional[torch.dtype] = None, x_dim: Optional[int] = None) -> torch.Tensor:
+        """σ_x of the Gaussian likelihood (the Pyro param ``"x_scale"`` when learned: a scalar, or
+        one per pixel with ``x_scale_shape="pixel"``, shape ``(x_dim,)``), fixed σ_x in ``dtype``."""
         if self.learn_x_scale:
+            shape = (x_dim,) if self.x_scale_shape == "pixel" else ()
+            if self.x_scale_shape == "pixel" and x_dim is None:
+                raise ValueError("a per-pixel σ_x needs x_dim")
             return pyro.param(
                 "x_scale",
-                lambda: torch.tensor(self.x_scale_init, device=device, dtype=dtype),
+                lambda: torch.full(shape, self.x_scale_init, device=device, dtype=dtype),
                 constraint=constraints.positive,
             )
         return torch.tensor(self.x_scale_init, device=device, dtype=dtype)
@@ -89,7 +100,7 @@ class VAE:
             # Pixel intensities in [0, 1] are allowed as targets (greyscale MNIST without
             # binarization); torch's Boolean support check would reject them.
             return BernoulliEvent(out)
-        return dist.Normal(out, self.x_scale(out.device, out.dtype)).to_event(1)
+        return dist.Normal(out, self.x_scale(out.device, out.dtype, out.shape[-1])).to_event(1)
 
     def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:
         """p(z) = N(0, I) for a batch."""
