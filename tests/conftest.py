@@ -31,3 +31,22 @@ def mnist_root() -> Path:
     if not root or not (Path(root) / "MNIST" / "raw").is_dir():
         pytest.skip("set PYROVAE_DATA to the folder holding MNIST/raw")
     return Path(root)
+
+
+@pytest.fixture(scope="session")
+def load_experiment():  # type: ignore[no-untyped-def]
+    """A loader of experiment scripts by path, e.g. ``load_experiment("experiments/iwae_table.py")``
+    (the path is spelled out so that tests/test_experiments.py finds each script's smoke test)."""
+    import importlib.util
+
+    root = Path(__file__).resolve().parent.parent
+
+    def load(relative: str):  # type: ignore[no-untyped-def]
+        path = root / relative
+        spec = importlib.util.spec_from_file_location(path.stem, path)
+        module = importlib.util.module_from_spec(spec)
+        assert spec is not None and spec.loader is not None
+        spec.loader.exec_module(module)
+        return module
+
+    return load

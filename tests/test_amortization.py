@@ -10,7 +10,6 @@ error with |z| < 5 (or z > 5 for "larger than").
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -306,22 +305,14 @@ def test_inference_data_has_point_and_latent_coordinates(tmp_path):
 # Smoke run of experiments/amortization_gap.py
 
 
-def _load(relative: str):  # type: ignore[no-untyped-def]
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_amortization_gap_experiment_smoke(tmp_path, mnist_root):
+def test_amortization_gap_experiment_smoke(load_experiment, tmp_path, mnist_root):
     from pyrovae import TrainConfig
     from pyrovae.run import train_and_evaluate
 
     config = TrainConfig(z_dim=3, hidden_sizes=(16,), epochs=1, num_train=200, num_test=40, eval_samples=5, eval_batch=40)
     train_and_evaluate(config, tmp_path / "a", data_dir=str(mnist_root), progress=False)
-    script = _load("experiments/amortization_gap.py")
+    script = load_experiment("experiments/amortization_gap.py")
     args = script.parse_args([
         "--checkpoint", str(tmp_path / "a" / "checkpoint.pt"), "--data-dir", str(mnist_root),
         "--pd-checkpoint", str(tmp_path / "pd.pt"), "--sa-checkpoint", str(tmp_path / "sa.pt"),

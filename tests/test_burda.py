@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -49,17 +48,9 @@ def test_convergence_and_ordering() -> None:
     assert checks["2 layers < 1 layer: VAE K=50"] is True and checks["2 layers < 1 layer: IWAE K=50"] is None
 
 
-def _load(relative: str):  # type: ignore[no-untyped-def]
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_iwae_table_smoke_and_resume(tmp_path: Path, mnist_root: Path) -> None:
-    script = _load("experiments/iwae_table.py")
+def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root: Path) -> None:
+    script = load_experiment("experiments/iwae_table.py")
     common = ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--data-dir", str(mnist_root),
               "--num-train", "200", "--num-test", "30", "--eval-samples", "10", "--batch-size", "50", "--threads", "1"]
     summary = script.main(["--cells", "k1", "iwae-k5", "2l-k1", "--epochs", "1", *common])

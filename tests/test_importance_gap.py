@@ -7,7 +7,6 @@ is checked against its Monte Carlo standard error with |z| < 5 (or z > 5 for "la
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import math
 from pathlib import Path
@@ -35,14 +34,6 @@ Z_MAX = 5.0
 PRIOR = Proposal("prior", prior=True)
 SHIFTED = Proposal("shifted", shift=0.5, scale=1.2)
 
-
-def _load(relative: str):  # type: ignore[no-untyped-def]
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
 
 def test_log_weight_moment_closed_forms():
@@ -137,8 +128,8 @@ def test_gap_is_kl_and_iwae_closes_it():
         assert first["gap"] - last["gap"] > Z_MAX * math.hypot(first["gap_se"], last["gap_se"]), row["guide"]
 
 
-def test_why_importance_sampling_script_smoke(tmp_path):
-    script = _load("experiments/why_importance_sampling.py")
+def test_why_importance_sampling_script_smoke(load_experiment, tmp_path):
+    script = load_experiment("experiments/why_importance_sampling.py")
     args = script.parse_args([
         "--dims", "1", "3", "--num-points", "2", "--num-samples", "5", "--replicates", "10",
         "--one-sample-replicates", "50", "--seed", "1", "--out", str(tmp_path),
@@ -154,8 +145,8 @@ def test_why_importance_sampling_script_smoke(tmp_path):
     assert (tmp_path / "why_importance_sampling.png").stat().st_size > 0
 
 
-def test_gap_is_kl_script_smoke(tmp_path, mnist_root):
-    script = _load("experiments/gap_is_kl.py")
+def test_gap_is_kl_script_smoke(load_experiment, tmp_path, mnist_root):
+    script = load_experiment("experiments/gap_is_kl.py")
     args = script.parse_args([
         "--z-dim", "2", "--x-dim", "4", "--num-points", "2", "--ks", "1", "5",
         "--samples-per-k", "50", "--min-replicates", "10",

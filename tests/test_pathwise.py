@@ -129,20 +129,14 @@ def test_cli_trains_with_the_estimator(tmp_path, mnist_root, objective: str) -> 
     assert metrics["config"]["objective"] == objective and metrics["test_log_likelihood"] < 0
 
 
-def test_gradient_snr_experiment_smoke(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    import importlib.util
-    from pathlib import Path
-
+def test_gradient_snr_experiment_smoke(load_experiment, tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
     from pyrovae import TrainConfig
     from pyrovae.run import train_and_evaluate
 
     with study.default_dtype(torch.float32):
         config = TrainConfig(z_dim=3, hidden_sizes=(16,), epochs=1, num_train=200, num_test=40, eval_samples=5)
         train_and_evaluate(config, tmp_path / "run", data_dir=str(mnist_root), progress=False)
-        path = Path(__file__).resolve().parent.parent / "experiments" / "gradient_snr.py"
-        spec = importlib.util.spec_from_file_location(path.stem, path)
-        script = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(script)  # type: ignore[union-attr]
+        script = load_experiment("experiments/gradient_snr.py")
         results = script.main([
             "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data-dir", str(mnist_root),
             "--out", str(tmp_path / "out"), "--ks", "1", "4", "--points", "3", "--replicates", "5",

@@ -5,7 +5,6 @@ smoke-runs. Nothing here times anything."""
 from __future__ import annotations
 
 import copy
-import importlib.util
 import math
 from pathlib import Path
 
@@ -163,17 +162,9 @@ def test_count_macs() -> None:
     assert speed.count_macs([50, 400, 784]) == 50 * 400 + 400 * 784
 
 
-def _load(relative: str):  # type: ignore[no-untyped-def]
-    path = ROOT / relative
-    spec = importlib.util.spec_from_file_location(path.stem, path)
-    module = importlib.util.module_from_spec(spec)
-    assert spec.loader is not None
-    spec.loader.exec_module(module)
-    return module
 
-
-def test_benchmark_speed_smoke(tmp_path: Path, mnist_root: Path) -> None:
-    script = _load("experiments/benchmark_speed.py")
+def test_benchmark_speed_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:
+    script = load_experiment("experiments/benchmark_speed.py")
     results = script.main([
         "--out", str(tmp_path), "--data-dir", str(mnist_root), "--repeats", "2", "--step-seconds", "0.01",
         "--batch-sizes", "4", "--iwae-k", "3", "--epoch-repeats", "1", "--num-train", "300",

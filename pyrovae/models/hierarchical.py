@@ -2,15 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Optional
-
 import pyro
 import pyro.distributions as dist
 import torch
-from pyro.infer.util import is_validation_enabled
 
-from pyrovae.data import check_data
-from pyrovae.handlers import batch_device, data_plate, latent_scale
 from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import HierarchicalDecoder
 
@@ -65,22 +60,10 @@ class HierarchicalVAE(VAE):
         zeros = torch.zeros(batch_size, self.z_dims[-1], device=device)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 
-    def __call__(
-        self,
-        x: Optional[torch.Tensor] = None,
-        index: Optional[torch.Tensor] = None,
-        num_data: Optional[int] = None,
-    ) -> torch.Tensor:
-        pyro.module(self.name, self.decoder)
-        if x is not None and is_validation_enabled():
-            check_data(x, self.likelihood)
-        device = batch_device(x, index)
-        with data_plate(x, index, num_data) as batch_index:
-            with latent_scale(self.beta):
-                z = pyro.sample(self.site_names[-1], self.prior(len(batch_index), device))
-                for level in reversed(range(len(self.z_dims) - 1)):
-                    loc, scale = self.decoder.priors[level](z)
-                    z = pyro.sample(self.site_names[level], dist.Normal(loc, scale).to_event(1))
-            out = self.decoder(z)
-            pyro.sample("x", self.likelihood_dist(out), obs=x)
-        return out
+    def sample_latents(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """z_L ~ N(0, I), then z_l ~ p(z_l | z_{l+1}) down to z_1, which is returned."""
+        z = pyro.sample(self.site_names[-1], self.prior(batch_size, device))
+        for level in reversed(range(len(self.z_dims) - 1)):
+            loc, scale = self.decoder.priors[level](z)
+            z = pyro.sample(self.site_names[level], dist.Normal(loc, scale).to_event(1))
+        return z

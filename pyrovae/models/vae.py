@@ -119,10 +119,15 @@ class VAE:
         device = batch_device(x, index)
         with data_plate(x, index, num_data) as batch_index:
             with latent_scale(self.beta):
-                z = pyro.sample("z", self.prior(len(batch_index), device))
+                z = self.sample_latents(len(batch_index), device)
             out = self.decoder(z)
             pyro.sample("x", self.likelihood_dist(out), obs=x)
         return out
+
+    def sample_latents(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        """Sample the latent sites of a batch (inside the data plate) and return the latent the
+        decoder reads: here z ~ p(z) at site ``"z"``; models with more layers override this."""
+        return pyro.sample("z", self.prior(batch_size, device))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """The mean of p_θ(x|z): probabilities (Bernoulli) or means (Gaussian)."""
