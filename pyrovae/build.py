@@ -10,6 +10,7 @@ from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset
 from pyrovae.guides import AmortizedGuide, HierarchicalGuide, PerDatapointGuide, PriorGuide
 from pyrovae.models import VAE, HierarchicalVAE, LinearGaussian
+from pyrovae.models.vqvae import VQDecoder, VQEncoder, VQGuide, VQVAE
 from pyrovae.nets import (
     ConvDecoder,
     ConvGaussianEncoder,
@@ -62,6 +63,15 @@ def _hvae(config: TrainConfig, dataset: Dataset) -> HierarchicalVAE:
     )
 
 
+def _vqvae(config: TrainConfig, dataset: Dataset) -> VQVAE:
+    if dataset.image_shape is None:
+        raise ValueError(f"the VQ-VAE is convolutional and needs image data; {dataset.name} has no image shape")
+    decoder = VQDecoder(dataset.image_shape, config.z_dim, activation=config.activation)
+    grid = VQEncoder(dataset.image_shape, config.z_dim).grid
+    return VQVAE(decoder.to(config.device), config.num_codes, config.z_dim, grid, likelihood=config.likelihood,
+                 x_scale=config.x_scale, learn_x_scale=config.learn_x_scale)
+
+
 def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
     if config.likelihood != "gaussian":
         raise ValueError("the linear model has a Gaussian likelihood; use --likelihood gaussian")
@@ -77,6 +87,9 @@ def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
 
 
 def _amortized(config: TrainConfig, dataset: Dataset, model: Any) -> AmortizedGuide | HierarchicalGuide:
+    if isinstance(model, VQVAE):
+        encoder = VQEncoder(dataset.image_shape, config.z_dim, activation=config.activation)
+        return VQGuide(encoder.to(config.device), model, commitment=config.commitment)
     if isinstance(model, HierarchicalVAE):
         encoder = HierarchicalEncoder(
             dataset.x_dim, model.z_dims, config.hidden_sizes, config.upper_hidden_sizes, config.activation,
@@ -103,7 +116,9 @@ def _prior(config: TrainConfig, dataset: Dataset, model: Any) -> PriorGuide:
     return PriorGuide(config.z_dim, beta=config.beta)
 
 
-MODELS: dict[str, Callable[[TrainConfig, Dataset], Any]] = {"vae": _vae, "hvae": _hvae, "linear": _linear}
+MODELS: dict[str, Callable[[TrainConfig, Dataset], Any]] = {
+    "vae": _vae, "hvae": _hvae, "vqvae": _vqvae, "linear": _linear,
+}
 GUIDES: dict[str, Callable[[TrainConfig, Dataset, Any], Any]] = {
     "amortized": _amortized,
     "per-datapoint": _per_datapoint,
@@ -132,6 +147,15 @@ def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
         raise ValueError("the linear model has one noise scale; drop --x-scale-shape pixel")
     if config.network == "conv" and config.model == "linear":
         raise ValueError("the linear model has no network to make convolutional; drop --network conv")
+    if config.model == "vqvae":
+        if config.guide != "amortized" or config.objective != "elbo" or config.num_particles != 1:
+            raise ValueError(
+                "the VQ-VAE is trained with its deterministic encoder and Trace_ELBO, one particle (its guide's "
+                "codebook and commitment losses are a guide factor, which only 'elbo' counts): use --guide "
+                "amortized --objective elbo --num-particles 1"
+            )
+        if config.beta != 1.0:
+            raise ValueError("the VQ-VAE's KL is a constant; --beta does not apply (use --commitment)")
     if config.model == "hvae" and config.guide != "amortized":
         raise ValueError(
             f"model='hvae' is trained with its amortized bottom-up guide; --guide {config.guide} has one "

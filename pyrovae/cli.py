@@ -48,7 +48,8 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model/guide pair, evaluate it, write results to --out")
     train.add_argument("--dataset", choices=get_args(DatasetName), default=d.dataset, help="data set")
     train.add_argument("--model", choices=get_args(ModelName), default=None,
-                       help="vae (MLP decoder), hvae (several stochastic layers) or linear (linear-Gaussian); "
+                       help="vae (MLP decoder), hvae (several stochastic layers), vqvae (discrete codes) or linear "
+                            "(linear-Gaussian); "
                             "default by data set")
     train.add_argument("--guide", choices=get_args(GuideName), default=d.guide, help="variational family q(z|x)")
     train.add_argument("--objective", choices=get_args(ObjectiveName), default=d.objective, help="training objective")
@@ -61,6 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="hvae: sizes of the latent layers above --z-dim, e.g. 50 (default z-dim/2)")
     train.add_argument("--upper-hidden-sizes", type=int, nargs="+", default=None,
                        help="hvae: hidden widths between latent layers, e.g. 100 100 (default half of --hidden-sizes)")
+    train.add_argument("--num-codes", type=int, default=d.num_codes, help="vqvae: codebook size K (--z-dim is D)")
+    train.add_argument("--commitment", type=float, default=d.commitment, help="vqvae: β of the commitment loss")
     train.add_argument("--network", choices=get_args(NetworkName), default=d.network,
                        help="mlp, or conv (convolutional encoder/decoder for image data; dense width = first --hidden-sizes)")
     train.add_argument("--activation", choices=get_args(ActivationName), default=d.activation, help="hidden activation")
@@ -125,6 +128,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         upper_hidden_sizes=tuple(args.upper_hidden_sizes) if args.upper_hidden_sizes else None,
         activation=args.activation,
         network=args.network,
+        num_codes=args.num_codes,
+        commitment=args.commitment,
         likelihood=args.likelihood,
         x_scale=args.x_scale,
         learn_x_scale=args.learn_x_scale,

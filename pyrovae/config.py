@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DatasetName = Literal["mnist", "gmm", "linear"]
-ModelName = Literal["vae", "hvae", "linear"]
+ModelName = Literal["vae", "hvae", "vqvae", "linear"]
 GuideName = Literal["amortized", "per-datapoint", "prior"]
 ObjectiveName = Literal["elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score"]
 LikelihoodName = Literal["bernoulli", "gaussian"]
@@ -49,6 +49,8 @@ class TrainConfig:
         upper_z_dims=(50,), hidden_sizes=(200, 200)``, ``upper_hidden_sizes=(100, 100)``, tanh.
     :param x_scale_shape: ``shared`` (one σ of the Gaussian likelihood) or ``pixel`` (one learned
         σ per pixel; needs ``learn_x_scale``).
+    :param num_codes: ``vqvae``: codebook size K (``z_dim`` is the code dimension D).
+    :param commitment: ``vqvae``: β of the commitment loss.
     :param network: ``mlp`` or ``conv`` (for image data: two stride-2 convolutions and a dense
         layer of width ``hidden_sizes[0]`` in the encoder, the mirror image in the decoder; for
         ``hvae`` the networks next to x).
@@ -72,6 +74,8 @@ class TrainConfig:
     upper_hidden_sizes: Optional[tuple[int, ...]] = None
     activation: ActivationName = "relu"
     network: NetworkName = "mlp"
+    num_codes: int = 64
+    commitment: float = 0.25
     likelihood: Optional[LikelihoodName] = None
     x_scale: float = 1.0
     learn_x_scale: Optional[bool] = None

@@ -1,0 +1,245 @@
+r"""VQ-VAE (van den Oord, Vinyals & Kavukcuoglu 2017) as a Pyro model/guide pair.
+
+The latent is a grid of discrete codes c_ij ∈ {1..K}, each standing for a codebook vector
+e_{c_ij} ∈ R^D. In Pyro:
+
+- **Model.** The site ``"z"`` holds the grid of chosen codebook vectors, shape ``(H', W', D)``.
+  During training its prior is uniform over the K codes of each cell
+  (:class:`CodebookUniform`, log p = -H'W' log K), and the decoder reads it to give p(x | z).
+  :meth:`VQVAE.sample` draws codes from this uniform prior; :mod:`pyrovae.models.code_prior`
+  fits an autoregressive prior afterwards for real samples.
+- **Guide.** Deterministic (``Delta``). The encoder gives z_e(x) ``(H', W', D)``, and each cell takes
+  its nearest codebook vector. The site's value is z_e + sg(e_c - z_e): numerically e_c, with the
+  straight-through gradient d/dz_e = identity.
+- **Extra losses.** The guide adds them with ``pyro.factor("vq_loss", ..., has_rsample=True)``:
+  the codebook loss ‖sg(z_e) - e_c‖² and the commitment loss β‖z_e - sg(e_c)‖² (β = 0.25), summed
+  over the grid, per data point. A guide factor adds to log q, so the ELBO
+  E_q[log p(x|z) + log p(z) - log q] loses exactly these terms, and ``Trace_ELBO`` (``--objective
+  elbo``) minimises reconstruction + codebook + commitment losses, as in the paper. The KL term
+  H'W' log K is a constant.
+
+The bound reported by evaluation is log p(x) ≥ log p(x | z_q(x)) - H'W' log K (the paper's, with the
+uniform prior).
+
+**References**
+
+[1] A. van den Oord, O. Vinyals, K. Kavukcuoglu, "Neural Discrete Representation Learning",
+    NeurIPS 2017.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import pyro
+import pyro.distributions as dist
+import torch
+from pyro.distributions import constraints
+from torch import nn
+
+from pyrovae.handlers import data_plate
+from pyrovae.models.vae import VAE, Likelihood
+from pyrovae.nets import _activation, _image_dims
+
+__all__ = ["CodebookUniform", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "code_perplexity", "nearest_codes", "vq_metrics"]
+
+
+class CodebookUniform(dist.TorchDistribution):
+    """The uniform prior over a grid of codebook vectors: each of the ``grid`` cells holds one of
+    the K rows of ``codebook`` with probability 1/K.
+
+    Values are the vectors themselves, event shape ``(*grid, D)``; ``log_prob`` is the constant
+    -(cells) log K (values are not checked for membership: the straight-through value of the VQ
+    guide equals a codebook vector only up to rounding).
+
+    :param codebook: ``(K, D)``.
+    :param grid: the latent grid, e.g. ``(7, 7)``.
+    :param batch_shape: batch shape (e.g. ``(B,)`` inside the data plate).
+    """
+
+    arg_constraints: dict = {}
+    support = constraints.real  # the vectors of the codebook, a finite subset of R^D
+    has_rsample = False
+
+    def __init__(self, codebook: torch.Tensor, grid: Sequence[int], batch_shape: Sequence[int] = (),
+                 validate_args: Optional[bool] = None) -> None:
+        self.codebook = codebook
+        self.grid = tuple(int(g) for g in grid)
+        event_shape = torch.Size(self.grid + (codebook.shape[-1],))
+        super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
+
+    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+        return CodebookUniform(self.codebook, self.grid, batch_shape)
+
+    def sample(self, sample_shape=torch.Size()):  # type: ignore[no-untyped-def]
+        shape = torch.Size(sample_shape) + self.batch_shape + self.grid
+        index = torch.randint(self.codebook.shape[0], shape, device=self.codebook.device)
+        return self.codebook.detach()[index]
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        cells = math.prod(self.grid)
+        batch = value.shape[: value.dim() - len(self.event_shape)]
+        return torch.full(batch, -cells * math.log(self.codebook.shape[0]), dtype=value.dtype, device=value.device)
+
+
+def nearest_codes(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
+    """Index of the nearest codebook row (squared Euclidean) for every vector of ``z_e (..., D)``."""
+    flat = z_e.reshape(-1, z_e.shape[-1])
+    distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1))
+    return distances.argmin(1).reshape(z_e.shape[:-1])
+
+
+class VQEncoder(nn.Module):
+    """Images ``(..., C·H·W)`` → z_e ``(..., H/4, W/4, D)``: two stride-2 4×4 convolutions and a 1×1
+    convolution to D channels."""
+
+    def __init__(self, image_shape: Sequence[int], code_dim: int, channels: Sequence[int] = (32, 64),
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.image_shape = _image_dims(image_shape)
+        c1, c2 = (int(v) for v in channels)
+        act = _activation(activation)
+        self.net = nn.Sequential(
+            nn.Conv2d(self.image_shape[0], c1, 4, 2, 1), act(), nn.Conv2d(c1, c2, 4, 2, 1), act(),
+            nn.Conv2d(c2, code_dim, 1),
+        )
+        self.grid = (self.image_shape[1] // 4, self.image_shape[2] // 4)
+        self.code_dim = code_dim
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        batch = x.shape[:-1]
+        out = self.net(x.reshape(-1, *self.image_shape)).permute(0, 2, 3, 1)
+        return out.reshape(*batch, *out.shape[1:])
+
+
+class VQDecoder(nn.Module):
+    """Code grids ``(..., H', W', D)`` → images ``(..., C·H·W)`` (logits or means): a 3×3
+    convolution, then two stride-2 4×4 transposed convolutions."""
+
+    def __init__(self, image_shape: Sequence[int], code_dim: int, channels: Sequence[int] = (32, 64),
+                 activation: str = "relu") -> None:
+        super().__init__()
+        self.image_shape = _image_dims(image_shape)
+        c1, c2 = (int(v) for v in channels)
+        act = _activation(activation)
+        self.net = nn.Sequential(
+            nn.Conv2d(code_dim, c2, 3, 1, 1), act(), nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),
+            nn.ConvTranspose2d(c1, self.image_shape[0], 4, 2, 1),
+        )
+        self.x_dim = math.prod(self.image_shape)
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        batch = z.shape[:-3]
+        out = self.net(z.reshape(-1, *z.shape[-3:]).permute(0, 3, 1, 2))
+        return out.reshape(*batch, self.x_dim)
+
+
+class VQVAE(VAE):
+    """The VQ-VAE generative model: a uniform prior over code grids and a convolutional decoder
+    (see the module docstring). The codebook (``K × D``) is a parameter of the decoder module,
+    registered with it by ``pyro.module``; the guide reads the same tensor.
+
+    :param decoder: a :class:`VQDecoder`.
+    :param num_codes: K.
+    :param code_dim: D.
+    :param grid: the latent grid ``(H', W')``.
+    """
+
+    def __init__(self, decoder: VQDecoder, num_codes: int, code_dim: int, grid: Sequence[int],
+                 likelihood: Likelihood = "bernoulli", x_scale: float = 1.0, learn_x_scale: bool = False,
+                 name: str = "decoder") -> None:
+        if num_codes < 2:
+            raise ValueError(f"num_codes must be at least 2, got {num_codes}")
+        if not hasattr(decoder, "codebook"):
+            decoder.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes))
+        super().__init__(decoder, code_dim, likelihood, x_scale, learn_x_scale, 1.0, name)
+        self.num_codes = int(num_codes)
+        self.grid = tuple(int(g) for g in grid)
+
+    @property
+    def codebook(self) -> torch.Tensor:
+        return self.decoder.codebook
+
+    def sample_latents(self, batch_size: int, device: torch.device) -> torch.Tensor:
+        return pyro.sample("z", CodebookUniform(self.codebook, self.grid, (batch_size,)))
+
+    def decode_codes(self, codes: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | z) for integer code grids ``(..., H', W')``."""
+        return self.decode(self.codebook[codes])
+
+
+class VQGuide:
+    """The deterministic VQ-VAE guide: nearest codebook vectors with straight-through gradients,
+    and the codebook and commitment losses as a guide factor (see the module docstring).
+
+    :param encoder: a :class:`VQEncoder`.
+    :param model: the :class:`VQVAE` whose codebook it quantizes to.
+    :param commitment: β of the commitment loss.
+    """
+
+    amortized = True
+
+    def __init__(self, encoder: VQEncoder, model: VQVAE, commitment: float = 0.25, name: str = "encoder") -> None:
+        if not commitment >= 0:
+            raise ValueError(f"commitment must be >= 0, got {commitment}")
+        self.encoder = encoder
+        self.model = model
+        self.commitment = float(commitment)
+        self.name = name
+
+    def codes(self, x: torch.Tensor) -> torch.Tensor:
+        """The integer code grid ``(..., H', W')`` of each image."""
+        with torch.no_grad():
+            return nearest_codes(self.encoder(x), self.model.codebook)
+
+    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
+                 num_data: Optional[int] = None) -> torch.Tensor:
+        if x is None:
+            raise ValueError("the VQ guide needs the data x")
+        pyro.module(self.name, self.encoder)
+        pyro.module(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
+        codebook = self.model.codebook
+        with data_plate(x, index, num_data):
+            z_e = self.encoder(x)
+            e = codebook[nearest_codes(z_e.detach(), codebook.detach())]
+            z_q = z_e + (e - z_e).detach()  # straight-through
+            dims = (-3, -2, -1)
+            loss = (z_e.detach() - e).pow(2).sum(dims) + self.commitment * (z_e - e.detach()).pow(2).sum(dims)
+            pyro.factor("vq_loss", loss, has_rsample=True)
+            return pyro.sample("z", dist.Delta(z_q, event_dim=3))
+
+
+def code_perplexity(codes: torch.Tensor, num_codes: int) -> float:
+    """exp(entropy) of the codes' empirical distribution: K if all codes are used equally, 1 if one."""
+    counts = torch.bincount(codes.reshape(-1), minlength=num_codes).double()
+    p = counts / counts.sum()
+    entropy = -(p[p > 0] * p[p > 0].log()).sum()
+    return float(entropy.exp())
+
+
+@torch.no_grad()
+def vq_metrics(model: VQVAE, guide: VQGuide, x: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+    """Test metrics of a VQ-VAE on ``x`` (nats per image): the reconstruction term
+    log p(x | z_q(x)), the bound log p(x) ≥ log p(x | z_q) - H'W' log K under the uniform prior,
+    squared reconstruction error of the decoder's mean, and the code perplexity."""
+    log_lik, sq_err, codes = [], [], []
+    for xb in x.split(batch_size):
+        c = guide.codes(xb)
+        out = model.decoder(model.codebook[c])
+        log_lik.append(model.likelihood_dist(out).log_prob(xb))
+        mean = torch.sigmoid(out) if model.likelihood == "bernoulli" else out
+        sq_err.append((mean - xb).pow(2).sum(-1))
+        codes.append(c)
+    log_lik_t = torch.cat(log_lik)
+    kl = math.prod(model.grid) * math.log(model.num_codes)
+    all_codes = torch.cat(codes)
+    return {
+        "reconstruction_log_lik": log_lik_t.mean().item(),
+        "bound": (log_lik_t - kl).mean().item(),
+        "kl_uniform_prior": kl,
+        "squared_error": torch.cat(sq_err).mean().item(),
+        "perplexity": code_perplexity(all_codes, model.num_codes),
+        "codes_used": int(torch.unique(all_codes).numel()),
+        "num_codes": model.num_codes,
+    }

@@ -1,0 +1,112 @@
+"""VQ-VAE as a Pyro model/guide pair: the Trace_ELBO loss is exactly reconstruction + codebook +
+commitment losses (+ the constant KL of the uniform prior); the codebook gets its gradient only from
+the codebook loss, the encoder the straight-through reconstruction gradient plus the commitment
+gradient; codes are the nearest codebook rows."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import pytest
+import torch
+
+from pyrovae import TrainConfig
+from pyrovae.build import build
+from pyrovae.data import Dataset
+from pyrovae.models.vqvae import (
+    CodebookUniform,
+    VQDecoder,
+    VQEncoder,
+    VQGuide,
+    VQVAE,
+    code_perplexity,
+    nearest_codes,
+)
+from pyrovae.objectives import make_objective
+
+NUM_DATA, K, D, BETA = 50, 6, 3, 0.25
+
+
+def _pair():  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    encoder = VQEncoder((1, 8, 8), D, channels=(4, 5))
+    model = VQVAE(VQDecoder((1, 8, 8), D, channels=(4, 5)), K, D, encoder.grid)
+    with torch.no_grad():
+        model.codebook.normal_()
+    return model, VQGuide(encoder, model, commitment=BETA)
+
+
+def test_nearest_codes_is_brute_force() -> None:
+    z = torch.randn(4, 2, 2, D)
+    codebook = torch.randn(K, D)
+    brute = torch.cdist(z.reshape(-1, D), codebook).argmin(1).reshape(4, 2, 2)
+    assert torch.equal(nearest_codes(z, codebook), brute)
+
+
+def test_loss_and_gradients_are_the_papers() -> None:
+    model, guide = _pair()
+    x = torch.bernoulli(torch.rand(5, 64))
+    index = torch.arange(5)
+    loss = make_objective("elbo").differentiable_loss(model, guide, x, index, NUM_DATA)
+    params = [model.codebook, *guide.encoder.parameters()]
+    grads = torch.autograd.grad(loss, params)
+
+    # By hand: z_e, nearest codes, straight-through decoder input, the three losses, scaled N/B.
+    z_e = guide.encoder(x)
+    codes = nearest_codes(z_e.detach(), model.codebook.detach())
+    e = model.codebook[codes]
+    z_q = z_e + (e - z_e).detach()
+    log_lik = model.likelihood_dist(model.decoder(z_q)).log_prob(x)
+    vq = (z_e.detach() - e).pow(2).sum((-3, -2, -1)) + BETA * (z_e - e.detach()).pow(2).sum((-3, -2, -1))
+    cells = math.prod(model.grid)
+    hand = (NUM_DATA / 5) * (-log_lik + cells * math.log(K) + vq).sum()
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    hand_grads = torch.autograd.grad(hand, params)
+    for ours, theirs in zip(grads, hand_grads):
+        torch.testing.assert_close(ours, theirs, rtol=1e-5, atol=1e-5)
+    # The codebook's gradient is the codebook loss's alone: (N/B) 2 Σ_{cells with code c} (e_c - z_e).
+    expected = torch.zeros(K, D)
+    expected.index_add_(0, codes.reshape(-1), 2 * (e - z_e).detach().reshape(-1, D))
+    torch.testing.assert_close(grads[0], (NUM_DATA / 5) * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_uniform_prior_over_codes() -> None:
+    codebook = torch.randn(K, D)
+    prior = CodebookUniform(codebook, (2, 3), (4,))
+    z = prior.sample((7,))
+    assert z.shape == (7, 4, 2, 3, D)
+    rows = z.reshape(-1, D)
+    assert (rows[:, None, :] == codebook[None]).all(-1).any(1).all(), "samples are codebook vectors"
+    assert torch.allclose(prior.log_prob(z), torch.full((7, 4), -6 * math.log(K)))
+    assert prior.expand((2, 4)).batch_shape == (2, 4)
+    assert code_perplexity(torch.arange(K).repeat(3), K) == pytest.approx(K)
+    assert code_perplexity(torch.zeros(9, dtype=torch.long), K) == pytest.approx(1.0)
+
+
+def test_build_refuses_what_does_not_apply() -> None:
+    data = Dataset(name="mnist", train=torch.rand(10, 784), test=torch.rand(4, 784), likelihood="bernoulli",
+                   image_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="--objective elbo"):
+        build(TrainConfig(model="vqvae", objective="iwae", num_particles=5), data)
+    with pytest.raises(ValueError, match="commitment"):
+        build(TrainConfig(model="vqvae", beta=2.0), data)
+    model, guide = build(TrainConfig(model="vqvae", z_dim=8, num_codes=32), data)
+    assert isinstance(guide, VQGuide) and model.codebook.shape == (32, 8) and model.grid == (7, 7)
+
+
+def test_cli_trains_evaluates_and_samples_a_vqvae(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
+    from pyrovae.cli import main
+    from pyrovae.run import evaluate_checkpoint
+
+    out = tmp_path / "vq"
+    assert main([
+        "train", "--model", "vqvae", "--z-dim", "4", "--num-codes", "16", "--epochs", "1", "--num-train", "300",
+        "--num-test", "40", "--data-dir", str(mnist_root), "--out", str(out), "--no-progress",
+    ]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert 1 <= metrics["perplexity"] <= 16 and metrics["codes_used"] <= 16
+    assert metrics["test_log_likelihood"] < metrics["test_reconstruction_log_lik"] < 0
+    again = evaluate_checkpoint(out / "checkpoint.pt", data_dir=str(mnist_root))
+    assert again["perplexity"] == pytest.approx(metrics["perplexity"])
+    assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
