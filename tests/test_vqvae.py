@@ -110,3 +110,42 @@ def test_cli_trains_evaluates_and_samples_a_vqvae(tmp_path, mnist_root) -> None:
     again = evaluate_checkpoint(out / "checkpoint.pt", data_dir=str(mnist_root))
     assert again["perplexity"] == pytest.approx(metrics["perplexity"])
     assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
+
+
+def test_code_prior_is_autoregressive_and_normalised() -> None:
+    from itertools import product
+
+    from pyrovae.models.code_prior import CodePrior
+
+    torch.manual_seed(0)
+    prior = CodePrior(num_codes=3, grid=(2, 3), channels=8, layers=2)
+    # Normalised: the probabilities of all 3^6 grids sum to one (enumeration).
+    grids = torch.tensor(list(product(range(3), repeat=6))).reshape(-1, 2, 3)
+    assert prior.log_prob(grids).exp().sum().item() == pytest.approx(1.0, abs=1e-5)
+    # Autoregressive: the logits at a cell do not depend on that cell or any later one.
+    codes = torch.randint(3, (4, 2, 3))
+    base = prior.logits(codes)
+    for position in range(6):
+        changed = codes.clone()
+        changed.view(4, 6)[:, position] = (changed.view(4, 6)[:, position] + 1) % 3
+        diff = (prior.logits(changed) - base).abs().amax((0, 3)).reshape(6)
+        assert (diff[: position + 1] == 0).all(), (position, diff)
+        if position < 5:
+            assert diff[position + 1 :].max() > 0
+    samples = prior.sample(5)
+    assert samples.shape == (5, 2, 3) and samples.min() >= 0 and samples.max() < 3
+
+
+def test_code_prior_fits_with_fit(mnist_root) -> None:  # type: ignore[no-untyped-def]
+    from pyrovae.run import load_data
+    from pyrovae.studies import vq
+
+    config = TrainConfig(model="vqvae", z_dim=4, num_codes=8, num_train=200, num_test=40)
+    data = load_data(config, str(mnist_root))
+    model, guide = build(config, data)
+    prior, history, codes = vq.fit_code_prior(model, guide, data, epochs=2, batch_size=50)
+    assert history.test_bound[-1] > history.test_bound[0]  # maximum likelihood improves the test codes
+    metrics = vq.prior_metrics(model, guide, prior, torch.bernoulli(data.test), codes.test)
+    assert metrics["log_prior_codes"] > metrics["uniform_log_prior_codes"]
+    grid, images = vq.sample_images(model, prior, 3)
+    assert grid.shape == (3, 7, 7) and images.shape == (3, 784)
