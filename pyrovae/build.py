@@ -10,7 +10,7 @@ from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset
 from pyrovae.guides import AmortizedGuide, HierarchicalGuide, PerDatapointGuide, PriorGuide
 from pyrovae.models import VAE, HierarchicalVAE, LinearGaussian
-from pyrovae.models.vqvae import VQDecoder, VQEncoder, VQGuide, VQVAE
+from pyrovae.models.vqvae import VQ2Guide, VQ2Networks, VQDecoder, VQEncoder, VQGuide, VQVAE, VQVAE2
 from pyrovae.nets import (
     ConvDecoder,
     ConvGaussianEncoder,
@@ -72,6 +72,15 @@ def _vqvae(config: TrainConfig, dataset: Dataset) -> VQVAE:
                  x_scale=config.x_scale, learn_x_scale=config.learn_x_scale)
 
 
+def _vqvae2(config: TrainConfig, dataset: Dataset) -> VQVAE2:
+    if dataset.image_shape is None:
+        raise ValueError(f"the VQ-VAE-2 is convolutional and needs image data; {dataset.name} has no image shape")
+    networks = VQ2Networks(dataset.image_shape, config.z_dim, config.num_codes_top or config.num_codes,
+                           config.num_codes, activation=config.activation)
+    return VQVAE2(networks.to(config.device), likelihood=config.likelihood, x_scale=config.x_scale,
+                  learn_x_scale=config.learn_x_scale)
+
+
 def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
     if config.likelihood != "gaussian":
         raise ValueError("the linear model has a Gaussian likelihood; use --likelihood gaussian")
@@ -87,6 +96,8 @@ def _linear(config: TrainConfig, dataset: Dataset) -> LinearGaussian:
 
 
 def _amortized(config: TrainConfig, dataset: Dataset, model: Any) -> AmortizedGuide | HierarchicalGuide:
+    if isinstance(model, VQVAE2):
+        return VQ2Guide(model, commitment=config.commitment)
     if isinstance(model, VQVAE):
         encoder = VQEncoder(dataset.image_shape, config.z_dim, activation=config.activation)
         return VQGuide(encoder.to(config.device), model, commitment=config.commitment)
@@ -117,7 +128,7 @@ def _prior(config: TrainConfig, dataset: Dataset, model: Any) -> PriorGuide:
 
 
 MODELS: dict[str, Callable[[TrainConfig, Dataset], Any]] = {
-    "vae": _vae, "hvae": _hvae, "vqvae": _vqvae, "linear": _linear,
+    "vae": _vae, "hvae": _hvae, "vqvae": _vqvae, "vqvae2": _vqvae2, "linear": _linear,
 }
 GUIDES: dict[str, Callable[[TrainConfig, Dataset, Any], Any]] = {
     "amortized": _amortized,
@@ -147,7 +158,7 @@ def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
         raise ValueError("the linear model has one noise scale; drop --x-scale-shape pixel")
     if config.network == "conv" and config.model == "linear":
         raise ValueError("the linear model has no network to make convolutional; drop --network conv")
-    if config.model == "vqvae":
+    if config.model in ("vqvae", "vqvae2"):
         if config.guide != "amortized" or config.objective != "elbo" or config.num_particles != 1:
             raise ValueError(
                 "the VQ-VAE is trained with its deterministic encoder and Trace_ELBO, one particle (its guide's "

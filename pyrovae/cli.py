@@ -48,7 +48,7 @@ def build_parser() -> argparse.ArgumentParser:
     train = sub.add_parser("train", help="train a model/guide pair, evaluate it, write results to --out")
     train.add_argument("--dataset", choices=get_args(DatasetName), default=d.dataset, help="data set")
     train.add_argument("--model", choices=get_args(ModelName), default=None,
-                       help="vae (MLP decoder), hvae (several stochastic layers), vqvae (discrete codes) or linear "
+                       help="vae (MLP decoder), hvae (several stochastic layers), vqvae / vqvae2 (discrete codes, one or two levels) or linear "
                             "(linear-Gaussian); "
                             "default by data set")
     train.add_argument("--guide", choices=get_args(GuideName), default=d.guide, help="variational family q(z|x)")
@@ -63,6 +63,7 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--upper-hidden-sizes", type=int, nargs="+", default=None,
                        help="hvae: hidden widths between latent layers, e.g. 100 100 (default half of --hidden-sizes)")
     train.add_argument("--num-codes", type=int, default=d.num_codes, help="vqvae: codebook size K (--z-dim is D)")
+    train.add_argument("--num-codes-top", type=int, default=None, help="vqvae2: the top level's codebook size (default --num-codes)")
     train.add_argument("--commitment", type=float, default=d.commitment, help="vqvae: β of the commitment loss")
     train.add_argument("--network", choices=get_args(NetworkName), default=d.network,
                        help="mlp, or conv (convolutional encoder/decoder for image data; dense width = first --hidden-sizes)")
@@ -129,6 +130,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         activation=args.activation,
         network=args.network,
         num_codes=args.num_codes,
+        num_codes_top=args.num_codes_top,
         commitment=args.commitment,
         likelihood=args.likelihood,
         x_scale=args.x_scale,

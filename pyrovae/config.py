@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 from typing import Any, Literal, Optional, get_args, get_origin, get_type_hints
 
 DatasetName = Literal["mnist", "gmm", "linear"]
-ModelName = Literal["vae", "hvae", "vqvae", "linear"]
+ModelName = Literal["vae", "hvae", "vqvae", "vqvae2", "linear"]
 GuideName = Literal["amortized", "per-datapoint", "prior"]
 ObjectiveName = Literal["elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score"]
 LikelihoodName = Literal["bernoulli", "gaussian"]
@@ -49,7 +49,9 @@ class TrainConfig:
         upper_z_dims=(50,), hidden_sizes=(200, 200)``, ``upper_hidden_sizes=(100, 100)``, tanh.
     :param x_scale_shape: ``shared`` (one σ of the Gaussian likelihood) or ``pixel`` (one learned
         σ per pixel; needs ``learn_x_scale``).
-    :param num_codes: ``vqvae``: codebook size K (``z_dim`` is the code dimension D).
+    :param num_codes: ``vqvae``/``vqvae2``: codebook size K (of the bottom level for ``vqvae2``;
+        ``z_dim`` is the code dimension D).
+    :param num_codes_top: ``vqvae2``: the top level's codebook size (default ``num_codes``).
     :param commitment: ``vqvae``: β of the commitment loss.
     :param network: ``mlp`` or ``conv`` (for image data: two stride-2 convolutions and a dense
         layer of width ``hidden_sizes[0]`` in the encoder, the mirror image in the decoder; for
@@ -75,6 +77,7 @@ class TrainConfig:
     activation: ActivationName = "relu"
     network: NetworkName = "mlp"
     num_codes: int = 64
+    num_codes_top: Optional[int] = None
     commitment: float = 0.25
     likelihood: Optional[LikelihoodName] = None
     x_scale: float = 1.0
@@ -131,6 +134,12 @@ class TrainConfig:
                 raise ValueError(
                     f"{name} must be positive, got {getattr(self, name)} (--{name.replace('_', '-')}: {hint})"
                 )
+        if not isinstance(self.num_codes, int) or self.num_codes < 2:
+            raise ValueError(f"num_codes must be an integer >= 2, got {self.num_codes!r}")
+        if self.num_codes_top is not None and (not isinstance(self.num_codes_top, int) or self.num_codes_top < 2):
+            raise ValueError(f"num_codes_top must be an integer >= 2 (or None: as num_codes), got {self.num_codes_top!r}")
+        if not self.commitment >= 0:
+            raise ValueError(f"commitment must be >= 0, got {self.commitment}")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be positive, got {self.clip_norm}; leave it unset for no clipping")
         if not 0 < self.lr_decay <= 1:

@@ -19,7 +19,7 @@ import torch
 
 from pyrovae import distributed, plots
 from pyrovae.build import build, build_model, modules_of
-from pyrovae.models.vqvae import VQVAE, vq_metrics
+from pyrovae.models.vqvae import VQVAE, VQVAE2, vq2_metrics, vq_metrics
 from pyrovae.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.config import TrainConfig
 from pyrovae.data import Dataset, load_dataset
@@ -142,10 +142,12 @@ def evaluate_run(
     config = config.resolved()
     x_test = evaluation_data(dataset, "test", config.seed)
     start = time.perf_counter()
-    if isinstance(model, VQVAE):
+    if isinstance(model, (VQVAE, VQVAE2)):
         # A point-mass guide: importance sampling would repeat one draw; report the VQ-VAE's own metrics.
-        vq = vq_metrics(model, guide, x_test)
+        vq = vq2_metrics(model, guide, x_test) if isinstance(model, VQVAE2) else vq_metrics(model, guide, x_test)
+        extra = {k: vq[k] for k in ("perplexity_top", "codes_used_top", "num_codes_top") if k in vq}
         return {
+            **extra,
             "test_elbo": vq["bound"], "test_log_likelihood": vq["bound"], "test_nll": -vq["bound"],
             "test_reconstruction_log_lik": vq["reconstruction_log_lik"], "test_squared_error": vq["squared_error"],
             "kl": vq["kl_uniform_prior"], "perplexity": vq["perplexity"], "codes_used": vq["codes_used"],
@@ -193,8 +195,11 @@ def save_figures(
     index = torch.arange(n, device=x_test.device)
     with torch.no_grad():
         _, x_mean, _ = model.sample(100, device=x_test.device)
-        z_mean = posterior_means(guide, x_test[:n], index, x_test.shape[0])["z"]
-        reconstruction = model.decode(z_mean)
+        if hasattr(model, "reconstruct"):  # VQ models: decode the guide's codes
+            reconstruction = model.reconstruct(guide, x_test[:n])
+        else:
+            z_mean = posterior_means(guide, x_test[:n], index, x_test.shape[0])["z"]
+            reconstruction = model.decode(z_mean)
     if dataset.image_shape is not None:
         plots.save_image_grid(x_mean.cpu(), out / "samples.png", dataset.image_shape)
         plots.save_reconstructions(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", dataset.image_shape)

@@ -149,3 +149,70 @@ def test_code_prior_fits_with_fit(mnist_root) -> None:  # type: ignore[no-untype
     assert metrics["log_prior_codes"] > metrics["uniform_log_prior_codes"]
     grid, images = vq.sample_images(model, prior, 3)
     assert grid.shape == (3, 7, 7) and images.shape == (3, 784)
+
+
+def test_vqvae2_loss_and_codebook_gradients() -> None:
+    from pyrovae.models.vqvae import VQ2Guide, VQ2Networks, VQVAE2, quantize
+
+    torch.manual_seed(1)
+    networks = VQ2Networks((1, 8, 8), D, num_codes_top=4, num_codes_bottom=K, channels=6)
+    with torch.no_grad():
+        networks.codebook_top.normal_()
+        networks.codebook_bottom.normal_()
+    model, guide = VQVAE2(networks), VQ2Guide(VQVAE2(networks), commitment=BETA)
+    guide.model = model
+    x = torch.bernoulli(torch.rand(5, 64))
+    loss = make_objective("elbo").differentiable_loss(model, guide, x, torch.arange(5), NUM_DATA)
+    g_top, g_bottom = torch.autograd.grad(loss, [networks.codebook_top, networks.codebook_bottom])
+    # By hand, level by level.
+    features = networks.encode_bottom_features(x)
+    z_e_top = networks._channels_last(networks.enc_top(features))
+    z_top, codes_top, loss_top = quantize(z_e_top, networks.codebook_top, BETA)
+    decoded = networks.top_to_bottom(networks._channels_first(z_top))
+    z_e_bottom = networks._channels_last(networks.pre_bottom(torch.cat([features, decoded], 1)))
+    z_bottom, codes_bottom, loss_bottom = quantize(z_e_bottom, networks.codebook_bottom, BETA)
+    log_lik = model.likelihood_dist(networks((z_bottom, z_top))).log_prob(x)
+    kl = 4 * 4 * math.log(K) + 2 * 2 * math.log(4)
+    hand = (NUM_DATA / 5) * (-log_lik + kl + loss_top + loss_bottom).sum()
+    assert loss.item() == pytest.approx(hand.item(), rel=1e-6)
+    for grad, codebook, codes, z_e in ((g_top, networks.codebook_top, codes_top, z_e_top),
+                                       (g_bottom, networks.codebook_bottom, codes_bottom, z_e_bottom)):
+        expected = torch.zeros_like(codebook)
+        expected.index_add_(0, codes.reshape(-1), 2 * (codebook[codes] - z_e).detach().reshape(-1, D))
+        torch.testing.assert_close(grad, (NUM_DATA / 5) * expected, rtol=1e-5, atol=1e-5)
+
+
+def test_conditional_code_prior_is_normalised_for_each_condition() -> None:
+    from itertools import product
+
+    from pyrovae.models.code_prior import ConditionalCodePrior
+
+    torch.manual_seed(0)
+    prior = ConditionalCodePrior(num_codes=2, grid=(2, 2), cond_num_codes=3, cond_grid=(1, 1), channels=8, layers=1)
+    grids = torch.tensor(list(product(range(2), repeat=4))).reshape(-1, 2, 2)
+    totals = []
+    for c in range(3):
+        condition = prior.condition_from(torch.full((grids.shape[0], 1, 1), c))
+        totals.append(prior.log_prob(grids, condition).exp().sum().item())
+    assert totals == pytest.approx([1.0, 1.0, 1.0], abs=1e-5)
+    a = prior.condition_from(torch.zeros(1, 1, 1, dtype=torch.long))
+    b = prior.condition_from(torch.ones(1, 1, 1, dtype=torch.long))
+    assert not torch.allclose(prior.logits(grids[:1], a), prior.logits(grids[:1], b))  # it listens to the condition
+
+
+def test_cli_trains_a_vqvae2_and_its_priors(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
+    from pyrovae.cli import main
+    from pyrovae.run import restore
+    from pyrovae.studies import vq
+
+    out = tmp_path / "vq2"
+    assert main([
+        "train", "--model", "vqvae2", "--z-dim", "4", "--num-codes", "16", "--num-codes-top", "8", "--epochs", "1",
+        "--num-train", "200", "--num-test", "30", "--data-dir", str(mnist_root), "--out", str(out), "--no-progress",
+    ]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["num_codes_top"] == 8 and 1 <= metrics["perplexity_top"] <= 8
+    config, data, model, guide, _ = restore(out / "checkpoint.pt", data_dir=str(mnist_root))
+    priors = vq.fit_code_priors_2(model, guide, data, epochs=1, batch_size=50, channels=8, layers=1)
+    images = vq.sample_images_2(model, priors["top"], priors["bottom"], 3)
+    assert images.shape == (3, 784) and (images >= 0).all() and (images <= 1).all()

@@ -29,7 +29,7 @@ from torch.nn import functional as F
 
 from pyrovae.handlers import data_plate
 
-__all__ = ["CodePrior", "MaskedConv2d", "empty_guide"]
+__all__ = ["CodePrior", "ConditionalCodePrior", "MaskedConv2d", "empty_guide"]
 
 
 class MaskedConv2d(nn.Conv2d):
@@ -135,3 +135,37 @@ def empty_guide(x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] 
                 num_data: Optional[int] = None) -> None:
     """The guide of a model without latent sites: SVI with it is maximum likelihood."""
     return None
+
+
+class ConditionalCodePrior(CodePrior):
+    """p(c | c') over a grid, given a coarser grid c' of codes (VQ-VAE-2's bottom prior given the
+    top codes): the one-hot c', resized to this grid (nearest), is the per-cell condition of
+    :class:`CodePrior`. As a Pyro model, ``x`` holds both grids flattened, this grid's codes first.
+
+    :param cond_num_codes: the number of codes of the conditioning grid.
+    :param cond_grid: its shape.
+    """
+
+    def __init__(self, num_codes: int, grid: Sequence[int], cond_num_codes: int, cond_grid: Sequence[int],
+                 channels: int = 64, layers: int = 4, name: str = "code_prior_bottom") -> None:
+        super().__init__(num_codes, grid, channels, layers, condition_channels=cond_num_codes, name=name)
+        self.cond_num_codes = int(cond_num_codes)
+        self.cond_grid = tuple(int(g) for g in cond_grid)
+
+    def condition_from(self, cond_codes: torch.Tensor) -> torch.Tensor:
+        """``(B, K', H, W)`` one-hot of the conditioning codes ``(B, H', W')`` resized to this grid."""
+        one_hot = F.one_hot(cond_codes, self.cond_num_codes).permute(0, 3, 1, 2).float()
+        return F.interpolate(one_hot, size=self.grid, mode="nearest")
+
+    def __call__(self, x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,  # type: ignore[override]
+                 num_data: Optional[int] = None) -> Any:
+        if x is None:
+            raise ValueError("ConditionalCodePrior scores code grids; use .sample(condition_codes) to draw")
+        cells = self.grid[0] * self.grid[1]
+        cond = x[..., cells:].round().long().reshape(-1, *self.cond_grid)
+        return super().__call__(x[..., :cells], index, num_data, condition=self.condition_from(cond))
+
+    @torch.no_grad()
+    def sample_given(self, cond_codes: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+        """One grid per conditioning grid ``(B, H', W')``."""
+        return self.sample(cond_codes.shape[0], cond_codes.device, self.condition_from(cond_codes), temperature)

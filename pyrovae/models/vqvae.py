@@ -42,7 +42,10 @@ from pyrovae.handlers import data_plate
 from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import _activation, _image_dims
 
-__all__ = ["CodebookUniform", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "code_perplexity", "nearest_codes", "vq_metrics"]
+__all__ = [
+    "CodebookUniform", "VQ2Guide", "VQ2Networks", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "VQVAE2",
+    "code_perplexity", "nearest_codes", "quantize", "vq2_metrics", "vq_metrics",
+]
 
 
 class CodebookUniform(dist.TorchDistribution):
@@ -88,6 +91,16 @@ def nearest_codes(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     flat = z_e.reshape(-1, z_e.shape[-1])
     distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1))
     return distances.argmin(1).reshape(z_e.shape[:-1])
+
+
+def quantize(z_e: torch.Tensor, codebook: torch.Tensor, commitment: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Vector-quantize ``z_e (..., H', W', D)``: the straight-through value z_e + sg(e_c - z_e), the
+    codes c, and the per-point codebook + β·commitment loss summed over the grid."""
+    codes = nearest_codes(z_e.detach(), codebook.detach())
+    e = codebook[codes]
+    dims = (-3, -2, -1)
+    loss = (z_e.detach() - e).pow(2).sum(dims) + commitment * (z_e - e.detach()).pow(2).sum(dims)
+    return z_e + (e - z_e).detach(), codes, loss
 
 
 class VQEncoder(nn.Module):
@@ -168,6 +181,11 @@ class VQVAE(VAE):
         """The mean of p(x | z) for integer code grids ``(..., H', W')``."""
         return self.decode(self.codebook[codes])
 
+    @torch.no_grad()
+    def reconstruct(self, guide: "VQGuide", x: torch.Tensor) -> torch.Tensor:
+        """The decoder's mean at the codes the guide gives ``x``."""
+        return self.decode_codes(guide.codes(x))
+
 
 class VQGuide:
     """The deterministic VQ-VAE guide: nearest codebook vectors with straight-through gradients,
@@ -199,13 +217,8 @@ class VQGuide:
             raise ValueError("the VQ guide needs the data x")
         pyro.module(self.name, self.encoder)
         pyro.module(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
-        codebook = self.model.codebook
         with data_plate(x, index, num_data):
-            z_e = self.encoder(x)
-            e = codebook[nearest_codes(z_e.detach(), codebook.detach())]
-            z_q = z_e + (e - z_e).detach()  # straight-through
-            dims = (-3, -2, -1)
-            loss = (z_e.detach() - e).pow(2).sum(dims) + self.commitment * (z_e - e.detach()).pow(2).sum(dims)
+            z_q, _, loss = quantize(self.encoder(x), self.model.codebook, self.commitment)
             pyro.factor("vq_loss", loss, has_rsample=True)
             return pyro.sample("z", dist.Delta(z_q, event_dim=3))
 
@@ -242,4 +255,178 @@ def vq_metrics(model: VQVAE, guide: VQGuide, x: torch.Tensor, batch_size: int = 
         "perplexity": code_perplexity(all_codes, model.num_codes),
         "codes_used": int(torch.unique(all_codes).numel()),
         "num_codes": model.num_codes,
+    }
+
+
+# ------------------------------------------------------------------------------------------------
+# VQ-VAE-2: two levels of codes
+
+
+class VQ2Networks(nn.Module):
+    """The networks of a two-level VQ-VAE-2 for small images (MNIST-sized), after Razavi et al.
+    (2019), scaled down: a bottom encoder to a ``(H/2, W/2)`` feature map, a top encoder to
+    ``(H/4, W/4)`` top codes, the top codes decoded back to ``(H/2, W/2)`` and joined with the bottom
+    features to give the bottom codes, and a decoder from both levels to the image. Both codebooks
+    (``K_top × D``, ``K_bottom × D``) are parameters here.
+    """
+
+    def __init__(self, image_shape: Sequence[int], code_dim: int, num_codes_top: int, num_codes_bottom: int,
+                 channels: int = 64, activation: str = "relu") -> None:
+        super().__init__()
+        self.image_shape = _image_dims(image_shape)
+        c, h, w = self.image_shape
+        act = _activation(activation)
+        d = code_dim
+        self.code_dim = d
+        self.grid_top = (h // 4, w // 4)
+        self.grid_bottom = (h // 2, w // 2)
+        self.x_dim = c * h * w
+        self.enc_bottom = nn.Sequential(nn.Conv2d(c, channels, 4, 2, 1), act(), nn.Conv2d(channels, channels, 3, 1, 1), act())
+        self.enc_top = nn.Sequential(nn.Conv2d(channels, channels, 4, 2, 1), act(), nn.Conv2d(channels, d, 1))
+        self.top_to_bottom = nn.ConvTranspose2d(d, channels, 4, 2, 1)
+        self.pre_bottom = nn.Conv2d(2 * channels, d, 1)
+        self.upsample_top = nn.ConvTranspose2d(d, d, 4, 2, 1)
+        self.dec = nn.Sequential(
+            nn.Conv2d(2 * d, channels, 3, 1, 1), act(), nn.ConvTranspose2d(channels, c, 4, 2, 1),
+        )
+        self.codebook_top = nn.Parameter(torch.empty(num_codes_top, d).uniform_(-1 / num_codes_top, 1 / num_codes_top))
+        self.codebook_bottom = nn.Parameter(
+            torch.empty(num_codes_bottom, d).uniform_(-1 / num_codes_bottom, 1 / num_codes_bottom))
+
+    @staticmethod
+    def _channels_last(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 2, 3, 1)
+
+    @staticmethod
+    def _channels_first(t: torch.Tensor) -> torch.Tensor:
+        return t.permute(0, 3, 1, 2)
+
+    def encode_bottom_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.enc_bottom(x.reshape(-1, *self.image_shape))
+
+    def forward(self, z: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        """Decode ``(z_bottom (..., H/2, W/2, D), z_top (..., H/4, W/4, D))`` to ``(..., C·H·W)``."""
+        z_bottom, z_top = z
+        batch = z_bottom.shape[:-3]
+        bottom = self._channels_first(z_bottom.reshape(-1, *z_bottom.shape[-3:]))
+        top = self.upsample_top(self._channels_first(z_top.reshape(-1, *z_top.shape[-3:])))
+        return self.dec(torch.cat([bottom, top], 1)).reshape(*batch, self.x_dim)
+
+
+class VQVAE2(VAE):
+    """The two-level VQ-VAE-2 generative model: uniform priors over the top grid (site ``"z2"``,
+    ``(H/4, W/4, D)``) and the bottom grid (site ``"z"``, ``(H/2, W/2, D)``) during training, and
+    the decoder p(x | z, z2). Pair with :class:`VQ2Guide`; fit priors afterwards with
+    :func:`pyrovae.studies.vq.fit_code_prior_2`.
+
+    **References**
+
+    [1] A. Razavi, A. van den Oord, O. Vinyals, "Generating Diverse High-Fidelity Images with
+        VQ-VAE-2", NeurIPS 2019.
+    """
+
+    def __init__(self, networks: VQ2Networks, likelihood: Likelihood = "bernoulli", x_scale: float = 1.0,
+                 learn_x_scale: bool = False, name: str = "decoder") -> None:
+        super().__init__(networks, networks.code_dim, likelihood, x_scale, learn_x_scale, 1.0, name)
+        self.networks = networks
+        self.grid = networks.grid_bottom
+        self.grid_top = networks.grid_top
+        self.num_codes = networks.codebook_bottom.shape[0]
+        self.num_codes_top = networks.codebook_top.shape[0]
+
+    def sample_latents(self, batch_size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:  # type: ignore[override]
+        z_top = pyro.sample("z2", CodebookUniform(self.networks.codebook_top, self.grid_top, (batch_size,)))
+        z_bottom = pyro.sample("z", CodebookUniform(self.networks.codebook_bottom, self.grid, (batch_size,)))
+        return z_bottom, z_top
+
+    def decode_codes(self, codes: torch.Tensor, codes_top: torch.Tensor) -> torch.Tensor:
+        """The mean of p(x | z, z2) for integer code grids (bottom, top)."""
+        return self.decode((self.networks.codebook_bottom[codes], self.networks.codebook_top[codes_top]))
+
+    @torch.no_grad()
+    def reconstruct(self, guide: "VQ2Guide", x: torch.Tensor) -> torch.Tensor:
+        return self.decode_codes(*guide.codes(x))
+
+    @torch.no_grad()
+    def sample(self, num_samples: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Ancestral sampling under the uniform training priors: ``(z, x_mean, x)``, z the bottom grid."""
+        if num_samples < 1:
+            raise ValueError(f"num_samples must be at least 1, got {num_samples}")
+        index = torch.arange(num_samples, device=device)
+        trace = pyro.poutine.trace(self).get_trace(None, index=index, num_data=num_samples)
+        z, z_top = trace.nodes["z"]["value"], trace.nodes["z2"]["value"]
+        return z, self.decode((z, z_top)), trace.nodes["x"]["value"]
+
+
+class VQ2Guide:
+    """The deterministic VQ-VAE-2 guide: top codes from the top encoder, bottom codes from the
+    bottom features joined with the decoded top codes; straight-through values at sites ``"z2"``
+    and ``"z"``; both levels' codebook + commitment losses as the guide factor ``"vq_loss"``.
+    The networks are the model's (one module holds encoders, decoder and codebooks).
+
+    :param model: the :class:`VQVAE2`.
+    :param commitment: β of the commitment losses.
+    """
+
+    amortized = True
+
+    def __init__(self, model: VQVAE2, commitment: float = 0.25) -> None:
+        if not commitment >= 0:
+            raise ValueError(f"commitment must be >= 0, got {commitment}")
+        self.model = model
+        self.commitment = float(commitment)
+
+    def _encode(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        net = self.model.networks
+        batch = x.shape[:-1]
+        features = net.encode_bottom_features(x)
+        z_e_top = net._channels_last(net.enc_top(features))
+        z_top, codes_top, loss_top = quantize(z_e_top, net.codebook_top, self.commitment)
+        decoded_top = net.top_to_bottom(net._channels_first(z_top))
+        z_e_bottom = net._channels_last(net.pre_bottom(torch.cat([features, decoded_top], 1)))
+        z_bottom, codes_bottom, loss_bottom = quantize(z_e_bottom, net.codebook_bottom, self.commitment)
+        return tuple(t.reshape(*batch, *t.shape[1:]) for t in
+                     (z_bottom, z_top, codes_bottom, codes_top, loss_bottom + loss_top))
+
+    def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """The integer code grids (bottom ``(..., H/2, W/2)``, top ``(..., H/4, W/4)``)."""
+        with torch.no_grad():
+            _, _, codes_bottom, codes_top, _ = self._encode(x)
+        return codes_bottom, codes_top
+
+    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
+                 num_data: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        if x is None:
+            raise ValueError("the VQ-VAE-2 guide needs the data x")
+        pyro.module(self.model.name, self.model.networks)
+        with data_plate(x, index, num_data):
+            z_bottom, z_top, _, _, loss = self._encode(x)
+            pyro.factor("vq_loss", loss, has_rsample=True)
+            z_top = pyro.sample("z2", dist.Delta(z_top, event_dim=3))
+            z_bottom = pyro.sample("z", dist.Delta(z_bottom, event_dim=3))
+        return z_bottom, z_top
+
+
+@torch.no_grad()
+def vq2_metrics(model: VQVAE2, guide: VQ2Guide, x: torch.Tensor, batch_size: int = 500) -> dict[str, float]:
+    """:func:`vq_metrics` for the two-level model: bound log p(x|z, z2) - (cells log K) of both
+    levels, reconstruction, squared error, and each level's perplexity."""
+    log_lik, sq_err, bottoms, tops = [], [], [], []
+    for xb in x.split(batch_size):
+        c, ct = guide.codes(xb)
+        out = model.decoder((model.networks.codebook_bottom[c], model.networks.codebook_top[ct]))
+        log_lik.append(model.likelihood_dist(out).log_prob(xb))
+        mean = torch.sigmoid(out) if model.likelihood == "bernoulli" else out
+        sq_err.append((mean - xb).pow(2).sum(-1))
+        bottoms.append(c)
+        tops.append(ct)
+    ll = torch.cat(log_lik)
+    kl = math.prod(model.grid) * math.log(model.num_codes) + math.prod(model.grid_top) * math.log(model.num_codes_top)
+    bottom, top = torch.cat(bottoms), torch.cat(tops)
+    return {
+        "reconstruction_log_lik": ll.mean().item(), "bound": (ll - kl).mean().item(), "kl_uniform_prior": kl,
+        "squared_error": torch.cat(sq_err).mean().item(),
+        "perplexity": code_perplexity(bottom, model.num_codes), "perplexity_top": code_perplexity(top, model.num_codes_top),
+        "codes_used": int(torch.unique(bottom).numel()), "codes_used_top": int(torch.unique(top).numel()),
+        "num_codes": model.num_codes, "num_codes_top": model.num_codes_top,
     }

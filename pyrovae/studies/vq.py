@@ -8,8 +8,8 @@ from typing import Any, Optional
 import torch
 
 from pyrovae.data import Dataset
-from pyrovae.models.code_prior import CodePrior, empty_guide
-from pyrovae.models.vqvae import VQGuide, VQVAE
+from pyrovae.models.code_prior import CodePrior, ConditionalCodePrior, empty_guide
+from pyrovae.models.vqvae import VQ2Guide, VQGuide, VQVAE, VQVAE2
 from pyrovae.objectives import make_objective
 from pyrovae.train import History, fit
 
@@ -73,3 +73,43 @@ def prior_metrics(model: VQVAE, guide: VQGuide, prior: CodePrior, x: torch.Tenso
         "uniform_log_prior_codes": -grid[0].numel() * torch.log(torch.tensor(float(model.num_codes))).item(),
         "bound_with_prior": (log_lik + log_prior).mean().item(),
     }
+
+
+def fit_code_priors_2(
+    model: VQVAE2, guide: VQ2Guide, dataset: Dataset, *, epochs: int = 10, batch_size: int = 128, lr: float = 1e-3,
+    channels: int = 64, layers: int = 4, progress: bool = False, seed: int = 0,
+) -> dict[str, Any]:
+    """VQ-VAE-2's two priors, each by maximum likelihood with :func:`pyrovae.fit`: p(c_top) over the
+    top grid and p(c_bottom | c_top) over the bottom grid."""
+    generator = torch.Generator(device=dataset.train.device).manual_seed(seed)
+    train, test = dataset.batch(dataset.train, generator), dataset.batch(dataset.test, generator)
+
+    def grids(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        pairs = [guide.codes(xb) for xb in x.split(1000)]
+        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+
+    (train_b, train_t), (test_b, test_t) = grids(train), grids(test)
+    top_data = Dataset(name="codes-top", train=train_t.flatten(1).float(), test=test_t.flatten(1).float(),
+                       likelihood="gaussian", binarize="none")
+    both = Dataset(name="codes-bottom", train=torch.cat([train_b.flatten(1), train_t.flatten(1)], 1).float(),
+                   test=torch.cat([test_b.flatten(1), test_t.flatten(1)], 1).float(), likelihood="gaussian", binarize="none")
+    device = dataset.train.device
+    top = CodePrior(model.num_codes_top, model.grid_top, channels=channels, layers=layers, name="code_prior_top")
+    bottom = ConditionalCodePrior(model.num_codes, model.grid, model.num_codes_top, model.grid_top,
+                                  channels=channels, layers=layers)
+    top.net.to(device)
+    bottom.net.to(device)
+    options = dict(epochs=epochs, batch_size=batch_size, lr=lr, progress=progress, seed=seed, handle_signals=False)
+    history_top = fit(top, empty_guide, top_data, make_objective("elbo"), **options)
+    history_bottom = fit(bottom, empty_guide, both, make_objective("elbo"), **options)
+    return {"top": top, "bottom": bottom, "history_top": history_top, "history_bottom": history_bottom,
+            "test_codes": (test_b, test_t)}
+
+
+@torch.no_grad()
+def sample_images_2(model: VQVAE2, top: CodePrior, bottom: ConditionalCodePrior, num: int,
+                    temperature: float = 1.0) -> torch.Tensor:
+    """New images from VQ-VAE-2's priors: c_top ~ p(c_top), c_bottom ~ p(c_bottom | c_top), decoded."""
+    codes_top = top.sample(num, device=model.networks.codebook_top.device, temperature=temperature)
+    codes_bottom = bottom.sample_given(codes_top, temperature)
+    return model.decode_codes(codes_bottom, codes_top)
