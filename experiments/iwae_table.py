@@ -28,11 +28,11 @@ from pathlib import Path
 
 import torch
 
-from pyrovae.config import config_differences
 from pyrovae.interrupt import TrainingInterrupted
 from pyrovae.perf import tune_malloc
-from pyrovae.run import train_and_evaluate, write_json
+from pyrovae.run import write_json
 from pyrovae.studies import burda
+from pyrovae.studies.sweep import run_configs
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -67,27 +67,14 @@ def machine() -> dict[str, object]:
     }
 
 
-def same_run(saved: dict, requested: dict) -> bool:
-    """Configs equal up to how the evaluation is chunked (which changes speed, not the estimate)."""
-    return not config_differences(saved, requested, {"eval_chunk", "eval_batch"})
-
-
 def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
-    for cell in args.cells:
-        config = burda.cell_config(
-            cell, schedule, seed=args.seed, device=args.device, num_train=args.num_train,
-            num_test=args.num_test, eval_samples=args.eval_samples,
-        )
-        folder = Path(args.out) / cell
-        metrics_path = folder / "metrics.json"
-        if metrics_path.exists():
-            done = json.loads(metrics_path.read_text())
-            if same_run(done.get("config") or {}, config.resolved().to_dict()):
-                logging.info("%s: finished earlier (test NLL %.2f), skipped", cell, done["test_nll"])
-                continue
-        logging.info("%s: training %s", cell, config.resolved().to_json().replace("\n", " "))
-        metrics = train_and_evaluate(config, folder, data_dir=args.data_dir, resume=True, progress=args.progress)
-        logging.info("%s: test NLL %.2f, active units %d", cell, metrics["test_nll"], metrics["active_units"])
+    configs = {
+        cell: burda.cell_config(cell, schedule, seed=args.seed, device=args.device, num_train=args.num_train,
+                                num_test=args.num_test, eval_samples=args.eval_samples)
+        for cell in args.cells
+    }
+    run_configs(configs, Path(args.out), data_dir=args.data_dir, progress=args.progress,
+                after=lambda cell, m: logging.info("%s: test NLL %.2f, active units %d", cell, m["test_nll"], m["active_units"]))
 
 
 def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, object]:

@@ -1,0 +1,63 @@
+"""Run a set of named ``pyrovae train`` configurations, each in its own folder, resumably.
+
+Experiments that compare a few trained models (the β-VAE sweep, fixed vs learned σ, the VQ models,
+the Burda table) call :func:`run_configs`: a finished run (its ``metrics.json`` written for the
+same config) is skipped, an unfinished one resumes from its checkpoint, so a long sweep can be
+split across sessions or interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pyrovae.config import TrainConfig, config_differences
+from pyrovae.run import train_and_evaluate
+
+__all__ = ["finished_metrics", "run_configs"]
+
+logger = logging.getLogger(__name__)
+
+#: Config fields that change how the evaluation is chunked, not what it estimates.
+CHUNKING = frozenset({"eval_chunk", "eval_batch"})
+
+
+def finished_metrics(folder: Path, config: TrainConfig) -> Optional[dict[str, Any]]:
+    """The ``metrics.json`` in ``folder`` if it was written for ``config`` (up to chunking)."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    if config_differences(metrics.get("config") or {}, config.resolved().to_dict(), CHUNKING):
+        return None
+    return metrics
+
+
+def run_configs(
+    configs: dict[str, TrainConfig],
+    root: Path,
+    *,
+    data_dir: Optional[str] = None,
+    progress: bool = False,
+    after: Optional[Callable[[str, dict[str, Any]], None]] = None,
+) -> dict[str, dict[str, Any]]:
+    """Train and evaluate every config in ``root/<name>`` (skipping finished ones, resuming
+    unfinished ones) and return ``{name: metrics}``.
+
+    :param after: called with ``(name, metrics)`` after each run (finished earlier or now).
+    """
+    results = {}
+    for name, config in configs.items():
+        folder = Path(root) / name
+        metrics = finished_metrics(folder, config)
+        if metrics is None:
+            logger.info("%s: training", name)
+            metrics = train_and_evaluate(config, folder, data_dir=data_dir, resume=True, progress=progress)
+        else:
+            logger.info("%s: finished earlier, skipped", name)
+        results[name] = metrics
+        if after is not None:
+            after(name, metrics)
+    return results

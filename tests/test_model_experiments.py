@@ -1,0 +1,37 @@
+"""Smoke runs (tiny settings) of the model-comparison experiments of issue 6:
+experiments/beta_vae.py, experiments/gaussian_sigma.py and experiments/vq_models.py."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+
+def test_beta_vae_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:  # type: ignore[no-untyped-def]
+    script = load_experiment("experiments/beta_vae.py")
+    summary = script.main([
+        "--betas", "1", "4", "--epochs", "1", "--z-dim", "4", "--hidden-sizes", "32", "--eval-samples", "10",
+        "--num-train", "200", "--num-test", "40", "--traversal-units", "3", "--data-dir", str(mnist_root),
+        "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+    ])
+    assert [r["beta"] for r in summary["rows"]] == [1.0, 4.0]
+    for row in summary["rows"]:
+        assert row["rate"] > 0 and row["distortion"] > 0 and len(row["traversal_units"]) == 3
+        assert math.isclose(row["test_elbo"], -(row["rate"] + row["distortion"]))
+    for name in ("rate_distortion.png", "traversals_beta_1.png", "traversals_beta_4.png", "results.json"):
+        assert (tmp_path / "docs" / name).exists(), name
+
+
+def test_gaussian_sigma_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:  # type: ignore[no-untyped-def]
+    script = load_experiment("experiments/gaussian_sigma.py")
+    summary = script.main([
+        "--fixed", "0.1", "1.0", "--epochs", "1", "--z-dim", "4", "--hidden-sizes", "32", "--eval-samples", "10",
+        "--num-train", "200", "--num-test", "40", "--data-dir", str(mnist_root),
+        "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+    ])
+    rows = {r["name"]: r for r in summary["rows"]}
+    assert set(rows) == {"fixed_0.1", "fixed_1", "learned_shared", "learned_pixel"}
+    assert math.isclose(rows["fixed_0.1"]["sigma_mean"], 0.1, rel_tol=1e-6) and rows["fixed_0.1"]["sigma_min"] == rows["fixed_0.1"]["sigma_max"]
+    assert rows["learned_pixel"]["sigma_min"] < rows["learned_pixel"]["sigma_max"]
+    for name in ("sigma.png", "sigma_map.png", "results.json"):
+        assert (tmp_path / "docs" / name).exists(), name
