@@ -35,3 +35,24 @@ def test_gaussian_sigma_smoke(load_experiment, tmp_path: Path, mnist_root: Path)
     assert rows["learned_pixel"]["sigma_min"] < rows["learned_pixel"]["sigma_max"]
     for name in ("sigma.png", "sigma_map.png", "results.json"):
         assert (tmp_path / "docs" / name).exists(), name
+
+
+def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:  # type: ignore[no-untyped-def]
+    script = load_experiment("experiments/vq_models.py")
+    argv = [
+        "--epochs", "1", "--num-codes", "8", "--num-codes-top", "4", "--code-dim", "4", "--prior-epochs", "1",
+        "--prior-channels", "8", "--prior-layers", "1", "--num-samples", "4", "--num-train", "200",
+        "--num-test", "30", "--data-dir", str(mnist_root), "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+    ]
+    summary = script.main(argv)
+    rows = {r["model"]: r for r in summary["rows"]}
+    assert set(rows) == {"vqvae", "vqvae2"}
+    for row in rows.values():
+        # (That the fitted prior beats the uniform one is tested with adequate training in test_vqvae.py.)
+        assert math.isfinite(row["log_prior_codes"]) and math.isfinite(row["bound_with_fitted_prior"])
+        assert math.isclose(
+            row["bound_uniform_prior"], row["test_reconstruction_log_lik"] - row["kl"], rel_tol=1e-6)
+        assert (tmp_path / "docs" / f"{row['model']}_samples.png").exists()
+    assert "perplexity_top" in rows["vqvae2"]
+    again = script.main(argv)  # priors and runs are reused, not refitted
+    assert again["rows"][0]["log_prior_codes"] == summary["rows"][0]["log_prior_codes"]
