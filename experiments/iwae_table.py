@@ -37,7 +37,7 @@ from pyrovae.studies.sweep import run_configs
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--cells", nargs="+", choices=list(burda.CELLS), default=list(burda.CELLS),
+    parser.add_argument("--cells", nargs="+", choices=list(burda.CELLS), default=list(burda.TABLE_CELLS),
                         help="which cells to train and evaluate (k1 is VAE = IWAE at K=1)")
     parser.add_argument("--out", default="runs/iwae_table", help="one run folder per cell (checkpoints)")
     parser.add_argument("--docs", default="docs/iwae_table", help="where results.json and curves.png go")
@@ -85,8 +85,9 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
         "paper": {"epochs": burda.PAPER["epochs"], "batch_size": burda.PAPER["batch_size"]},
         "rows": rows,
         "ordering": burda.ordering_checks(rows),
+        "estimators": burda.estimator_rows(results),
         "machine": machine(),
-        "cells_missing": sorted(set(burda.CELLS) - set(results)),
+        "cells_missing": sorted(set(burda.TABLE_CELLS) - set(results)),
         "num_test": {cell: m["num_test"] for cell, m in results.items()},
     }
     docs = Path(args.docs)

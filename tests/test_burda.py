@@ -57,7 +57,8 @@ def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root
     rows = {(r["objective"], r["k"]): r for r in summary["rows"] if r["layers"] == 1}
     assert rows[("VAE", 1)]["nll"] == rows[("IWAE", 1)]["nll"]  # one run fills both K=1 cells
     assert math.isfinite(rows[("IWAE", 5)]["nll"]) and "nll" not in rows[("VAE", 50)]
-    assert summary["cells_missing"] == sorted(set(burda.CELLS) - {"k1", "iwae-k5", "2l-k1"})
+    assert summary["cells_missing"] == sorted(set(burda.TABLE_CELLS) - {"k1", "iwae-k5", "2l-k1"})
+    assert [r["estimator"] for r in summary["estimators"]] == ["standard", "STL", "DReG"]
     two = {(r["objective"], r["k"]): r for r in summary["rows"] if r["layers"] == 2}
     assert set(two[("VAE", 1)]["active_units_by_site"]) == {"z", "z2"}
     assert (tmp_path / "docs" / "curves.png").exists()
