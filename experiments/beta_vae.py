@@ -21,10 +21,9 @@ import torch
 
 from pyrovae.config import TrainConfig
 from pyrovae.evaluate import posterior_means
-from pyrovae.perf import tune_malloc
 from pyrovae.plots import save_image_grid
 from pyrovae.run import restore, write_json
-from pyrovae.studies.sweep import run_configs
+from pyrovae.studies.sweep import add_common_args, run_configs, setup
 from pyrovae.train import evaluation_data
 
 
@@ -33,17 +32,11 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--betas", type=float, nargs="+", default=[0.5, 1.0, 2.0, 4.0, 8.0])
     parser.add_argument("--out", default="runs/beta_vae", help="one run folder per β")
     parser.add_argument("--docs", default="docs/beta_vae", help="results.json and figures")
-    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--z-dim", type=int, default=50)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[400])
     parser.add_argument("--eval-samples", type=int, default=1000, help="K of the test log-likelihood")
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-test", type=int, default=None)
     parser.add_argument("--traversal-units", type=int, default=8, help="units shown in each traversal figure")
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
     return parser.parse_args(argv)
 
 
@@ -103,10 +96,7 @@ def plot_rate_distortion(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    tune_malloc()
+    setup(args)
     configs = {
         beta_name(beta): TrainConfig(
             beta=beta, epochs=args.epochs, z_dim=args.z_dim, hidden_sizes=tuple(args.hidden_sizes),

@@ -23,10 +23,9 @@ import torch
 
 from pyrovae.config import TrainConfig
 from pyrovae.evaluate import posterior_means
-from pyrovae.perf import tune_malloc
 from pyrovae.plots import save_image_grid
 from pyrovae.run import restore, write_json
-from pyrovae.studies.sweep import run_configs
+from pyrovae.studies.sweep import add_common_args, run_configs, setup
 from pyrovae.train import evaluation_data
 
 
@@ -35,16 +34,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--fixed", type=float, nargs="+", default=[0.05, 0.1, 0.3, 1.0], help="fixed σ values")
     parser.add_argument("--out", default="runs/gaussian_sigma")
     parser.add_argument("--docs", default="docs/gaussian_sigma")
-    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--z-dim", type=int, default=50)
     parser.add_argument("--hidden-sizes", type=int, nargs="+", default=[400])
     parser.add_argument("--eval-samples", type=int, default=1000)
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-test", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
     return parser.parse_args(argv)
 
 
@@ -102,10 +95,7 @@ def plot(rows: list[dict], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    tune_malloc()
+    setup(args)
     configs = configs_for(args)
     results = run_configs(configs, Path(args.out), data_dir=args.data_dir)
     docs = Path(args.docs)

@@ -25,11 +25,10 @@ import torch
 
 from pyrovae.checkpoint import load_checkpoint, save_checkpoint
 from pyrovae.config import TrainConfig
-from pyrovae.perf import tune_malloc
 from pyrovae.plots import save_image_grid, save_reconstructions
 from pyrovae.run import restore, write_json
 from pyrovae.studies import vq
-from pyrovae.studies.sweep import run_configs
+from pyrovae.studies.sweep import add_common_args, run_configs, setup
 from pyrovae.train import evaluation_data
 
 
@@ -38,7 +37,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--models", nargs="+", default=["vqvae", "vqvae2"], choices=["vqvae", "vqvae2"])
     parser.add_argument("--out", default="runs/vq_models")
     parser.add_argument("--docs", default="docs/vq_models")
-    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--num-codes", type=int, default=64, help="K (bottom level for vqvae2)")
     parser.add_argument("--num-codes-top", type=int, default=32, help="vqvae2: top-level K")
     parser.add_argument("--code-dim", type=int, default=16, help="D")
@@ -46,12 +44,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--prior-channels", type=int, default=64)
     parser.add_argument("--prior-layers", type=int, default=4)
     parser.add_argument("--num-samples", type=int, default=64, help="images drawn from each fitted prior")
-    parser.add_argument("--num-train", type=int, default=None)
-    parser.add_argument("--num-test", type=int, default=None)
-    parser.add_argument("--data-dir", default=None)
-    parser.add_argument("--device", default="cpu")
-    parser.add_argument("--threads", type=int, default=None)
-    parser.add_argument("--seed", type=int, default=0)
+    add_common_args(parser)
     return parser.parse_args(argv)
 
 
@@ -105,10 +98,7 @@ def _prior_bound(name: str, model, guide, nets, x: torch.Tensor) -> dict[str, fl
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
-    if args.threads is not None:
-        torch.set_num_threads(args.threads)
-    tune_malloc()
+    setup(args)
     configs = {
         name: TrainConfig(model=name, z_dim=args.code_dim, num_codes=args.num_codes,
                           num_codes_top=args.num_codes_top if name == "vqvae2" else None, epochs=args.epochs,

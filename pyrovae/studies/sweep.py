@@ -61,3 +61,26 @@ def run_configs(
         if after is not None:
             after(name, metrics)
     return results
+
+
+def add_common_args(parser: Any, epochs: int = 20) -> None:
+    """The flags every model-comparison experiment takes."""
+    parser.add_argument("--epochs", type=int, default=epochs, help="epochs of every run")
+    parser.add_argument("--num-train", type=int, default=None, help="first training points (default all)")
+    parser.add_argument("--num-test", type=int, default=None, help="first test points (default all)")
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (else $PYROVAE_DATA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def setup(args: Any) -> None:
+    """Logging, torch threads and the malloc tuning of an experiment's process."""
+    import torch
+
+    from pyrovae.perf import tune_malloc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    tune_malloc()
