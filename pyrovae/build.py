@@ -143,17 +143,10 @@ def build_model(config: TrainConfig, dataset: Dataset) -> Any:
     return MODELS[config.model](config, dataset)
 
 
-def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
-    """The model and guide that ``config`` names, with networks on ``config.device``.
-
-    Network initialisation draws from torch's global RNG: seed it (``pyro.set_rng_seed``) first.
-    """
+def check_combination(config: TrainConfig) -> None:
+    """Refuse combinations of model, guide, objective and options that do not go together, with
+    what to use instead (no data needed, so the command line can check before it writes anything)."""
     config = config.resolved()
-    if config.likelihood != dataset.likelihood:
-        raise ValueError(
-            f"the {dataset.name} data set needs likelihood={dataset.likelihood!r}, "
-            f"got {config.likelihood!r}"
-        )
     if config.x_scale_shape == "pixel" and config.model == "linear":
         raise ValueError("the linear model has one noise scale; drop --x-scale-shape pixel")
     if config.network == "conv" and config.model == "linear":
@@ -172,6 +165,20 @@ def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
             f"model='hvae' is trained with its amortized bottom-up guide; --guide {config.guide} has one "
             "latent layer. Use --guide amortized"
         )
+
+
+def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
+    """The model and guide that ``config`` names, with networks on ``config.device``.
+
+    Network initialisation draws from torch's global RNG: seed it (``pyro.set_rng_seed``) first.
+    """
+    config = config.resolved()
+    if config.likelihood != dataset.likelihood:
+        raise ValueError(
+            f"the {dataset.name} data set needs likelihood={dataset.likelihood!r}, "
+            f"got {config.likelihood!r}"
+        )
+    check_combination(config)
     model = MODELS[config.model](config, dataset)
     guide = GUIDES[config.guide](config, dataset, model)
     return model, guide

@@ -18,7 +18,7 @@ import pyro
 import torch
 
 from pyrovae import distributed, plots
-from pyrovae.build import build, build_model, modules_of
+from pyrovae.build import build, build_model, check_combination, modules_of
 from pyrovae.models.vqvae import VQVAE, VQVAE2, vq2_metrics, vq_metrics
 from pyrovae.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.config import TrainConfig
@@ -235,6 +235,7 @@ def train_and_evaluate(
     """
     config = config.resolved()
     check_device(config.device)
+    check_combination(config)  # before anything is written to `out`
     world, device = distributed.init_process_group(config.device)
     out = distributed.run_on_main(lambda: prepare_output(out, resume=resume, overwrite=overwrite), world)
     local = dataclasses.replace(config, device=device)

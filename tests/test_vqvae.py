@@ -216,3 +216,13 @@ def test_cli_trains_a_vqvae2_and_its_priors(tmp_path, mnist_root) -> None:  # ty
     priors = vq.fit_code_priors_2(model, guide, data, epochs=1, batch_size=50, channels=8, layers=1)
     images = vq.sample_images_2(model, priors["top"], priors["bottom"], 3)
     assert images.shape == (3, 784) and (images >= 0).all() and (images <= 1).all()
+
+
+def test_cli_refuses_a_bad_combination_before_writing(tmp_path, mnist_root, capsys) -> None:  # type: ignore[no-untyped-def]
+    from pyrovae.cli import main
+
+    out = tmp_path / "never"
+    code = main(["train", "--model", "vqvae", "--objective", "iwae", "--num-particles", "5", "--out", str(out),
+                 "--num-train", "10", "--data-dir", str(mnist_root)])
+    assert code == 2 and not out.exists()
+    assert "--objective elbo" in capsys.readouterr().err
