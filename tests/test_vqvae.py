@@ -222,7 +222,8 @@ def test_cli_refuses_a_bad_combination_before_writing(tmp_path, mnist_root, caps
     from pyrovae.cli import main
 
     out = tmp_path / "never"
-    code = main(["train", "--model", "vqvae", "--objective", "iwae", "--num-particles", "5", "--out", str(out),
-                 "--num-train", "10", "--data-dir", str(mnist_root)])
-    assert code == 2 and not out.exists()
+    with pytest.raises(SystemExit) as stop:
+        main(["train", "--model", "vqvae", "--objective", "iwae", "--num-particles", "5", "--out", str(out),
+              "--num-train", "10", "--data-dir", str(mnist_root)])
+    assert stop.value.code == 2 and not out.exists()
     assert "--objective elbo" in capsys.readouterr().err
