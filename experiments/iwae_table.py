@@ -19,7 +19,6 @@ Example (the committed run, two processes):
 from __future__ import annotations
 
 import argparse
-import json
 import logging
 import os
 import platform
@@ -95,16 +94,35 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
     write_json(docs / "results.json", summary)
     if results:
         plot_curves(results, docs / "curves.png")
-    print(f"{'':8} {'':4} {'K':>3}  {'ours':>7}  {'paper':>6}  {'diff':>5}  {'active':>6}  {'epochs':>6}  last-10% gain")
-    for row in rows:
-        if "nll" in row:
-            print(f"{row['layers']} layer{'s' if row['layers'] > 1 else ' '} {row['objective']:4} {row['k']:3d}  {row['nll']:7.2f}  {row['paper_nll']:6.2f}  "
-                  f"{row['difference']:5.2f}  {row['active_units']:6d}  {row['epochs']:6d}  "
-                  f"{row['convergence_gain'] if row['convergence_gain'] is None else round(row['convergence_gain'], 3)}")
-        else:
-            print(f"{row['layers']} layer{'s' if row['layers'] > 1 else ' '} {row['objective']:4} {row['k']:3d}  {'-':>7}  {row['paper_nll']:6.2f}")
-    print("ordering:", json.dumps(summary["ordering"]))
+    table = markdown_table(summary)
+    (docs / "table.md").write_text(table)
+    print(table)
     return summary
+
+
+def markdown_table(summary: dict) -> str:
+    """Our table beside the paper's, the orderings and the estimator cells, as Markdown."""
+    def fmt(value: object, spec: str = ".2f") -> str:
+        return "–" if value is None else format(value, spec)
+
+    lines = ["| layers | objective | K | test NLL, ours | paper | ours − paper | active units | epochs | "
+             "test-bound gain in the last 10 % of epochs |", "|---|---|---|---|---|---|---|---|---|"]
+    for row in summary["rows"]:
+        lines.append(
+            f"| {row['layers']} | {row['objective']} | {row['k']} | {fmt(row.get('nll'))} | {row['paper_nll']:.2f} | "
+            f"{fmt(row.get('difference'))} | {fmt(row.get('active_units'), 'd')} | {fmt(row.get('epochs'), 'd')} | "
+            f"{fmt(row.get('convergence_gain'), '.3f')} |"
+        )
+    lines += ["", "| ordering (paper's) | holds here |", "|---|---|"]
+    lines += [f"| {name} | {'–' if ok is None else ('yes' if ok else '**no**')} |" for name, ok in summary["ordering"].items()]
+    lines += ["", "| IWAE K=50, encoder gradient | test NLL | active units |", "|---|---|---|"]
+    lines += [f"| {row['estimator']} | {fmt(row.get('nll'))} | {fmt(row.get('active_units'), 'd')} |"
+              for row in summary["estimators"]]
+    s = summary["schedule"]
+    lines += ["", f"Budget per cell: {s['epochs']} epochs (the paper: {summary['paper']['epochs']}), batch "
+              f"{s['batch_size']} (the paper: {summary['paper']['batch_size']}), Adam from {s['lr']:g} to {s['final_lr']:g} "
+              f"(×{s['lr_decay_per_epoch']:.4f} per epoch). Missing cells: {', '.join(summary['cells_missing']) or 'none'}."]
+    return "\n".join(lines) + "\n"
 
 
 def plot_curves(results: dict[str, dict], path: Path) -> None:
