@@ -94,6 +94,13 @@ class Decoder(MLP):
         self.x_dim = x_dim
 
 
+def _latent_dims(z_dims: Sequence[int]) -> tuple[int, ...]:
+    dims = tuple(int(d) for d in z_dims)
+    if len(dims) < 2 or min(dims) < 1:
+        raise ValueError(f"a hierarchical VAE needs at least two latent layers of positive size, got z_dims={dims}")
+    return dims
+
+
 class HierarchicalDecoder(nn.Module):
     """The networks of a VAE with L stochastic layers z_1 (next to x), ..., z_L (top):
     a Gaussian MLP p(z_l | z_{l+1}) for each l < L and the decoder f_θ(z_1) of p(x | z_1).
@@ -119,9 +126,7 @@ class HierarchicalDecoder(nn.Module):
         image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if len(z_dims) < 2:
-            raise ValueError(f"a hierarchical VAE needs at least two latent layers, got z_dims={tuple(z_dims)}")
-        self.z_dims = tuple(int(d) for d in z_dims)
+        self.z_dims = _latent_dims(z_dims)
         self.x_dim = x_dim
         self.z_dim = self.z_dims[0]
         self.decoder: nn.Module = (
@@ -160,9 +165,7 @@ class HierarchicalEncoder(nn.Module):
         image_shape: Sequence[int] | None = None,
     ) -> None:
         super().__init__()
-        if len(z_dims) < 2:
-            raise ValueError(f"a hierarchical VAE needs at least two latent layers, got z_dims={tuple(z_dims)}")
-        self.z_dims = tuple(int(d) for d in z_dims)
+        self.z_dims = _latent_dims(z_dims)
         sizes = (x_dim, *self.z_dims)
         first: nn.Module = (
             GaussianEncoder(x_dim, self.z_dims[0], hidden_sizes, activation) if image_shape is None
