@@ -27,11 +27,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
-import os
-import platform
 import statistics
-import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Callable
@@ -47,7 +43,7 @@ from pyrovae.models import VAE
 from pyrovae.nets import Decoder, GaussianEncoder
 from pyrovae.objectives import make_objective
 from pyrovae.optim import make_pyro_optimizer
-from pyrovae.perf import tune_malloc
+from pyrovae.perf import machine_info, tune_malloc
 from pyrovae.run import load_data, write_json
 from pyrovae.step import GradientStep
 from pyrovae.studies import speed
@@ -86,28 +82,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--merge", action="store_true",
                         help="keep the parts of an earlier results.json in --out that this run does not measure")
     return parser.parse_args(argv)
-
-
-def machine(device: torch.device) -> dict[str, Any]:
-    info: dict[str, Any] = {
-        "platform": platform.platform(),
-        "python": sys.version.split()[0],
-        "torch": torch.__version__,
-        "pyro": pyro.__version__,
-        "cpu_count": os.cpu_count(),
-        "torch_threads": torch.get_num_threads(),
-        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
-        "blas": "MKL" if torch.backends.mkl.is_available() else "other",
-        "device": str(device),
-    }
-    try:
-        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
-    except (OSError, StopIteration, subprocess.SubprocessError):
-        info["cpu"] = platform.processor() or platform.machine()
-    if device.type == "cuda":
-        info["gpu"] = torch.cuda.get_device_name(device)
-    return info
 
 
 def make_pair(network: str, seed: int, device: torch.device) -> tuple[GaussianEncoder, Decoder]:
@@ -332,7 +306,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     config = TrainConfig(dataset="mnist", binarize="dynamic", num_train=args.num_train, device=args.device)
     dataset = load_data(config, args.data_dir)
     x_test = torch.bernoulli(dataset.test, generator=torch.Generator(device=device).manual_seed(args.seed))
-    results: dict[str, Any] = {"machine": {**machine(device), "malloc_tuned": tuned}, "args": vars(args)}
+    results: dict[str, Any] = {"machine": {**machine_info(device), "malloc_tuned": tuned}, "args": vars(args)}
     start = time.perf_counter()
     results["measured_at"] = {part: time.strftime("%Y-%m-%d %H:%M UTC", time.gmtime()) for part in args.parts}
     if "step" in args.parts:

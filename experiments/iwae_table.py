@@ -20,15 +20,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import os
-import platform
-import sys
 from pathlib import Path
 
 import torch
 
 from pyrovae.interrupt import TrainingInterrupted
-from pyrovae.perf import tune_malloc
+from pyrovae.perf import machine_info, tune_malloc
 from pyrovae.run import write_json
 from pyrovae.studies import burda
 from pyrovae.studies.sweep import run_configs
@@ -56,16 +53,6 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def machine() -> dict[str, object]:
-    return {
-        "processor": platform.processor() or platform.machine(),
-        "cpu_count": os.cpu_count(),
-        "torch": torch.__version__,
-        "torch_threads": torch.get_num_threads(),
-        "python": sys.version.split()[0],
-    }
-
-
 def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
     configs = {
         cell: burda.cell_config(cell, schedule, seed=args.seed, device=args.device, num_train=args.num_train,
@@ -85,7 +72,7 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
         "rows": rows,
         "ordering": burda.ordering_checks(rows),
         "estimators": burda.estimator_rows(results),
-        "machine": machine(),
+        "machine": machine_info(args.device),
         "cells_missing": sorted(set(burda.TABLE_CELLS) - set(results)),
         "num_test": {cell: m["num_test"] for cell, m in results.items()},
     }

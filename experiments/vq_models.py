@@ -54,6 +54,7 @@ def _priors(name: str, model, guide, dataset, args, folder: Path):  # type: igno
 
     path = folder / "priors.pt"
     opts = dict(channels=args.prior_channels, layers=args.prior_layers)
+    settings = {k: getattr(args, k) for k in ("prior_epochs", "prior_channels", "prior_layers")}
     if name == "vqvae":
         prior = CodePrior(model.num_codes, model.grid, **opts)
         nets = {"prior": prior}
@@ -61,7 +62,7 @@ def _priors(name: str, model, guide, dataset, args, folder: Path):  # type: igno
         nets = {"top": CodePrior(model.num_codes_top, model.grid_top, name="code_prior_top", **opts),
                 "bottom": ConditionalCodePrior(model.num_codes, model.grid, model.num_codes_top, model.grid_top, **opts)}
     saved = load_checkpoint(path) if path.exists() else None
-    if saved is not None and saved.get("args") == {k: getattr(args, k) for k in ("prior_epochs", "prior_channels", "prior_layers")}:
+    if saved is not None and saved.get("args") == settings:
         for key, p in nets.items():
             p.net.load_state_dict(saved[key])
             p.net.to(model.codebook.device if hasattr(model, "codebook") else args.device)
@@ -74,7 +75,7 @@ def _priors(name: str, model, guide, dataset, args, folder: Path):  # type: igno
         fitted = vq.fit_code_priors_2(model, guide, dataset, epochs=args.prior_epochs, seed=args.seed, **opts)
         nets = {"top": fitted["top"], "bottom": fitted["bottom"]}
         histories = {"top": fitted["history_top"].to_dict(), "bottom": fitted["history_bottom"].to_dict()}
-    save_checkpoint(path, {"args": {k: getattr(args, k) for k in ("prior_epochs", "prior_channels", "prior_layers")},
+    save_checkpoint(path, {"args": settings,
                            "history": histories, **{k: p.net.state_dict() for k, p in nets.items()}})
     return nets, histories
 

@@ -20,7 +20,13 @@ import ctypes
 import ctypes.util
 import logging
 import os
+import platform
+import subprocess
 import sys
+from typing import Any
+
+import pyro
+import torch
 
 logger = logging.getLogger(__name__)
 
@@ -69,3 +75,27 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = 
         logger.debug("glibc refused a mallopt setting; malloc left as it was")
     _tuned = ok
     return ok
+
+
+def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
+    """What a benchmark or long run was measured on: platform, CPU, torch build and threads."""
+    device = torch.device(device)
+    info: dict[str, Any] = {
+        "platform": platform.platform(),
+        "python": sys.version.split()[0],
+        "torch": torch.__version__,
+        "pyro": pyro.__version__,
+        "cpu_count": os.cpu_count(),
+        "torch_threads": torch.get_num_threads(),
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "blas": "MKL" if torch.backends.mkl.is_available() else "other",
+        "device": str(device),
+    }
+    try:
+        lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+    except (OSError, StopIteration, subprocess.SubprocessError):
+        info["cpu"] = platform.processor() or platform.machine()
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
