@@ -62,6 +62,9 @@ class TrainConfig:
     :param eval_samples: K of the importance-sampled test log-likelihood.
     :param test_time_steps: Adam steps of the test-set per-datapoint guide (per-datapoint only).
     :param clip_norm: clip the gradient's global L2 norm to this value (``None``: no clipping).
+    :param local_steps: per-datapoint guide only: Adam steps of each batch's rows on their own
+        ELBO before every decoder step (0: one joint step; see :func:`pyrovae.fit`).
+    :param local_lr: the step size of those local steps.
     """
 
     dataset: DatasetName = "mnist"
@@ -98,6 +101,8 @@ class TrainConfig:
     eval_batch: int = 100
     test_time_steps: int = 300
     clip_norm: Optional[float] = None
+    local_steps: int = 0
+    local_lr: float = 3e-2
     extra: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -124,6 +129,15 @@ class TrainConfig:
                 raise ValueError(f"{name} must be an integer >= 1 (or None), got {value!r}")
         if self.test_time_steps < 0:
             raise ValueError(f"test_time_steps must be >= 0, got {self.test_time_steps}")
+        if not isinstance(self.local_steps, int) or isinstance(self.local_steps, bool) or self.local_steps < 0:
+            raise ValueError(f"local_steps must be an integer >= 0, got {self.local_steps!r}")
+        if self.local_steps and self.guide != "per-datapoint":
+            raise ValueError(
+                f"local_steps={self.local_steps} refines the rows of a per-datapoint guide; with --guide "
+                f"{self.guide} leave --local-steps at 0 (or use --guide per-datapoint)"
+            )
+        if not self.local_lr > 0:
+            raise ValueError(f"local_lr must be positive, got {self.local_lr} (--local-lr, e.g. 3e-2)")
         hints = {
             "lr": "the Adam step size, e.g. 1e-3",
             "beta": "the KL weight of the β-VAE; 1 is the plain VAE",

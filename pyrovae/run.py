@@ -255,6 +255,7 @@ def train_and_evaluate(
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
         seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
         config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
+        local_steps=config.local_steps, local_lr=config.local_lr,
     )
     train_seconds = time.perf_counter() - start
     if not world.is_main:

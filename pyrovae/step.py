@@ -99,7 +99,10 @@ class GradientStep:
         weight = len(index) / len(batch_index) if weight is None else weight
         with poutine.trace(param_only=True) as capture:
             loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, x, index, num_data))
+        # Frozen params (requires_grad off, e.g. by pyrovae.train.frozen_params) are not stepped: a
+        # zero gradient would still move them by Adam's momentum.
         params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        params = {name: param for name, param in params.items() if param.requires_grad}
         names = sorted(params)  # the same order in every process
         grads = []
         for name in names:

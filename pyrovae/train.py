@@ -224,6 +224,8 @@ def fit(
     validate: bool = False,
     clip_norm: Optional[float] = None,
     handle_signals: bool = True,
+    local_steps: int = 0,
+    local_lr: float = 3e-2,
 ) -> History:
     """Train ``model`` and ``guide`` by stochastic variational inference (Pyro's SVI step).
 
@@ -261,6 +263,11 @@ def fit(
     :param clip_norm: clip the global L2 norm of the gradient to this value (``None``: no clipping).
     :param handle_signals: turn SIGINT/SIGTERM into a checkpoint and :class:`TrainingInterrupted`
         (main thread only).
+    :param local_steps: per-datapoint guides only: before each step, the batch's rows take this
+        many Adam steps (rate ``local_lr``) on their own ELBO with the model fixed
+        (:meth:`pyrovae.guides.PerDatapointGuide.refine_rows`); the step then updates the model
+        alone, the rows held fixed (stochastic variational inference with local and global steps,
+        Hoffman et al. 2013). 0: the rows take one Adam step with the model, like any parameter.
     :return: the :class:`History`, also stored in the checkpoint.
     """
     world = current_world()
@@ -292,6 +299,7 @@ def fit(
     device = dataset.train.device
     steps_per_epoch = math.ceil(num_data / batch_size)
     local_params = getattr(guide, "local_param_names", frozenset())
+    _check_local_steps(guide, local_steps, local_lr, world)
     optimizer = make_pyro_optimizer(lr, lr_decay ** (1.0 / steps_per_epoch), lazy_params=local_params)
     step_fn = GradientStep(model, guide, objective, optimizer, local_params=local_params,
                            clip_norm=clip_norm, world=world)
@@ -426,7 +434,14 @@ def fit(
                 weight = None
                 if len(index) == 0:  # a last batch smaller than the number of processes
                     index, x, weight = batch_index[:1], x_batch[:1], 0.0
-                result = step_fn(x, index, num_data, batch_index=batch_index, weight=weight, stop=signals.requested)
+                if local_steps:
+                    with frozen_params(lambda name: True):
+                        guide.refine_rows(model, x, index, local_steps, local_lr)
+                    with frozen_params(local_params.__contains__):
+                        result = step_fn(x, index, num_data, batch_index=batch_index, weight=weight,
+                                         stop=signals.requested)
+                else:
+                    result = step_fn(x, index, num_data, batch_index=batch_index, weight=weight, stop=signals.requested)
                 if result.problem is not None:
                     kept = (
                         f"The last checkpoint, {checkpoint_path} (epoch {last_saved}), is intact."
@@ -470,6 +485,25 @@ def fit(
                 barrier(world)
                 raise interrupted(signals, epoch + 1, 0)
     return history
+
+
+def _check_local_steps(guide: Callable, local_steps: int, local_lr: float, world: World) -> None:
+    if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 0:
+        raise ValueError(f"local_steps must be an integer >= 0, got {local_steps!r}")
+    if not local_steps:
+        return
+    if not local_lr > 0:
+        raise ValueError(f"local_lr must be positive, got {local_lr}")
+    if not callable(getattr(guide, "refine_rows", None)):
+        raise ValueError(
+            f"local_steps={local_steps} needs a per-datapoint guide (PerDatapointGuide, --guide per-datapoint); "
+            f"{type(guide).__name__} has no rows to refine: use local_steps=0"
+        )
+    if world.is_distributed:
+        raise ValueError(
+            "local_steps is not supported in data-parallel training (each process would refine only its "
+            "slice's rows); train in one process, or use local_steps=0"
+        )
 
 
 def _rank_state(objective: ELBO) -> dict[str, Any]:

@@ -27,7 +27,6 @@ from pyrovae import (
     ExactPosteriorGuide,
     GaussianEncoder,
     LinearGaussian,
-    PerDatapointGuide,
     SemiAmortizedGuide,
     VAE,
     make_objective,
@@ -36,7 +35,6 @@ from pyrovae import (
 )
 from pyrovae.diagnostics import importance_diagnostics, pareto_khat, posterior_draws, to_inference_data
 from pyrovae.guides import gaussian_elbo, refine_gaussian
-from pyrovae.studies.amortization import per_datapoint_step
 from pyrovae.studies.importance import random_linear_gaussian
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -223,30 +221,6 @@ def test_start_from_an_encoder_and_history():
     assert json.dumps(history.to_dict())
     with pytest.raises(ValueError, match="init"):
         optimize_local_guide(model, x, 3, steps=1, init="encoder")
-
-
-# ---------------------------------------------------------------------------------------------
-# Per-datapoint training step
-
-
-def test_per_datapoint_step_moves_only_the_batch_rows():
-    model, _ = _small_vae()
-    guide = PerDatapointGuide(30, 3)
-    x_all = torch.bernoulli(torch.rand(30, 12))
-    pyro.param("local.z_loc", torch.randn(30, 3), event_dim=1)
-    pyro.param("local.z_scale", torch.rand(30, 3) + 0.5, constraint=torch.distributions.constraints.positive, event_dim=1)
-    loc, scale = pyro.param("local.z_loc").detach().clone(), pyro.param("local.z_scale").detach().clone()
-    weight = model.decoder[0].weight.detach().clone()
-    svi = SVI(model, guide, make_pyro_optimizer(1e-2), loss=make_objective("elbo"))
-    index = torch.tensor([2, 3, 5, 7, 11, 13, 17, 19, 23, 29])
-    per_datapoint_step(model, guide, svi, x_all[index], index, 30, local_steps=3, local_lr=0.05)
-    moved = (pyro.param("local.z_loc").detach() != loc).any(-1) | (pyro.param("local.z_scale").detach() != scale).any(-1)
-    in_batch = torch.zeros(30, dtype=torch.bool)
-    in_batch[index] = True
-    assert torch.equal(moved, in_batch)
-    assert not torch.equal(model.decoder[0].weight.detach(), weight)
-    assert all(p.requires_grad for p in model.decoder.parameters())  # frozen only while stepping
-    assert pyro.get_param_store()["local.z_loc"].unconstrained().requires_grad
 
 
 # ---------------------------------------------------------------------------------------------

@@ -44,14 +44,11 @@ from typing import Any, Callable, Optional
 
 import pyro
 import torch
-from pyro.infer import SVI
 
-from pyrovae.data import Dataset, index_batches
+from pyrovae.data import Dataset
 from pyrovae.guides import AmortizedGuide, PerDatapointGuide
 from pyrovae.guides.semi_amortized import SemiAmortizedGuide, refine_gaussian
 from pyrovae.objectives import make_objective
-from pyrovae.optim import make_pyro_optimizer
-from pyrovae.train import frozen_params
 
 __all__ = [
     "InferenceSettings",
@@ -62,7 +59,6 @@ __all__ = [
     "inference_data",
     "load_trained",
     "optimised_route",
-    "per_datapoint_step",
     "plot_convergence",
     "plot_gaps",
     "plot_khat",
@@ -143,84 +139,31 @@ def train_per_datapoint(
     seed: int = 0,
     log: Optional[Callable[[str], None]] = None,
 ) -> dict[str, Any]:
-    """Train a decoder jointly with one q_i per training point (a non-amortized VAE): stochastic
-    variational inference with local and global steps (Hoffman et al. 2013).
+    """Train a decoder jointly with one q_i per training point (a non-amortized VAE) by
+    :func:`pyrovae.fit` with ``local_steps``: stochastic variational inference with local and
+    global steps (Hoffman et al. 2013).
 
-    For each minibatch (shuffled, dynamically binarized, subsampled by the data plate): the batch's
-    rows of the per-datapoint guide take ``local_steps`` Adam steps (rate ``local_lr``, fresh
-    moments at each visit: :func:`~pyrovae.guides.semi_amortized.refine_gaussian`) on their own
-    ELBO with the decoder fixed, and are written back; then the decoder takes one Adam step (rate
-    ``lr``) on the batch's ELBO with those rows fixed (Pyro SVI, the guide's params frozen). Rows
-    of other points never change. This is the semi-amortized update with the stored rows, instead
-    of an encoder, as the starting point.
-
-    Why not :func:`pyrovae.fit` with one step per batch: a row then moves once per epoch by about
-    one learning rate, so after 20 epochs q_i is still near the prior and the decoder learns to
-    ignore z (we measured a training ELBO of about −207 nats after 3 epochs for any rate between
-    1e-3 and 0.3: posterior collapse).
+    For each minibatch the batch's rows of the per-datapoint guide take ``local_steps`` Adam steps
+    (rate ``local_lr``, fresh moments at each visit) on their own ELBO with the decoder fixed and
+    are written back (:meth:`~pyrovae.guides.PerDatapointGuide.refine_rows`); then the decoder
+    takes one Adam step (rate ``lr``) on the batch's ELBO with those rows fixed. Rows of other
+    points never change. Why not one step per batch: see :class:`~pyrovae.guides.PerDatapointGuide`.
 
     :return: ``{"train_elbo": [...], "seconds": [...]}`` per epoch; the ELBO is that of the
         decoder step, i.e. after the local steps, in nats per point.
     """
+    from pyrovae.train import fit
+
     if local_steps < 1:
         raise ValueError(f"local_steps must be >= 1, got {local_steps}; with 0 use pyrovae.fit")
-    num_data = dataset.num_train
-    device = dataset.train.device
-    loc_name, scale_name = f"{guide.prefix}.z_loc", f"{guide.prefix}.z_scale"
-    if loc_name not in pyro.get_param_store():
-        pyro.param(loc_name, torch.full((num_data, guide.z_dim), guide.init_loc, device=device), event_dim=1)
-        pyro.param(
-            scale_name, torch.full((num_data, guide.z_dim), guide.init_scale, device=device),
-            constraint=torch.distributions.constraints.positive, event_dim=1,
-        )
-    svi_global = SVI(model, guide, make_pyro_optimizer(lr), loss=make_objective("elbo"))
-    generator = torch.Generator(device=device).manual_seed(seed)
-    pyro.set_rng_seed(seed)
-    history: dict[str, list[float]] = {"train_elbo": [], "seconds": []}
-    with pyro.validation_enabled(False):
-        for epoch in range(epochs):
-            start = time.perf_counter()
-            total = 0.0
-            for index in index_batches(num_data, batch_size, generator=generator, device=device):
-                x = dataset.batch(dataset.train[index], generator)
-                loss = per_datapoint_step(model, guide, svi_global, x, index, num_data, local_steps, local_lr)
-                total += loss * len(index) / num_data
-            history["train_elbo"].append(-total / num_data)
-            history["seconds"].append(time.perf_counter() - start)
-            if not math.isfinite(total):
-                raise FloatingPointError(f"the loss became {total} in epoch {epoch + 1}; lower local_lr or lr")
-            if log is not None:
-                log(f"per-datapoint epoch {epoch + 1}/{epochs}: train ELBO {history['train_elbo'][-1]:.2f} "
-                    f"({history['seconds'][-1]:.0f} s)")
-    return history
-
-
-def per_datapoint_step(
-    model: Callable,
-    guide: PerDatapointGuide,
-    svi_global: SVI,
-    x: torch.Tensor,
-    index: torch.Tensor,
-    num_data: int,
-    local_steps: int,
-    local_lr: float,
-) -> float:
-    """One step of :func:`train_per_datapoint` on the batch ``(x, index)``: refine the batch's rows
-    of ``guide`` (its params must exist in the store), write them back, then one ``svi_global``
-    step with the rows frozen. Rows outside ``index`` are not touched. :return: the SVI loss."""
-    store = pyro.get_param_store()
-    loc_name, scale_name = f"{guide.prefix}.z_loc", f"{guide.prefix}.z_scale"
-    with torch.no_grad():
-        z_loc = pyro.param(loc_name)[index]
-        z_scale = pyro.param(scale_name)[index]
-    with frozen_params(lambda name: True):
-        z_loc, z_scale, _ = refine_gaussian(model, x, z_loc, z_scale, local_steps, local_lr)
-    to_positive = torch.distributions.biject_to(torch.distributions.constraints.positive)
-    with torch.no_grad():
-        store[loc_name].unconstrained()[index] = z_loc
-        store[scale_name].unconstrained()[index] = to_positive.inv(z_scale)
-    with frozen_params(guide.local_param_names.__contains__):
-        return svi_global.step(x, index, num_data)
+    history = fit(
+        model, guide, dataset, make_objective("elbo"), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
+        test_bound=False, progress=False, local_steps=local_steps, local_lr=local_lr,
+    )
+    if log is not None:
+        for epoch, (bound, seconds) in enumerate(zip(history.train_bound, history.seconds)):
+            log(f"per-datapoint epoch {epoch + 1}/{epochs}: train ELBO {bound:.2f} ({seconds:.0f} s)")
+    return {"train_elbo": list(history.train_bound), "seconds": list(history.seconds)}
 
 
 def train_semi_amortized(
