@@ -30,17 +30,14 @@ from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Optional, Sequence
 
 import pyro
-import pyro.distributions as dist
 import torch
 from torch.distributions import MultivariateNormal
 
 from pyrovae.evaluate import importance_sampling
-from pyrovae.guides import PriorGuide
-from pyrovae.handlers import data_plate, latent_scale
+from pyrovae.guides import ExactPosteriorGuide, PriorGuide
 from pyrovae.models import LinearGaussian
 
 __all__ = [
-    "GaussianApproximationGuide",
     "Proposal",
     "PROPOSALS",
     "dimension_study",
@@ -155,55 +152,12 @@ PROPOSALS: tuple[Proposal, ...] = (
 )
 
 
-class GaussianApproximationGuide:
-    """q(z|x) = ``proposal.distribution(model.posterior(x))``, a full-covariance Gaussian built
-    from the exact posterior of a linear-Gaussian model: a guide with the models' signature and
-    site name, whose mismatch with p(z|x) is known exactly.
-
-    :param model: a model with ``posterior(x)``, e.g. :class:`~pyrovae.models.LinearGaussian`.
-    :param proposal: how q differs from the posterior.
-    """
-
-    amortized = True
-
-    def __init__(self, model: LinearGaussian, proposal: Proposal) -> None:
-        if not hasattr(model, "posterior"):
-            raise ValueError(f"{type(model).__name__} has no closed-form posterior(x)")
-        self.model = model
-        self.proposal = proposal
-        self.beta = getattr(model, "beta", 1.0)
-
-    def distribution(self, x: torch.Tensor) -> MultivariateNormal:
-        """q(z|x) for each row of ``x``, as a torch distribution (for closed-form KLs)."""
-        return self.proposal.distribution(self.model.posterior(x))
-
-    def __call__(
-        self,
-        x: Optional[torch.Tensor],
-        index: Optional[torch.Tensor] = None,
-        num_data: Optional[int] = None,
-    ) -> torch.Tensor:
-        if x is None:
-            raise ValueError("this guide is built from p(z|x) and needs the data x")
-        with data_plate(x, index, num_data):
-            q = self.distribution(x)
-            with latent_scale(self.beta):
-                return pyro.sample(
-                    "z", dist.MultivariateNormal(q.loc, scale_tril=q._unbroadcasted_scale_tril)
-                )
-
-
 def make_guide(model: LinearGaussian, proposal: Proposal) -> Callable:
     """The guide that samples from ``proposal``: :class:`PriorGuide` for the prior, else
-    :class:`GaussianApproximationGuide`.
-
-    For the exact posterior this is the same distribution as :class:`ExactPosteriorGuide` (the
-    tests check both give zero variance), but with the scale factor kept unbatched: the library
-    guide's batched ``(B, d, d)`` factor makes log-densities of K × B draws ~20 times slower.
-    """
+    :class:`~pyrovae.guides.ExactPosteriorGuide` with the proposal's transform of the posterior."""
     if proposal.prior:
         return PriorGuide(model.z_dim)
-    return GaussianApproximationGuide(model, proposal)
+    return ExactPosteriorGuide(model, proposal.distribution)
 
 
 def log_weight_moment(p: MultivariateNormal, q: MultivariateNormal, alpha: float) -> torch.Tensor:
