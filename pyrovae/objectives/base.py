@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 from pyro.infer import ELBO
@@ -65,13 +65,19 @@ class PerDatapointObjective(ELBO):
         model_trace, guide_trace = vectorized_traces(
             model, guide, args, kwargs, self.num_particles, int(self.max_plate_nesting)
         )
-        self.prepare_traces(model_trace, guide_trace)
-        return per_datapoint_log_weights(
+        finish = self.prepare_traces(model_trace, guide_trace)
+        weights = per_datapoint_log_weights(
             model_trace, guide_trace, self.num_particles, int(self.max_plate_nesting), self.plate_name
         )
+        if finish is not None:
+            finish(weights)
+        return weights
 
-    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> None:
-        """Hook: change the traces' log-densities before they are reduced to log-weights (STL)."""
+    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> Optional[Callable[[LogWeights], None]]:
+        """Hook: change the traces' log-densities before they are reduced to log-weights (STL).
+        It may return a function that is called with the log-weights once they exist (DReG
+        weights the gradient reaching each sample by its normalized weight)."""
+        return None
 
     def value_and_score_term(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         """The bound (differentiable along pathwise gradients) and the score-function surrogate

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 
@@ -77,22 +77,22 @@ class IWAE(PerDatapointObjective):
         super().__init__(num_particles, max_plate_nesting, plate_name)
         self.estimator = estimator
 
-    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> None:
+    def prepare_traces(self, model_trace: Any, guide_trace: Any) -> Optional[Callable[[LogWeights], None]]:
         if self.estimator == "standard":
-            return
+            return None
         names = stick_the_landing_(guide_trace)
-        if self.estimator == "dreg" and torch.is_grad_enabled():
+        if self.estimator != "dreg" or not torch.is_grad_enabled():
+            return None
+        values = [guide_trace.nodes[name]["value"] for name in names]
+
+        def weight_the_sample_gradients(weights: LogWeights) -> None:
             # Weight the gradient reaching each sample z_k by w̃_k: the surrogate's Σ w̃_k ∂log w_k
             # then gives the encoder Σ w̃_k² ∂log w_k/∂z_k ∂z_k/∂φ (DReG); the decoder's gradient
             # does not pass through z and stays Σ w̃_k ∇θ log w_k.
-            self._dreg_values = [guide_trace.nodes[name]["value"] for name in names]
-
-    def log_weights(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> LogWeights:
-        self._dreg_values = []
-        weights = super().log_weights(model, guide, args, kwargs)
-        for value in self._dreg_values:
-            if value.requires_grad:
-                normalized = torch.softmax(weights.log_w.detach(), dim=0)  # (K, B)
+            normalized = torch.softmax(weights.log_w.detach(), dim=0)  # (K, B)
+            for value in values:
+                if not value.requires_grad:
+                    continue
                 if tuple(value.shape[:2]) != tuple(normalized.shape):
                     raise ValueError(
                         f"DReG needs latent samples of shape (K, B, ...), got {tuple(value.shape)} for "
@@ -100,8 +100,8 @@ class IWAE(PerDatapointObjective):
                     )
                 factor = normalized.reshape(normalized.shape + (1,) * (value.dim() - 2))
                 value.register_hook(lambda grad, factor=factor: grad * factor)
-        self._dreg_values = []
-        return weights
+
+        return weight_the_sample_gradients
 
     def value_and_score_term(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
         log_w = weights.log_w
