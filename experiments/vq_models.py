@@ -1,7 +1,9 @@
 """VQ-VAE and VQ-VAE-2 on MNIST: reconstructions, code usage, priors and samples.
 
-Trains a VQ-VAE (one 7×7 grid of codes, K = --num-codes, D = --code-dim) and a VQ-VAE-2 (a 7×7 top
-grid and a 14×14 bottom grid) with Trace_ELBO. Both have codebook and commitment losses, β = 0.25.
+Trains a VQ-VAE (one 7×7 grid of codes, K = --num-codes, D = --code-dim), the same VQ-VAE with an
+EMA codebook (vqvae-ema, decay --ema-decay) and a VQ-VAE-2 (a 7×7 top grid and a 14×14 bottom grid)
+with Trace_ELBO. vqvae and vqvae2 have codebook and commitment losses, β = 0.25; vqvae-ema the
+commitment loss alone.
 Each is a `pyrovae train` run in --out/<model>, resumable. Afterwards, autoregressive priors are
 fitted over the training codes by maximum likelihood: one PixelCNN for the VQ-VAE, and a top prior
 plus a bottom prior conditioned on the top for VQ-VAE-2. They are saved in --out/<model>/priors.pt
@@ -32,9 +34,15 @@ from pyrovae.studies.sweep import add_common_args, run_configs, setup
 from pyrovae.train import evaluation_data
 
 
+#: The runs: name -> (model, EMA codebook?).
+VARIANTS: dict[str, tuple[str, bool]] = {"vqvae": ("vqvae", False), "vqvae-ema": ("vqvae", True), "vqvae2": ("vqvae2", False)}
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--models", nargs="+", default=["vqvae", "vqvae2"], choices=["vqvae", "vqvae2"])
+    parser.add_argument("--models", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
+                        help="vqvae-ema: the VQ-VAE with an EMA codebook (decay --ema-decay) instead of the codebook loss")
+    parser.add_argument("--ema-decay", type=float, default=0.99, help="γ of the EMA codebook (vqvae-ema)")
     parser.add_argument("--out", default="runs/vq_models")
     parser.add_argument("--docs", default="docs/vq_models")
     parser.add_argument("--num-codes", type=int, default=64, help="K (bottom level for vqvae2)")
@@ -55,7 +63,7 @@ def _priors(name: str, model, guide, dataset, args, folder: Path):  # type: igno
     path = folder / "priors.pt"
     opts = dict(channels=args.prior_channels, layers=args.prior_layers)
     settings = {k: getattr(args, k) for k in ("prior_epochs", "prior_channels", "prior_layers")}
-    if name == "vqvae":
+    if VARIANTS[name][0] == "vqvae":
         prior = CodePrior(model.num_codes, model.grid, **opts)
         nets = {"prior": prior}
     else:
@@ -67,7 +75,7 @@ def _priors(name: str, model, guide, dataset, args, folder: Path):  # type: igno
             p.net.load_state_dict(saved[key])
             p.net.to(model.codebook.device if hasattr(model, "codebook") else args.device)
         return nets, saved["history"]
-    if name == "vqvae":
+    if VARIANTS[name][0] == "vqvae":
         prior, history, _ = vq.fit_code_prior(model, guide, dataset, epochs=args.prior_epochs, seed=args.seed, **opts)
         nets = {"prior": prior}
         histories = {"prior": history.to_dict()}
@@ -84,7 +92,7 @@ def _priors(name: str, model, guide, dataset, args, folder: Path):  # type: igno
 def _prior_bound(name: str, model, guide, nets, x: torch.Tensor) -> dict[str, float]:  # type: ignore[no-untyped-def]
     log_prior, log_lik = [], []
     for xb in x.split(1000):
-        if name == "vqvae":
+        if VARIANTS[name][0] == "vqvae":
             codes = guide.codes(xb)
             log_prior.append(nets["prior"].log_prob(codes))
             out = model.decoder(model.codebook[codes])
@@ -101,8 +109,9 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     setup(args)
     configs = {
-        name: TrainConfig(model=name, z_dim=args.code_dim, num_codes=args.num_codes,
-                          num_codes_top=args.num_codes_top if name == "vqvae2" else None, epochs=args.epochs,
+        name: TrainConfig(model=VARIANTS[name][0], z_dim=args.code_dim, num_codes=args.num_codes,
+                          num_codes_top=args.num_codes_top if VARIANTS[name][0] == "vqvae2" else None,
+                          codebook_ema=args.ema_decay if VARIANTS[name][1] else None, epochs=args.epochs,
                           num_train=args.num_train, num_test=args.num_test, device=args.device, seed=args.seed)
         for name in args.models
     }
@@ -116,7 +125,7 @@ def main(argv: list[str] | None = None) -> dict:
         nets, histories = _priors(name, model, guide, dataset, args, Path(args.out) / name)
         x = evaluation_data(dataset, "test", config.seed)
         torch.manual_seed(args.seed)
-        if name == "vqvae":
+        if VARIANTS[name][0] == "vqvae":
             samples = vq.sample_images(model, nets["prior"], args.num_samples)[1]
         else:
             samples = vq.sample_images_2(model, nets["top"], nets["bottom"], args.num_samples)

@@ -68,15 +68,17 @@ def _vqvae(config: TrainConfig, dataset: Dataset) -> VQVAE:
         raise ValueError(f"the VQ-VAE is convolutional and needs image data; {dataset.name} has no image shape")
     decoder = VQDecoder(dataset.image_shape, config.z_dim, activation=config.activation)
     grid = VQEncoder(dataset.image_shape, config.z_dim).grid
-    return VQVAE(decoder.to(config.device), config.num_codes, config.z_dim, grid, likelihood=config.likelihood,
-                 x_scale=config.x_scale, learn_x_scale=config.learn_x_scale)
+    model = VQVAE(decoder, config.num_codes, config.z_dim, grid, likelihood=config.likelihood,
+                  x_scale=config.x_scale, learn_x_scale=config.learn_x_scale, ema_decay=config.codebook_ema)
+    decoder.to(config.device)  # after the codebook is added to it
+    return model
 
 
 def _vqvae2(config: TrainConfig, dataset: Dataset) -> VQVAE2:
     if dataset.image_shape is None:
         raise ValueError(f"the VQ-VAE-2 is convolutional and needs image data; {dataset.name} has no image shape")
     networks = VQ2Networks(dataset.image_shape, config.z_dim, config.num_codes_top or config.num_codes,
-                           config.num_codes, activation=config.activation)
+                           config.num_codes, activation=config.activation, ema_decay=config.codebook_ema)
     return VQVAE2(networks.to(config.device), likelihood=config.likelihood, x_scale=config.x_scale,
                   learn_x_scale=config.learn_x_scale)
 
@@ -160,6 +162,8 @@ def check_combination(config: TrainConfig) -> None:
             )
         if config.beta != 1.0:
             raise ValueError("the VQ-VAE's KL is a constant; --beta does not apply (use --commitment)")
+    elif config.codebook_ema is not None:
+        raise ValueError(f"--codebook-ema updates the codebook of a VQ-VAE; model={config.model!r} has none: drop it")
     if config.model == "hvae" and config.guide != "amortized":
         raise ValueError(
             f"model='hvae' is trained with its amortized bottom-up guide; --guide {config.guide} has one "

@@ -65,6 +65,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--num-codes", type=int, default=d.num_codes, help="vqvae: codebook size K (--z-dim is D)")
     train.add_argument("--num-codes-top", type=int, default=None, help="vqvae2: the top level's codebook size (default --num-codes)")
     train.add_argument("--commitment", type=float, default=d.commitment, help="vqvae: β of the commitment loss")
+    train.add_argument("--codebook-ema", type=float, default=d.codebook_ema, metavar="GAMMA",
+                       help="vqvae/vqvae2: update the codebook by moving averages with decay GAMMA (e.g. 0.99) "
+                            "instead of the codebook loss")
     train.add_argument("--network", choices=get_args(NetworkName), default=d.network,
                        help="mlp, or conv (convolutional encoder/decoder for image data; dense width = first --hidden-sizes)")
     train.add_argument("--activation", choices=get_args(ActivationName), default=d.activation, help="hidden activation")
@@ -136,6 +139,7 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         num_codes=args.num_codes,
         num_codes_top=args.num_codes_top,
         commitment=args.commitment,
+        codebook_ema=args.codebook_ema,
         likelihood=args.likelihood,
         x_scale=args.x_scale,
         learn_x_scale=args.learn_x_scale,

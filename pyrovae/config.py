@@ -53,6 +53,8 @@ class TrainConfig:
         ``z_dim`` is the code dimension D).
     :param num_codes_top: ``vqvae2``: the top level's codebook size (default ``num_codes``).
     :param commitment: ``vqvae``: β of the commitment loss.
+    :param codebook_ema: ``vqvae``/``vqvae2``: γ of EMA codebook updates (e.g. 0.99) instead of the
+        codebook loss (``None``).
     :param network: ``mlp`` or ``conv`` (for image data: two stride-2 convolutions and a dense
         layer of width ``hidden_sizes[0]`` in the encoder, the mirror image in the decoder; for
         ``hvae`` the networks next to x).
@@ -82,6 +84,7 @@ class TrainConfig:
     num_codes: int = 64
     num_codes_top: Optional[int] = None
     commitment: float = 0.25
+    codebook_ema: Optional[float] = None
     likelihood: Optional[LikelihoodName] = None
     x_scale: float = 1.0
     learn_x_scale: Optional[bool] = None
@@ -154,6 +157,8 @@ class TrainConfig:
             raise ValueError(f"num_codes_top must be an integer >= 2 (or None: as num_codes), got {self.num_codes_top!r}")
         if not self.commitment >= 0:
             raise ValueError(f"commitment must be >= 0, got {self.commitment}")
+        if self.codebook_ema is not None and not 0 < self.codebook_ema < 1:
+            raise ValueError(f"codebook_ema must be in (0, 1), got {self.codebook_ema} (--codebook-ema, e.g. 0.99)")
         if self.clip_norm is not None and not self.clip_norm > 0:
             raise ValueError(f"clip_norm must be positive, got {self.clip_norm}; leave it unset for no clipping")
         if not 0 < self.lr_decay <= 1:

@@ -357,7 +357,8 @@ def fit(
     if objective.max_plate_nesting == float("inf"):
         # Guess now, without consuming random numbers, so a resumed run replays an uninterrupted one.
         index = torch.arange(min(batch_size, num_data), device=device)
-        with rng_preserved():
+        # Without gradients: a guide that updates state in training steps (an EMA codebook) must not here.
+        with rng_preserved(), torch.no_grad():
             objective._guess_max_plate_nesting(model, guide, (dataset.train[index], index, num_data), {})
 
     def save(epoch: int, at: Optional[dict[str, Any]]) -> None:

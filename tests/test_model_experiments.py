@@ -46,7 +46,7 @@ def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> N
     ]
     summary = script.main(argv)
     rows = {r["model"]: r for r in summary["rows"]}
-    assert set(rows) == {"vqvae", "vqvae2"}
+    assert set(rows) == {"vqvae", "vqvae-ema", "vqvae2"}
     for row in rows.values():
         # (That the fitted prior beats the uniform one is tested with adequate training in test_vqvae.py.)
         assert math.isfinite(row["log_prior_codes"]) and math.isfinite(row["bound_with_fitted_prior"])

@@ -227,3 +227,102 @@ def test_cli_refuses_a_bad_combination_before_writing(tmp_path, mnist_root, caps
               "--num-train", "10", "--data-dir", str(mnist_root)])
     assert stop.value.code == 2 and not out.exists()
     assert "--objective elbo" in capsys.readouterr().err
+
+
+# ---------------------------------------------------------------------------------------------
+# EMA codebook (--codebook-ema)
+
+
+def _ema_pair(decay: float):  # type: ignore[no-untyped-def]
+    torch.manual_seed(0)
+    encoder = VQEncoder((1, 8, 8), D, channels=(4, 5))
+    model = VQVAE(VQDecoder((1, 8, 8), D, channels=(4, 5)), K, D, encoder.grid, ema_decay=decay)
+    return model, VQGuide(encoder, model, commitment=BETA)
+
+
+def test_ema_codebook_is_debiased_online_k_means() -> None:
+    # Two training steps by hand: debiased moving averages of counts and sums, Laplace-smoothed
+    # counts, codes never assigned unchanged; the codebook is no parameter and gets no gradient.
+    from pyro import poutine
+
+    decay, eps = 0.9, 1e-5
+    model, guide = _ema_pair(decay)
+    assert "codebook" not in dict(model.decoder.named_parameters())
+    count, total = torch.zeros(K, dtype=torch.float64), torch.zeros(K, D, dtype=torch.float64)
+    for step in (1, 2):
+        x = torch.bernoulli(torch.rand(5, 64, generator=torch.Generator().manual_seed(step)))
+        before = model.codebook.clone()
+        with torch.no_grad():
+            z_e = guide.encoder(x)
+            codes = nearest_codes(z_e, before)
+        guide_trace = poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+        # The factor is the commitment loss alone, at the codebook of before the step.
+        expected_loss = BETA * (z_e - before[codes]).pow(2).sum((-3, -2, -1))
+        assert torch.allclose(guide_trace.nodes["vq_loss"]["fn"].log_factor, expected_loss, atol=1e-5)
+
+        n = torch.bincount(codes.reshape(-1), minlength=K).double()
+        s = torch.zeros(K, D, dtype=torch.float64).index_add_(0, codes.reshape(-1), z_e.reshape(-1, D).double())
+        count, total = decay * count + (1 - decay) * n, decay * total + (1 - decay) * s
+        debiased_n, debiased_s = count / (1 - decay**step), total / (1 - decay**step)
+        smoothed = (debiased_n + eps) / (debiased_n.sum() + K * eps) * debiased_n.sum()
+        expected = torch.where((debiased_n > 0)[:, None], debiased_s / smoothed[:, None], before.double())
+        assert torch.allclose(model.codebook.double(), expected, atol=1e-5), step
+        assert (n == 0).any() or step == 2  # some code unused (checked unchanged by `expected`)
+
+    # Evaluation (no gradients) leaves the codebook alone.
+    frozen = model.codebook.clone()
+    with torch.no_grad():
+        poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    assert torch.equal(model.codebook, frozen)
+
+
+def test_ema_codebook_trains_from_the_cli_and_resumes_exactly(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
+    from pyrovae.cli import main
+
+    args = ["train", "--model", "vqvae", "--codebook-ema", "0.95", "--z-dim", "4", "--num-codes", "16",
+            "--num-train", "200", "--num-test", "20", "--batch-size", "50", "--eval-samples", "1",
+            "--data-dir", str(mnist_root), "--no-progress"]
+    assert main(args + ["--epochs", "2", "--out", str(tmp_path / "full")]) == 0
+    assert main(args + ["--epochs", "1", "--out", str(tmp_path / "split")]) == 0
+    assert main(args + ["--epochs", "2", "--out", str(tmp_path / "split"), "--resume"]) == 0
+    full = torch.load(tmp_path / "full" / "checkpoint.pt", weights_only=True)["modules"]["decoder"]
+    split = torch.load(tmp_path / "split" / "checkpoint.pt", weights_only=True)["modules"]["decoder"]
+    assert int(full["codebook_ema_steps"]) == 8  # 2 epochs × 4 batches: one update per training step
+    assert all(torch.equal(full[k], split[k]) for k in full)
+    metrics = json.loads((tmp_path / "full" / "metrics.json").read_text())
+    assert metrics["codes_used"] > 1
+
+
+def test_ema_codebook_refused_where_it_does_not_apply() -> None:
+    data = Dataset(name="mnist", train=torch.rand(10, 784), test=torch.rand(4, 784), likelihood="bernoulli",
+                   image_shape=(1, 28, 28))
+    with pytest.raises(ValueError, match="codebook_ema must be in"):
+        TrainConfig(model="vqvae", codebook_ema=1.0)
+    with pytest.raises(ValueError, match="has none: drop it"):
+        build(TrainConfig(model="vae", codebook_ema=0.99), data)
+
+
+def test_vqvae2_ema_updates_both_codebooks_in_training_steps_only() -> None:
+    from pyro import poutine
+
+    data = Dataset(name="mnist", train=torch.rand(10, 784), test=torch.rand(4, 784), likelihood="bernoulli",
+                   image_shape=(1, 28, 28))
+    torch.manual_seed(0)
+    model, guide = build(TrainConfig(model="vqvae2", z_dim=4, num_codes=8, codebook_ema=0.9), data)
+    net = model.networks
+    assert not any("codebook" in name for name, _ in net.named_parameters())
+    x = torch.bernoulli(data.train[:3])
+    with torch.no_grad():
+        poutine.trace(guide).get_trace(x, torch.arange(3), 10)
+    assert int(net.codebook_top_ema_steps) == int(net.codebook_bottom_ema_steps) == 0
+    top, bottom = net.codebook_top.clone(), net.codebook_bottom.clone()
+    codes_bottom, codes_top = guide.codes(x)
+    poutine.trace(guide).get_trace(x, torch.arange(3), 10)
+    assert int(net.codebook_top_ema_steps) == int(net.codebook_bottom_ema_steps) == 1
+    # Codes used in the step move; the others keep their vectors.
+    for codebook, before, codes in ((net.codebook_top, top, codes_top), (net.codebook_bottom, bottom, codes_bottom)):
+        used = torch.unique(codes)
+        assert not torch.equal(codebook[used], before[used])
+        unused = torch.ones(codebook.shape[0], dtype=torch.bool)
+        unused[used] = False
+        assert torch.equal(codebook[unused], before[unused])

@@ -18,6 +18,15 @@ e_{c_ij} ∈ R^D. In Pyro:
   elbo``) minimises reconstruction + codebook + commitment losses, as in the paper. The KL term
   H'W' log K is a constant.
 
+**EMA codebook** (``ema_decay=γ``, the paper's alternative, as in Sonnet's ``VectorQuantizerEMA``).
+The codebook is then a buffer, not a parameter: the optimizer never sees it and the guide factor
+holds the commitment loss alone. At every training step (the guide run with gradients enabled) each
+code's count n_c and sum s_c of the encoder outputs assigned to it enter exponential moving
+averages N_c ← γ N_c + (1-γ) n_c, M_c ← γ M_c + (1-γ) s_c (debiased by 1 - γ^t), and
+e_c = M_c / Ñ_c with Laplace-smoothed counts Ñ_c = (N_c + ε) / (Σ N + K ε) · Σ N: online k-means.
+Codes never assigned keep their initial vectors (Sonnet's zero-initialised averages would move
+them to 0). Evaluation (under ``torch.no_grad``) does not update.
+
 The bound reported by evaluation is log p(x) ≥ log p(x | z_q(x)) - H'W' log K (the paper's, with the
 uniform prior).
 
@@ -43,7 +52,7 @@ from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import _activation, _image_dims
 
 __all__ = [
-    "CodebookUniform", "VQ2Guide", "VQ2Networks", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "VQVAE2",
+    "CodebookUniform", "add_codebook", "ema_update_", "VQ2Guide", "VQ2Networks", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "VQVAE2",
     "code_perplexity", "nearest_codes", "quantize", "vq2_metrics", "vq_metrics",
 ]
 
@@ -93,14 +102,65 @@ def nearest_codes(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     return distances.argmin(1).reshape(z_e.shape[:-1])
 
 
-def quantize(z_e: torch.Tensor, codebook: torch.Tensor, commitment: float) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(z_e: torch.Tensor, codebook: torch.Tensor, commitment: float,
+             codebook_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vector-quantize ``z_e (..., H', W', D)``: the straight-through value z_e + sg(e_c - z_e), the
-    codes c, and the per-point codebook + β·commitment loss summed over the grid."""
+    codes c, and the per-point codebook + β·commitment loss summed over the grid (the commitment
+    loss alone with ``codebook_loss=False``, for an EMA codebook)."""
     codes = nearest_codes(z_e.detach(), codebook.detach())
     e = codebook[codes]
     dims = (-3, -2, -1)
-    loss = (z_e.detach() - e).pow(2).sum(dims) + commitment * (z_e - e.detach()).pow(2).sum(dims)
+    loss = commitment * (z_e - e.detach()).pow(2).sum(dims)
+    if codebook_loss:
+        loss = loss + (z_e.detach() - e).pow(2).sum(dims)
     return z_e + (e - z_e).detach(), codes, loss
+
+
+def add_codebook(module: nn.Module, name: str, num_codes: int, code_dim: int, ema_decay: Optional[float] = None,
+                 ema_eps: float = 1e-5) -> None:
+    """Give ``module`` a ``num_codes × code_dim`` codebook called ``name``, drawn from U(-1/K, 1/K):
+    a parameter (trained by the codebook loss), or with ``ema_decay`` a buffer with its moving
+    averages ``<name>_ema_count``, ``<name>_ema_sum`` and step counter ``<name>_ema_steps``
+    (updated by :func:`ema_update_`)."""
+    init = torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes)
+    if ema_decay is None:
+        setattr(module, name, nn.Parameter(init))
+        return
+    if not 0 < ema_decay < 1:
+        raise ValueError(f"ema_decay must be in (0, 1), e.g. 0.99, got {ema_decay}")
+    if not ema_eps > 0:
+        raise ValueError(f"ema_eps must be positive, got {ema_eps}")
+    module.register_buffer(name, init)
+    module.register_buffer(f"{name}_ema_count", torch.zeros(num_codes))
+    module.register_buffer(f"{name}_ema_sum", torch.zeros(num_codes, code_dim))
+    module.register_buffer(f"{name}_ema_steps", torch.zeros((), dtype=torch.long))
+    module.ema_decay, module.ema_eps = float(ema_decay), float(ema_eps)
+
+
+@torch.no_grad()
+def ema_update_(module: nn.Module, name: str, z_e: torch.Tensor, codes: torch.Tensor) -> None:
+    """One EMA codebook update (module docstring) of the codebook ``name`` of ``module`` (made by
+    :func:`add_codebook` with ``ema_decay``) from encoder outputs ``z_e (..., D)`` and their codes."""
+    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+        raise ValueError(
+            "EMA codebook updates are not supported in data-parallel training (each process would average "
+            "its own slice); train in one process, or drop --codebook-ema to train the codebook by its loss"
+        )
+    codebook = getattr(module, name)
+    count, total = getattr(module, f"{name}_ema_count"), getattr(module, f"{name}_ema_sum")
+    steps = getattr(module, f"{name}_ema_steps")
+    decay, eps = module.ema_decay, module.ema_eps
+    num_codes = codebook.shape[0]
+    flat_codes = codes.reshape(-1)
+    flat = z_e.reshape(-1, z_e.shape[-1]).to(total.dtype)
+    count.mul_(decay).add_(torch.bincount(flat_codes, minlength=num_codes).to(count.dtype), alpha=1 - decay)
+    total.mul_(decay).index_add_(0, flat_codes, flat, alpha=1 - decay)
+    steps.add_(1)
+    debias = 1 - decay ** int(steps)
+    n = count / debias
+    smoothed = (n + eps) / (n.sum() + num_codes * eps) * n.sum()
+    updated = (total / debias) / smoothed.unsqueeze(-1)
+    codebook.copy_(torch.where((n > 0).unsqueeze(-1), updated, codebook))
 
 
 class VQEncoder(nn.Module):
@@ -157,15 +217,17 @@ class VQVAE(VAE):
     :param num_codes: K.
     :param code_dim: D.
     :param grid: the latent grid ``(H', W')``.
+    :param ema_decay: γ of EMA codebook updates (e.g. 0.99); ``None``: the codebook loss trains it.
     """
 
     def __init__(self, decoder: VQDecoder, num_codes: int, code_dim: int, grid: Sequence[int],
                  likelihood: Likelihood = "bernoulli", x_scale: float = 1.0, learn_x_scale: bool = False,
-                 name: str = "decoder") -> None:
+                 name: str = "decoder", ema_decay: Optional[float] = None) -> None:
         if num_codes < 2:
             raise ValueError(f"num_codes must be at least 2, got {num_codes}")
         if not hasattr(decoder, "codebook"):
-            decoder.codebook = nn.Parameter(torch.empty(num_codes, code_dim).uniform_(-1 / num_codes, 1 / num_codes))
+            add_codebook(decoder, "codebook", num_codes, code_dim, ema_decay)
+        self.ema = getattr(decoder, "ema_decay", None) is not None
         super().__init__(decoder, code_dim, likelihood, x_scale, learn_x_scale, 1.0, name)
         self.num_codes = int(num_codes)
         self.grid = tuple(int(g) for g in grid)
@@ -217,8 +279,12 @@ class VQGuide:
             raise ValueError("the VQ guide needs the data x")
         pyro.module(self.name, self.encoder)
         pyro.module(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
+        ema = self.model.ema
         with data_plate(x, index, num_data):
-            z_q, _, loss = quantize(self.encoder(x), self.model.codebook, self.commitment)
+            z_e = self.encoder(x)
+            z_q, codes, loss = quantize(z_e, self.model.codebook, self.commitment, codebook_loss=not ema)
+            if ema and torch.is_grad_enabled():
+                ema_update_(self.model.decoder, "codebook", z_e.detach(), codes)
             pyro.factor("vq_loss", loss, has_rsample=True)
             return pyro.sample("z", dist.Delta(z_q, event_dim=3))
 
@@ -271,7 +337,7 @@ class VQ2Networks(nn.Module):
     """
 
     def __init__(self, image_shape: Sequence[int], code_dim: int, num_codes_top: int, num_codes_bottom: int,
-                 channels: int = 64, activation: str = "relu") -> None:
+                 channels: int = 64, activation: str = "relu", ema_decay: Optional[float] = None) -> None:
         super().__init__()
         self.image_shape = _image_dims(image_shape)
         c, h, w = self.image_shape
@@ -289,9 +355,9 @@ class VQ2Networks(nn.Module):
         self.dec = nn.Sequential(
             nn.Conv2d(2 * d, channels, 3, 1, 1), act(), nn.ConvTranspose2d(channels, c, 4, 2, 1),
         )
-        self.codebook_top = nn.Parameter(torch.empty(num_codes_top, d).uniform_(-1 / num_codes_top, 1 / num_codes_top))
-        self.codebook_bottom = nn.Parameter(
-            torch.empty(num_codes_bottom, d).uniform_(-1 / num_codes_bottom, 1 / num_codes_bottom))
+        add_codebook(self, "codebook_top", num_codes_top, d, ema_decay)
+        add_codebook(self, "codebook_bottom", num_codes_bottom, d, ema_decay)
+        self.ema = ema_decay is not None
 
     @staticmethod
     def _channels_last(t: torch.Tensor) -> torch.Tensor:
@@ -381,10 +447,15 @@ class VQ2Guide:
         batch = x.shape[:-1]
         features = net.encode_bottom_features(x)
         z_e_top = net._channels_last(net.enc_top(features))
-        z_top, codes_top, loss_top = quantize(z_e_top, net.codebook_top, self.commitment)
+        z_top, codes_top, loss_top = quantize(z_e_top, net.codebook_top, self.commitment, codebook_loss=not net.ema)
         decoded_top = net.top_to_bottom(net._channels_first(z_top))
         z_e_bottom = net._channels_last(net.pre_bottom(torch.cat([features, decoded_top], 1)))
-        z_bottom, codes_bottom, loss_bottom = quantize(z_e_bottom, net.codebook_bottom, self.commitment)
+        z_bottom, codes_bottom, loss_bottom = quantize(z_e_bottom, net.codebook_bottom, self.commitment,
+                                                       codebook_loss=not net.ema)
+        if net.ema and torch.is_grad_enabled():
+            # After both quantizations, so the bottom codes are chosen with the codebooks of this step.
+            ema_update_(net, "codebook_top", z_e_top.detach(), codes_top)
+            ema_update_(net, "codebook_bottom", z_e_bottom.detach(), codes_bottom)
         return tuple(t.reshape(*batch, *t.shape[1:]) for t in
                      (z_bottom, z_top, codes_bottom, codes_top, loss_bottom + loss_top))
 
