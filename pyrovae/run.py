@@ -249,7 +249,6 @@ def train_and_evaluate(
     pyro.set_rng_seed(config.seed)
     model, guide = build(local, dataset)
     objective = make_objective(config.objective, num_particles=config.num_particles)
-    start = time.perf_counter()
     history = fit(
         model, guide, dataset, objective,
         epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
@@ -257,7 +256,9 @@ def train_and_evaluate(
         config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
         local_steps=config.local_steps, local_lr=config.local_lr,
     )
-    train_seconds = time.perf_counter() - start
+    # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this
+    # call alone would count the last part only).
+    train_seconds = float(sum(history.seconds))
     if not world.is_main:
         return None
     metrics, guide_test = evaluate_run(local, dataset, model, guide, progress=progress)

@@ -159,7 +159,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 active_units=metrics["active_units"],
                 active_units_by_site=metrics.get("active_units_by_site"),
                 epochs=metrics["epochs"],
-                train_hours=metrics["train_seconds"] / 3600,
+                train_hours=sum(metrics["seconds_per_epoch"]) / 3600,
                 eval_minutes=metrics["eval_seconds"] / 60,
                 **{f"convergence_{k_}": v for k_, v in convergence(metrics["test_bound_per_epoch"]).items()},
             )
@@ -177,7 +177,7 @@ def estimator_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if metrics is not None:
             row.update(nll=metrics["test_nll"], test_bound=metrics["test_bound_per_epoch"][-1],
                        active_units=metrics["active_units"], epochs=metrics["epochs"],
-                       train_hours=metrics["train_seconds"] / 3600)
+                       train_hours=sum(metrics["seconds_per_epoch"]) / 3600)
         rows.append(row)
     return rows
 
