@@ -140,6 +140,7 @@ def main(argv: list[str] | None = None) -> dict:
                **{k: metrics[k] for k in ("perplexity_top", "codes_used_top", "num_codes_top") if k in metrics},
                **_prior_bound(name, model, guide, nets, x), "prior_histories": histories}
         row["bound_uniform_prior"] = row.pop("test_log_likelihood")
+        row["train_seconds"] = sum(metrics["seconds_per_epoch"])  # every part of a resumed run
         rows.append(row)
         logging.info("%s: reconstruction %.2f nats, squared error %.2f, perplexity %.1f / %d, bound %.2f (uniform prior) "
                      "%.2f (fitted prior)", name, row["test_reconstruction_log_lik"], row["test_squared_error"],
