@@ -47,6 +47,7 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
+from pyrovae.distributed import current_world
 from pyrovae.handlers import data_plate
 from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import _activation, _image_dims
@@ -141,7 +142,7 @@ def add_codebook(module: nn.Module, name: str, num_codes: int, code_dim: int, em
 def ema_update_(module: nn.Module, name: str, z_e: torch.Tensor, codes: torch.Tensor) -> None:
     """One EMA codebook update (module docstring) of the codebook ``name`` of ``module`` (made by
     :func:`add_codebook` with ``ema_decay``) from encoder outputs ``z_e (..., D)`` and their codes."""
-    if torch.distributed.is_available() and torch.distributed.is_initialized() and torch.distributed.get_world_size() > 1:
+    if current_world().is_distributed:
         raise ValueError(
             "EMA codebook updates are not supported in data-parallel training (each process would average "
             "its own slice); train in one process, or drop --codebook-ema to train the codebook by its loss"
@@ -227,7 +228,6 @@ class VQVAE(VAE):
             raise ValueError(f"num_codes must be at least 2, got {num_codes}")
         if not hasattr(decoder, "codebook"):
             add_codebook(decoder, "codebook", num_codes, code_dim, ema_decay)
-        self.ema = getattr(decoder, "ema_decay", None) is not None
         super().__init__(decoder, code_dim, likelihood, x_scale, learn_x_scale, 1.0, name)
         self.num_codes = int(num_codes)
         self.grid = tuple(int(g) for g in grid)
@@ -235,6 +235,11 @@ class VQVAE(VAE):
     @property
     def codebook(self) -> torch.Tensor:
         return self.decoder.codebook
+
+    @property
+    def ema(self) -> bool:
+        """Whether the codebook is updated by moving averages (a buffer) rather than its loss."""
+        return getattr(self.decoder, "ema_decay", None) is not None
 
     def sample_latents(self, batch_size: int, device: torch.device) -> torch.Tensor:
         return pyro.sample("z", CodebookUniform(self.codebook, self.grid, (batch_size,)))
