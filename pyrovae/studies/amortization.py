@@ -152,18 +152,10 @@ def train_per_datapoint(
     :return: ``{"train_elbo": [...], "seconds": [...]}`` per epoch; the ELBO is that of the
         decoder step, i.e. after the local steps, in nats per point.
     """
-    from pyrovae.train import fit
-
     if local_steps < 1:
         raise ValueError(f"local_steps must be >= 1, got {local_steps}; with 0 use pyrovae.fit")
-    history = fit(
-        model, guide, dataset, make_objective("elbo"), epochs=epochs, batch_size=batch_size, lr=lr, seed=seed,
-        test_bound=False, progress=False, local_steps=local_steps, local_lr=local_lr,
-    )
-    if log is not None:
-        for epoch, (bound, seconds) in enumerate(zip(history.train_bound, history.seconds)):
-            log(f"per-datapoint epoch {epoch + 1}/{epochs}: train ELBO {bound:.2f} ({seconds:.0f} s)")
-    return {"train_elbo": list(history.train_bound), "seconds": list(history.seconds)}
+    return _fit_elbo("per-datapoint", model, guide, dataset, log, epochs=epochs, batch_size=batch_size, lr=lr,
+                     seed=seed, local_steps=local_steps, local_lr=local_lr)
 
 
 def train_semi_amortized(
@@ -182,16 +174,21 @@ def train_semi_amortized(
 
     :return: ``{"train_elbo": [...], "seconds": [...]}`` per epoch (the ELBO of the refined q).
     """
+    pyro.set_rng_seed(seed)
+    return _fit_elbo("semi-amortized", model, guide, dataset, log, epochs=epochs, batch_size=batch_size, lr=lr,
+                     seed=seed)
+
+
+def _fit_elbo(label: str, model: Callable, guide: Callable, dataset: Dataset,
+              log: Optional[Callable[[str], None]], *, epochs: int, **fit_args: Any) -> dict[str, Any]:
+    # fit() with Trace_ELBO, no test bound and no progress bars; one log line per epoch.
     from pyrovae.train import fit
 
-    pyro.set_rng_seed(seed)
-    history = fit(
-        model, guide, dataset, make_objective("elbo"), epochs=epochs, batch_size=batch_size, lr=lr,
-        seed=seed, test_bound=False, progress=False,
-    )
+    history = fit(model, guide, dataset, make_objective("elbo"), epochs=epochs, test_bound=False, progress=False,
+                  **fit_args)
     if log is not None:
         for epoch, (bound, seconds) in enumerate(zip(history.train_bound, history.seconds)):
-            log(f"semi-amortized epoch {epoch + 1}/{epochs}: train ELBO {bound:.2f} ({seconds:.0f} s)")
+            log(f"{label} epoch {epoch + 1}/{epochs}: train ELBO {bound:.2f} ({seconds:.0f} s)")
     return {"train_elbo": list(history.train_bound), "seconds": list(history.seconds)}
 
 
