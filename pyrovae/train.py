@@ -438,10 +438,8 @@ def fit(
                 if local_steps:
                     with frozen_params(lambda name: True):
                         guide.refine_rows(model, x, index, local_steps, local_lr)
-                    with frozen_params(local_params.__contains__):
-                        result = step_fn(x, index, num_data, batch_index=batch_index, weight=weight,
-                                         stop=signals.requested)
-                else:
+                # With local steps the rows are held fixed while the model steps.
+                with frozen_params(local_params.__contains__) if local_steps else contextlib.nullcontext():
                     result = step_fn(x, index, num_data, batch_index=batch_index, weight=weight, stop=signals.requested)
                 if result.problem is not None:
                     kept = (
