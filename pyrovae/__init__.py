@@ -28,7 +28,7 @@ from pyrovae.guides import (
     SemiAmortizedGuide,
 )
 from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
-from pyrovae.nets import MLP, Decoder, GaussianEncoder
+from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
 from pyrovae.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.train import History, LocalFitHistory, fit, optimize_local_guide
@@ -66,7 +66,9 @@ __all__ = [
     "evaluate_dataset",
     "fit",
     "gaussian_mixture",
+    "glorot_init_",
     "importance_sampling",
+    "init_output_bias_",
     "kl_to_prior",
     "linear_gaussian",
     "load_dataset",

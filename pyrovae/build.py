@@ -19,6 +19,8 @@ from pyrovae.nets import (
     HierarchicalDecoder,
     HierarchicalEncoder,
     _conv_width,
+    glorot_init_,
+    init_output_bias_,
 )
 
 
@@ -164,6 +166,11 @@ def check_combination(config: TrainConfig) -> None:
             raise ValueError("the VQ-VAE's KL is a constant; --beta does not apply (use --commitment)")
     elif config.codebook_ema is not None:
         raise ValueError(f"--codebook-ema updates the codebook of a VQ-VAE; model={config.model!r} has none: drop it")
+    if config.data_bias and (config.model not in ("vae", "hvae") or config.network != "mlp"):
+        raise ValueError(
+            f"--data-bias sets the output bias of an MLP decoder (model vae or hvae, --network mlp); "
+            f"model={config.model!r} with --network {config.network} has none: drop --data-bias"
+        )
     if config.model == "hvae" and config.guide != "amortized":
         raise ValueError(
             f"model='hvae' is trained with its amortized bottom-up guide; --guide {config.guide} has one "
@@ -185,6 +192,11 @@ def build(config: TrainConfig, dataset: Dataset) -> tuple[Any, Any]:
     check_combination(config)
     model = MODELS[config.model](config, dataset)
     guide = GUIDES[config.guide](config, dataset, model)
+    if config.weight_init == "glorot":
+        for module in modules_of(model, guide).values():
+            glorot_init_(module)
+    if config.data_bias:
+        init_output_bias_(model.decoder, dataset.train.mean(0), config.likelihood)
     return model, guide
 
 

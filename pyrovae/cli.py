@@ -20,6 +20,7 @@ from pyrovae.config import (
     LikelihoodName,
     ModelName,
     NetworkName,
+    WeightInit,
     ObjectiveName,
     TrainConfig,
 )
@@ -70,6 +71,11 @@ def build_parser() -> argparse.ArgumentParser:
                             "instead of the codebook loss")
     train.add_argument("--network", choices=get_args(NetworkName), default=d.network,
                        help="mlp, or conv (convolutional encoder/decoder for image data; dense width = first --hidden-sizes)")
+    train.add_argument("--weight-init", choices=get_args(WeightInit), default=d.weight_init,
+                       help="torch (torch's default) or glorot (Glorot-uniform weights, zero biases; Burda et al.)")
+    train.add_argument("--data-bias", action=argparse.BooleanOptionalAction, default=d.data_bias,
+                       help="start the decoder at the mean training image (output bias = logit of the mean); "
+                            "vae/hvae with MLP networks")
     train.add_argument("--activation", choices=get_args(ActivationName), default=d.activation, help="hidden activation")
     train.add_argument("--likelihood", choices=get_args(LikelihoodName), default=None, help="p(x|z) family (default by data set)")
     train.add_argument("--x-scale", type=float, default=d.x_scale, help="σ of the Gaussian likelihood (initial value if learned)")
@@ -136,6 +142,8 @@ def _config_from_args(args: argparse.Namespace) -> TrainConfig:
         upper_hidden_sizes=tuple(args.upper_hidden_sizes) if args.upper_hidden_sizes else None,
         activation=args.activation,
         network=args.network,
+        weight_init=args.weight_init,
+        data_bias=args.data_bias,
         num_codes=args.num_codes,
         num_codes_top=args.num_codes_top,
         commitment=args.commitment,

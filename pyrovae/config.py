@@ -16,6 +16,7 @@ BinarizeName = Literal["dynamic", "static", "none"]
 ActivationName = Literal["relu", "tanh", "softplus", "elu", "gelu"]
 NetworkName = Literal["mlp", "conv"]
 XScaleShape = Literal["shared", "pixel"]
+WeightInit = Literal["torch", "glorot"]
 
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -58,6 +59,10 @@ class TrainConfig:
     :param network: ``mlp`` or ``conv`` (for image data: two stride-2 convolutions and a dense
         layer of width ``hidden_sizes[0]`` in the encoder, the mirror image in the decoder; for
         ``hvae`` the networks next to x).
+    :param weight_init: ``torch`` (torch's default initialisation) or ``glorot`` (Glorot-uniform
+        weights and zero biases in every network, :func:`pyrovae.nets.glorot_init_`).
+    :param data_bias: start the decoder at the mean training image (its output bias is the logit
+        of the mean, :func:`pyrovae.nets.init_output_bias_`); ``vae``/``hvae`` with MLP decoders.
     :param lr_decay: learning-rate factor per epoch (1 = constant).
     :param num_train: use only the first ``num_train`` training points (``None``: all).
     :param num_test: use only the first ``num_test`` test points (``None``: all).
@@ -81,6 +86,8 @@ class TrainConfig:
     upper_hidden_sizes: Optional[tuple[int, ...]] = None
     activation: ActivationName = "relu"
     network: NetworkName = "mlp"
+    weight_init: WeightInit = "torch"
+    data_bias: bool = False
     num_codes: int = 64
     num_codes_top: Optional[int] = None
     commitment: float = 0.25
