@@ -48,6 +48,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", default="cpu", help="cpu or cuda")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads per process")
+    parser.add_argument("--torch-init", action="store_true",
+                        help="keep torch's default initialisation instead of the paper's (Glorot weights, "
+                             "decoder output bias at the logit of the mean image); use its own --out")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     return parser.parse_args(argv)
@@ -56,7 +59,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
     configs = {
         cell: burda.cell_config(cell, schedule, seed=args.seed, device=args.device, num_train=args.num_train,
-                                num_test=args.num_test, eval_samples=args.eval_samples)
+                                num_test=args.num_test, eval_samples=args.eval_samples,
+                                paper_init=not args.torch_init)
         for cell in args.cells
     }
     run_configs(configs, Path(args.out), data_dir=args.data_dir, progress=args.progress,
@@ -69,6 +73,10 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
     summary = {
         "schedule": burda.schedule_dict(schedule),
         "paper": {"epochs": burda.PAPER["epochs"], "batch_size": burda.PAPER["batch_size"]},
+        "init": "torch" if args.torch_init else "paper",
+        "cells_with_another_init": sorted(
+            cell for cell, m in results.items() if burda.init_name(m["config"]) != ("torch" if args.torch_init else "paper")
+        ),
         "rows": rows,
         "ordering": burda.ordering_checks(rows),
         "estimators": burda.estimator_rows(results),
@@ -85,6 +93,12 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
     (docs / "table.md").write_text(table)
     print(table)
     return summary
+
+
+INIT_TEXT = {
+    "paper": "as in the paper's code (Glorot-uniform weights, zero biases, decoder output bias at the logit of the mean image)",
+    "torch": "torch's default (`--torch-init`)",
+}
 
 
 def markdown_table(summary: dict) -> str:
@@ -108,7 +122,10 @@ def markdown_table(summary: dict) -> str:
     s = summary["schedule"]
     lines += ["", f"Budget per cell: {s['epochs']} epochs (the paper: {summary['paper']['epochs']}), batch "
               f"{s['batch_size']} (the paper: {summary['paper']['batch_size']}), Adam from {s['lr']:g} to {s['final_lr']:g} "
-              f"(×{s['lr_decay_per_epoch']:.4f} per epoch). Missing cells: {', '.join(summary['cells_missing']) or 'none'}."]
+              f"(×{s['lr_decay_per_epoch']:.4f} per epoch). Initialisation: {INIT_TEXT[summary['init']]}. "
+              f"Missing cells: {', '.join(summary['cells_missing']) or 'none'}."]
+    if summary["cells_with_another_init"]:
+        lines.append(f"**Cells started another way (not comparable): {', '.join(summary['cells_with_another_init'])}.**")
     return "\n".join(lines) + "\n"
 
 

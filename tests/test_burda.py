@@ -27,6 +27,12 @@ def test_cells_are_the_papers_architecture() -> None:
     two = burda.cell_config("2l-iwae-k5", burda.Schedule()).resolved()
     assert (two.model, two.z_dim, two.upper_z_dims, two.hidden_sizes, two.upper_hidden_sizes) == (
         "hvae", 100, (50,), (200, 200), (100, 100))
+    assert (config.weight_init, config.data_bias) == ("glorot", True)  # the paper's code starts this way
+    torch_start = burda.cell_config("k1", burda.Schedule(), paper_init=False)
+    assert (torch_start.weight_init, torch_start.data_bias) == ("torch", False)
+    assert burda.init_name(config.to_dict()) == "paper" and burda.init_name(torch_start.to_dict()) == "torch"
+    assert burda.init_name({}) == "torch"  # saved before the options existed
+    assert burda.init_name({"weight_init": "glorot"}) == "other"
     assert burda.cell_name(2, "vae", 1) == "2l-k1" and burda.cell_name(1, "iwae", 50) == "iwae-k50"
     with pytest.raises(ValueError, match="unknown cell"):
         burda.cell_config("iwae-k7", burda.Schedule())
@@ -61,6 +67,8 @@ def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root
     assert [r["estimator"] for r in summary["estimators"]] == ["standard", "STL", "DReG"]
     two = {(r["objective"], r["k"]): r for r in summary["rows"] if r["layers"] == 2}
     assert set(two[("VAE", 1)]["active_units_by_site"]) == {"z", "z2"}
+    assert summary["init"] == "paper" and summary["cells_with_another_init"] == []
+    assert {r["init"] for r in summary["rows"] if "nll" in r} == {"paper"}
     assert (tmp_path / "docs" / "curves.png").exists()
     table = (tmp_path / "docs" / "table.md").read_text()
     assert "| 1 | IWAE | 5 |" in table and "86.47" in table and "Missing cells" in table
@@ -72,3 +80,24 @@ def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root
     again = script.main(["--cells", "k1", "--epochs", "1", *common])
     assert (tmp_path / "runs" / "k1" / "metrics.json").stat().st_mtime_ns == before
     assert again["rows"] == summary["rows"]
+    # A report for torch's initialisation over these cells says they started another way.
+    mixed = script.main(["--report-only", "--torch-init", *common])
+    assert mixed["cells_with_another_init"] == ["2l-k1", "iwae-k5", "k1"]
+    assert "not comparable" in (tmp_path / "docs" / "table.md").read_text()
+
+
+def test_init_study_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:
+    script = load_experiment("experiments/init_study.py")
+    summary = script.main(["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--data-dir",
+                           str(mnist_root), "--num-train", "200", "--num-test", "30", "--eval-samples", "5",
+                           "--epochs", "2", "--threads", "1"])
+    rows = {(r["model"], r["start"]): r for r in summary["rows"]}
+    assert set(rows) == {(m, s) for m in script.MODELS for s in script.STARTS}
+    assert all(len(r["test_elbo_per_epoch"]) == 2 and math.isfinite(r["test_nll"]) for r in rows.values())
+    assert set(rows[("two-layer", "torch")]["active_units_by_site"]) == {"z", "z2"}
+    # The runs differ only in their start, and the start is the one named.
+    saved = {name: json.loads((tmp_path / "runs" / name / "metrics.json").read_text())["config"]
+             for name in (f"{m}-{s}" for m, s in rows)}
+    assert saved["two-layer-glorot+data-bias"]["weight_init"] == "glorot" and saved["two-layer-glorot+data-bias"]["data_bias"]
+    assert saved["one-layer-data-bias"]["weight_init"] == "torch" and saved["one-layer-data-bias"]["data_bias"]
+    assert (tmp_path / "docs" / "curves.png").exists() and "| two-layer | glorot |" in (tmp_path / "docs" / "table.md").read_text()

@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from pyrovae.config import TrainConfig
 
-__all__ = ["PAPER", "CELLS", "Schedule", "cell_config", "collect", "convergence", "table_rows"]
+__all__ = ["PAPER", "CELLS", "Schedule", "cell_config", "collect", "convergence", "init_name", "table_rows"]
 
 #: Table 1 of Burda et al. (2016), MNIST test NLL in nats: layers -> objective -> K -> NLL; and
 #: active units (K = 1, 5, 50) where the paper reports them.
@@ -105,10 +105,12 @@ def cell_config(
     num_train: Optional[int] = None,
     num_test: Optional[int] = None,
     eval_samples: int = 5000,
+    paper_init: bool = True,
 ) -> TrainConfig:
     """The :class:`~pyrovae.config.TrainConfig` of one cell. One layer: 784-200-200-50 MLPs. Two
     layers (:class:`~pyrovae.models.HierarchicalVAE`): x ↔ 200-200 ↔ z1 (100) ↔ 100-100 ↔ z2 (50).
-    Both start as in the paper's code (Glorot weights, output bias at the data's mean)."""
+    Both start as in the paper's code (Glorot weights, output bias at the data's mean); with
+    ``paper_init=False`` they keep torch's default initialisation instead."""
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose from {sorted(CELLS)}")
     layers, objective, k = CELLS[cell]
@@ -119,11 +121,21 @@ def cell_config(
     return TrainConfig(
         dataset="mnist", guide="amortized", objective=objective, num_particles=k, **architecture,
         hidden_sizes=(200, 200), activation="tanh", likelihood="bernoulli", binarize="dynamic",
-        weight_init="glorot", data_bias=True,
+        weight_init="glorot" if paper_init else "torch", data_bias=paper_init,
         epochs=schedule.epochs, batch_size=schedule.batch_size, lr=schedule.lr, lr_decay=schedule.lr_decay,
         seed=seed, device=device, num_train=num_train, num_test=num_test, eval_samples=eval_samples,
         eval_chunk=min(100, eval_samples), eval_batch=100,
     )
+
+
+def init_name(config: dict[str, Any]) -> str:
+    """How a run's networks started, from its saved config: ``"paper"`` (Glorot weights and the
+    data-mean output bias), ``"torch"`` (torch's default; also configs saved before these options
+    existed) or ``"other"``."""
+    weight_init, data_bias = config.get("weight_init", "torch"), bool(config.get("data_bias", False))
+    if weight_init == "glorot" and data_bias:
+        return "paper"
+    return "torch" if weight_init == "torch" and not data_bias else "other"
 
 
 def convergence(test_bound: list[Optional[float]], fraction: float = 0.1) -> dict[str, Any]:
@@ -161,6 +173,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         if metrics is not None:
             row.update(
                 nll=metrics["test_nll"],
+                init=init_name(metrics["config"]),
                 test_elbo=metrics["test_elbo"],
                 active_units=metrics["active_units"],
                 active_units_by_site=metrics.get("active_units_by_site"),
@@ -181,7 +194,8 @@ def estimator_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         metrics = results.get(cell)
         row: dict[str, Any] = {"cell": cell, "estimator": estimator, "k": 50}
         if metrics is not None:
-            row.update(nll=metrics["test_nll"], test_bound=metrics["test_bound_per_epoch"][-1],
+            row.update(nll=metrics["test_nll"], init=init_name(metrics["config"]),
+                       test_bound=metrics["test_bound_per_epoch"][-1],
                        active_units=metrics["active_units"], epochs=metrics["epochs"],
                        train_hours=sum(metrics["seconds_per_epoch"]) / 3600)
         rows.append(row)
