@@ -280,9 +280,9 @@ def init_output_bias_(decoder: nn.Module, x_mean: torch.Tensor, likelihood: str 
     """Start an MLP decoder at the data's mean image, in place: the bias of its output layer is set
     to logit(mean) for a Bernoulli likelihood (the mean clamped to [10⁻³, 1 − 10⁻³]) or to the mean
     for a Gaussian one. Burda et al.'s IWAE code starts its decoder this way. Without it, the first
-    epochs are spent learning the mean image while the KL term switches latent units off. Measured
-    on MNIST (tanh 784-200-200 networks, 8 epochs), the two-layer model's test ELBO improves from
-    −147 to −109.5.
+    epochs are spent learning the mean image while the KL term switches latent units off. On MNIST,
+    Burda et al.'s two-layer model reaches a test ELBO of −107.09 after 10 epochs with it and
+    −143.08 without (``experiments/init_study.py``).
 
     :param decoder: a :class:`Decoder` (or any MLP ending in ``nn.Linear``), or a
         :class:`HierarchicalDecoder` whose x-level network is one.
