@@ -70,13 +70,12 @@ def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
 def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, object]:
     results = burda.collect(Path(args.out))
     rows = burda.table_rows(results)
+    init = "torch" if args.torch_init else "paper"
     summary = {
         "schedule": burda.schedule_dict(schedule),
         "paper": {"epochs": burda.PAPER["epochs"], "batch_size": burda.PAPER["batch_size"]},
-        "init": "torch" if args.torch_init else "paper",
-        "cells_with_another_init": sorted(
-            cell for cell, m in results.items() if burda.init_name(m["config"]) != ("torch" if args.torch_init else "paper")
-        ),
+        "init": init,
+        "cells_with_another_init": sorted(cell for cell, m in results.items() if burda.init_name(m["config"]) != init),
         "rows": rows,
         "ordering": burda.ordering_checks(rows),
         "estimators": burda.estimator_rows(results),

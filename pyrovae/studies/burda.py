@@ -34,7 +34,7 @@ from typing import Any, Optional
 
 from pyrovae.config import TrainConfig
 
-__all__ = ["PAPER", "CELLS", "Schedule", "cell_config", "collect", "convergence", "init_name", "table_rows"]
+__all__ = ["PAPER", "CELLS", "Schedule", "cell_config", "collect", "convergence", "INITS", "init_name", "table_rows"]
 
 #: Table 1 of Burda et al. (2016), MNIST test NLL in nats: layers -> objective -> K -> NLL; and
 #: active units (K = 1, 5, 50) where the paper reports them.
@@ -64,6 +64,10 @@ CELLS: dict[str, tuple[int, str, int]] = {
     "iwae-stl-k50": (1, "iwae-stl", 50),
     "iwae-dreg-k50": (1, "iwae-dreg", 50),
 }
+
+#: How a cell's networks start: name -> (``TrainConfig.weight_init``, ``TrainConfig.data_bias``).
+#: "paper" is the start of Burda et al.'s code; "torch" is torch's default.
+INITS: dict[str, tuple[str, bool]] = {"paper": ("glorot", True), "torch": ("torch", False)}
 
 #: The cells of the main table (the estimator cells are reported separately).
 TABLE_CELLS: tuple[str, ...] = tuple(c for c, (_, objective, _) in CELLS.items() if objective in ("elbo", "iwae"))
@@ -114,6 +118,7 @@ def cell_config(
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose from {sorted(CELLS)}")
     layers, objective, k = CELLS[cell]
+    weight_init, data_bias = INITS["paper" if paper_init else "torch"]
     architecture: dict[str, Any] = (
         dict(model="vae", z_dim=50) if layers == 1
         else dict(model="hvae", z_dim=100, upper_z_dims=(50,), upper_hidden_sizes=(100, 100))
@@ -121,7 +126,7 @@ def cell_config(
     return TrainConfig(
         dataset="mnist", guide="amortized", objective=objective, num_particles=k, **architecture,
         hidden_sizes=(200, 200), activation="tanh", likelihood="bernoulli", binarize="dynamic",
-        weight_init="glorot" if paper_init else "torch", data_bias=paper_init,
+        weight_init=weight_init, data_bias=data_bias,
         epochs=schedule.epochs, batch_size=schedule.batch_size, lr=schedule.lr, lr_decay=schedule.lr_decay,
         seed=seed, device=device, num_train=num_train, num_test=num_test, eval_samples=eval_samples,
         eval_chunk=min(100, eval_samples), eval_batch=100,
@@ -132,10 +137,8 @@ def init_name(config: dict[str, Any]) -> str:
     """How a run's networks started, from its saved config: ``"paper"`` (Glorot weights and the
     data-mean output bias), ``"torch"`` (torch's default; also configs saved before these options
     existed) or ``"other"``."""
-    weight_init, data_bias = config.get("weight_init", "torch"), bool(config.get("data_bias", False))
-    if weight_init == "glorot" and data_bias:
-        return "paper"
-    return "torch" if weight_init == "torch" and not data_bias else "other"
+    start = (config.get("weight_init", "torch"), bool(config.get("data_bias", False)))
+    return next((name for name, value in INITS.items() if value == start), "other")
 
 
 def convergence(test_bound: list[Optional[float]], fraction: float = 0.1) -> dict[str, Any]:
