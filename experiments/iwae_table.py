@@ -105,12 +105,20 @@ def markdown_table(summary: dict) -> str:
     def fmt(value: object, spec: str = ".2f") -> str:
         return "–" if value is None else format(value, spec)
 
+    def units(row: dict) -> str:
+        # A two-layer model's count is given per layer: z1's absolute count under a learned p(z1|z2)
+        # is not comparable with anything, so a total would hide the number to read (z2's).
+        by_site = row.get("active_units_by_site") or {}
+        if len(by_site) > 1:
+            return ", ".join(f"{site} {count}" for site, count in by_site.items())
+        return fmt(row.get("active_units"), "d")
+
     lines = ["| layers | objective | K | test NLL, ours | paper | ours − paper | active units | epochs | "
              "test-bound gain in the last 10 % of epochs |", "|---|---|---|---|---|---|---|---|---|"]
     for row in summary["rows"]:
         lines.append(
             f"| {row['layers']} | {row['objective']} | {row['k']} | {fmt(row.get('nll'))} | {row['paper_nll']:.2f} | "
-            f"{fmt(row.get('difference'))} | {fmt(row.get('active_units'), 'd')} | {fmt(row.get('epochs'), 'd')} | "
+            f"{fmt(row.get('difference'))} | {units(row)} | {fmt(row.get('epochs'), 'd')} | "
             f"{fmt(row.get('convergence_gain'), '.3f')} |"
         )
     lines += ["", "| ordering (paper's) | holds here |", "|---|---|"]

@@ -72,6 +72,8 @@ def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root
     assert (tmp_path / "docs" / "curves.png").exists()
     table = (tmp_path / "docs" / "table.md").read_text()
     assert "| 1 | IWAE | 5 |" in table and "86.47" in table and "Missing cells" in table
+    units = two[("VAE", 1)]["active_units_by_site"]  # a two-layer row counts each layer, not their sum
+    assert f"| z {units['z']}, z2 {units['z2']} |" in table
     saved = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert saved["rows"] == json.loads(json.dumps(summary["rows"]))
     # A longer budget is another schedule (its learning-rate decay differs), so the finished
