@@ -5,7 +5,9 @@ K ∈ {1, 5, 50}, every cell under the same schedule (--epochs passes, batch --b
 --lr decayed geometrically to --lr × --final-lr-factor), then evaluates the test NLL with 5000
 importance samples and counts active units. Each cell is a `pyrovae train` run in --out/<cell>, so
 an interrupted run (Ctrl-C, a lost session) continues where it stopped when started again; cells
-already finished are not redone. Cells can run in separate processes (--cells) to use more cores.
+already finished are not redone. Cells can run in separate processes to use more cores: give each
+its own --cells, or start the same command twice (a cell that another process is training is
+skipped, so each takes the next free one).
 
 Writes --docs/results.json (our table beside the paper's, the orderings, convergence of each cell,
 the budget and the machine) and --docs/curves.png (test bound per epoch).
@@ -63,7 +65,7 @@ def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
                                 paper_init=not args.torch_init)
         for cell in args.cells
     }
-    run_configs(configs, Path(args.out), data_dir=args.data_dir, progress=args.progress,
+    run_configs(configs, Path(args.out), data_dir=args.data_dir, progress=args.progress, skip_busy=True,
                 after=lambda cell, m: logging.info("%s: test NLL %.2f, active units %d", cell, m["test_nll"], m["active_units"]))
 
 

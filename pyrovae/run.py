@@ -5,6 +5,7 @@ The CLI (:mod:`pyrovae.cli`) only parses flags and calls these functions.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import logging
@@ -12,7 +13,12 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Optional
+from typing import Any, Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs into one folder are not guarded there
+    fcntl = None  # type: ignore[assignment]
 
 import pyro
 import torch
@@ -33,6 +39,10 @@ METRICS = "metrics.json"
 RESULT_FILES = (METRICS, CHECKPOINT, "samples.png", "reconstructions.png", "curves.png")
 
 logger = logging.getLogger(__name__)
+
+
+class OutputBusyError(ValueError):
+    """Another process is training into the same output folder (see :func:`lock_output`)."""
 
 
 def write_json(path: str | os.PathLike, data: Any) -> None:
@@ -84,6 +94,13 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
     return dataset
 
 
+def _output_folder(out: str | os.PathLike) -> pathlib.Path:
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    return out
+
+
 def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> pathlib.Path:
     """Make ``out`` ready for a training run without ever silently replacing earlier results.
 
@@ -95,9 +112,7 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
         raise ValueError(
             "--resume continues the run in --out and --overwrite replaces it; pass only one of them"
         )
-    out = pathlib.Path(out)
-    if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    out = _output_folder(out)
     present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
     if present:
         if overwrite:
@@ -117,6 +132,37 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
             raise ValueError(f"the output folder {out} already holds {listed}; {fix}, or choose another --out")
     out.mkdir(parents=True, exist_ok=True)
     return out
+
+
+@contextlib.contextmanager
+def lock_output(out: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Hold an exclusive lock on the folder ``out`` (created if missing) while the block runs.
+
+    Two processes training into one folder would overwrite each other's checkpoint, each
+    believing it continues the run. The lock is ``flock`` on the folder itself, so no file is
+    left behind and the operating system releases it when the process dies, however it dies.
+
+    :raises OutputBusyError: (a ``ValueError``) when another process holds the lock.
+    """
+    out = _output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield out
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(
+                f"another process is training into {out} (it holds the folder's lock); wait for it to "
+                "finish or stop it, or choose another --out"
+            ) from None
+        except OSError as error:  # a file system without flock (some network mounts)
+            logger.warning("could not lock %s (%s); make sure no other run writes into it", out, error)
+        yield out
+    finally:
+        os.close(fd)  # releases the lock
 
 
 def check_device(device: str) -> None:
@@ -225,7 +271,9 @@ def train_and_evaluate(
     ``metrics.json``, ``checkpoint.pt``, ``samples.png``, ``reconstructions.png``, ``curves.png``.
 
     ``out`` must be empty or new, unless ``resume`` (continue the checkpoint there) or
-    ``overwrite`` (replace the earlier results), see :func:`prepare_output`.
+    ``overwrite`` (replace the earlier results), see :func:`prepare_output`. The run holds
+    ``out``'s lock (:func:`lock_output`) from start to end, so a second run into the same folder
+    fails with :class:`OutputBusyError` instead of overwriting this one's checkpoint.
 
     Under torchrun (``RANK``/``WORLD_SIZE`` set) this joins the process group and trains data
     parallel (:mod:`pyrovae.distributed`); rank 0 then evaluates and writes every file, and the
@@ -237,48 +285,54 @@ def train_and_evaluate(
     check_device(config.device)
     check_combination(config)  # before anything is written to `out`
     world, device = distributed.init_process_group(config.device)
-    out = distributed.run_on_main(lambda: prepare_output(out, resume=resume, overwrite=overwrite), world)
-    local = dataclasses.replace(config, device=device)
-    if download and world.is_distributed:
-        # One download per machine: local rank 0 fetches, the others then read what it wrote.
-        if world.local_rank == 0:
-            load_data(local, data_dir, download)
-        distributed.barrier(world)
-    dataset = load_data(local, data_dir, download and not world.is_distributed)
-    pyro.clear_param_store()
-    pyro.set_rng_seed(config.seed)
-    model, guide = build(local, dataset)
-    objective = make_objective(config.objective, num_particles=config.num_particles)
-    history = fit(
-        model, guide, dataset, objective,
-        epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
-        seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
-        config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
-        local_steps=config.local_steps, local_lr=config.local_lr,
-    )
-    # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this
-    # call alone would count the last part only).
-    train_seconds = float(sum(history.seconds))
-    if not world.is_main:
-        return None
-    metrics, guide_test = evaluate_run(local, dataset, model, guide, progress=progress)
-    metrics = {
-        "train_elbo": history.train_bound,
-        "test_bound_per_epoch": history.test_bound,
-        "bound_name": history.bound_name,
-        "epochs": len(history.epoch),
-        **metrics,
-        "seconds": train_seconds + metrics["eval_seconds"],
-        "train_seconds": train_seconds,
-        "seconds_per_epoch": history.seconds,
-        "device": config.device,
-        "world_size": world.world_size,
-        "torch_threads": torch.get_num_threads(),
-        "config": config.to_dict(),
-    }
-    save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
-    write_json(out / METRICS, metrics)
-    return metrics
+    with contextlib.ExitStack() as held:
+
+        def claim() -> pathlib.Path:  # on rank 0: lock the folder for the whole run, then check it
+            held.enter_context(lock_output(out))
+            return prepare_output(out, resume=resume, overwrite=overwrite)
+
+        out = distributed.run_on_main(claim, world)
+        local = dataclasses.replace(config, device=device)
+        if download and world.is_distributed:
+            # One download per machine: local rank 0 fetches, the others then read what it wrote.
+            if world.local_rank == 0:
+                load_data(local, data_dir, download)
+            distributed.barrier(world)
+        dataset = load_data(local, data_dir, download and not world.is_distributed)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(config.seed)
+        model, guide = build(local, dataset)
+        objective = make_objective(config.objective, num_particles=config.num_particles)
+        history = fit(
+            model, guide, dataset, objective,
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
+            seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
+            config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
+            local_steps=config.local_steps, local_lr=config.local_lr,
+        )
+        # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this
+        # call alone would count the last part only).
+        train_seconds = float(sum(history.seconds))
+        if not world.is_main:
+            return None
+        metrics, guide_test = evaluate_run(local, dataset, model, guide, progress=progress)
+        metrics = {
+            "train_elbo": history.train_bound,
+            "test_bound_per_epoch": history.test_bound,
+            "bound_name": history.bound_name,
+            "epochs": len(history.epoch),
+            **metrics,
+            "seconds": train_seconds + metrics["eval_seconds"],
+            "train_seconds": train_seconds,
+            "seconds_per_epoch": history.seconds,
+            "device": config.device,
+            "world_size": world.world_size,
+            "torch_threads": torch.get_num_threads(),
+            "config": config.to_dict(),
+        }
+        save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
+        write_json(out / METRICS, metrics)
+        return metrics
 
 
 def load_run_checkpoint(

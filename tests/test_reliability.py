@@ -13,6 +13,7 @@ The fault tests run real subprocesses and send real signals: SIGKILL at random m
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import pathlib
@@ -34,7 +35,8 @@ from pyrovae.cli import main
 from pyrovae.data import DataNotFoundError, Dataset, check_data
 from pyrovae.interrupt import StopSignals
 from pyrovae.optim import make_pyro_optimizer
-from pyrovae.run import RESULT_FILES, prepare_output
+from pyrovae.run import RESULT_FILES, OutputBusyError, lock_output, prepare_output
+from pyrovae.studies.sweep import run_configs
 from pyrovae.step import GradientStep
 
 TESTS = pathlib.Path(__file__).parent
@@ -159,6 +161,49 @@ def test_output_folder_is_never_silently_clobbered(tmp_path, capsys, trained):
     (tmp_path / "empty").mkdir()
     prepare_output(tmp_path / "empty")  # an empty folder is fine
     assert set(RESULT_FILES) >= {"metrics.json", "checkpoint.pt"}
+
+
+_HOLD_LOCK = """
+import sys
+from pyrovae.run import lock_output
+with lock_output(sys.argv[1]):
+    print("locked", flush=True)
+    sys.stdin.read()  # until killed
+"""
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_two_runs_into_one_folder_cannot_overlap(tmp_path, capsys):
+    """While one process trains into a folder, a second run into it is refused (and writes
+    nothing); once the first dies, even by SIGKILL, the folder is free again."""
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_LOCK, str(out)], stdin=subprocess.PIPE,
+                              stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        for extra in ([], ["--resume"], ["--overwrite"]):
+            code, err = _cli_error(capsys, GMM + ["--epochs", "1", "--out", str(out)] + extra)
+            assert code == 2 and f"another process is training into {out}" in err and "choose another --out" in err
+        assert list(out.iterdir()) == []  # the lock is on the folder itself: no lock file either
+    finally:
+        holder.kill()
+        holder.wait(timeout=60)
+    assert main(GMM + ["--epochs", "1", "--out", str(out)]) == 0
+    with lock_output(out):  # the finished run let go of it
+        pass
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
+def test_sweep_processes_share_runs_without_touching_a_busy_one(tmp_path):
+    config = TrainConfig(dataset="gmm", batch_size=500, eval_samples=5, epochs=1)
+    configs = {"a": config, "b": dataclasses.replace(config, seed=1)}
+    with lock_output(tmp_path / "a"):  # another process "is training" a
+        with pytest.raises(OutputBusyError, match="another process is training into"):
+            run_configs(configs, tmp_path)
+        results = run_configs(configs, tmp_path, skip_busy=True)
+        assert set(results) == {"b"} and list((tmp_path / "a").iterdir()) == []
+    results = run_configs(configs, tmp_path, skip_busy=True)  # a is free now; b is finished and skipped
+    assert set(results) == {"a", "b"} and results["a"]["config"]["seed"] == 0
 
 
 # --------------------------------------------------------------------------------------------

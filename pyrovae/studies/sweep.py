@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pyrovae.config import TrainConfig, config_differences
-from pyrovae.run import train_and_evaluate
+from pyrovae.run import OutputBusyError, train_and_evaluate
 
 __all__ = ["finished_metrics", "run_configs"]
 
@@ -42,11 +42,15 @@ def run_configs(
     data_dir: Optional[str] = None,
     progress: bool = False,
     after: Optional[Callable[[str, dict[str, Any]], None]] = None,
+    skip_busy: bool = False,
 ) -> dict[str, dict[str, Any]]:
     """Train and evaluate every config in ``root/<name>`` (skipping finished ones, resuming
     unfinished ones) and return ``{name: metrics}``.
 
     :param after: called with ``(name, metrics)`` after each run (finished earlier or now).
+    :param skip_busy: leave out (and log) a run that another process is training, instead of
+        raising :class:`~pyrovae.run.OutputBusyError`; then several processes started with the
+        same configs share the work, and the result lacks the runs the others hold.
     """
     results = {}
     for name, config in configs.items():
@@ -54,7 +58,13 @@ def run_configs(
         metrics = finished_metrics(folder, config)
         if metrics is None:
             logger.info("%s: training", name)
-            metrics = train_and_evaluate(config, folder, data_dir=data_dir, resume=True, progress=progress)
+            try:
+                metrics = train_and_evaluate(config, folder, data_dir=data_dir, resume=True, progress=progress)
+            except OutputBusyError:
+                if not skip_busy:
+                    raise
+                logger.warning("%s: another process is training it; skipped", name)
+                continue
         else:
             logger.info("%s: finished earlier, skipped", name)
         results[name] = metrics
