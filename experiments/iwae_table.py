@@ -58,11 +58,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def init_of(args: argparse.Namespace) -> str:
+    """The start of every cell, named as in :data:`burda.INITS`."""
+    return "torch" if args.torch_init else "paper"
+
+
 def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
     configs = {
         cell: burda.cell_config(cell, schedule, seed=args.seed, device=args.device, num_train=args.num_train,
                                 num_test=args.num_test, eval_samples=args.eval_samples,
-                                paper_init=not args.torch_init)
+                                init=init_of(args))
         for cell in args.cells
     }
     run_configs(configs, Path(args.out), data_dir=args.data_dir, progress=args.progress, skip_busy=True,
@@ -72,7 +77,7 @@ def run_cells(args: argparse.Namespace, schedule: burda.Schedule) -> None:
 def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, object]:
     results = burda.collect(Path(args.out))
     rows = burda.table_rows(results)
-    init = "torch" if args.torch_init else "paper"
+    init = init_of(args)
     summary = {
         "schedule": burda.schedule_dict(schedule),
         "paper": {"epochs": burda.PAPER["epochs"], "batch_size": burda.PAPER["batch_size"]},

@@ -28,7 +28,7 @@ def test_cells_are_the_papers_architecture() -> None:
     assert (two.model, two.z_dim, two.upper_z_dims, two.hidden_sizes, two.upper_hidden_sizes) == (
         "hvae", 100, (50,), (200, 200), (100, 100))
     assert (config.weight_init, config.data_bias) == ("glorot", True)  # the paper's code starts this way
-    torch_start = burda.cell_config("k1", burda.Schedule(), paper_init=False)
+    torch_start = burda.cell_config("k1", burda.Schedule(), init="torch")
     assert (torch_start.weight_init, torch_start.data_bias) == ("torch", False)
     assert burda.init_name(config.to_dict()) == "paper" and burda.init_name(torch_start.to_dict()) == "torch"
     assert burda.init_name({}) == "torch"  # saved before the options existed
@@ -36,6 +36,8 @@ def test_cells_are_the_papers_architecture() -> None:
     assert burda.cell_name(2, "vae", 1) == "2l-k1" and burda.cell_name(1, "iwae", 50) == "iwae-k50"
     with pytest.raises(ValueError, match="unknown cell"):
         burda.cell_config("iwae-k7", burda.Schedule())
+    with pytest.raises(ValueError, match=r"unknown init 'glorot'; choose from \['paper', 'torch'\]"):
+        burda.cell_config("k1", burda.Schedule(), init="glorot")
 
 
 def test_convergence_and_ordering() -> None:

@@ -109,16 +109,18 @@ def cell_config(
     num_train: Optional[int] = None,
     num_test: Optional[int] = None,
     eval_samples: int = 5000,
-    paper_init: bool = True,
+    init: str = "paper",
 ) -> TrainConfig:
     """The :class:`~pyrovae.config.TrainConfig` of one cell. One layer: 784-200-200-50 MLPs. Two
     layers (:class:`~pyrovae.models.HierarchicalVAE`): x ↔ 200-200 ↔ z1 (100) ↔ 100-100 ↔ z2 (50).
-    Both start as in the paper's code (Glorot weights, output bias at the data's mean); with
-    ``paper_init=False`` they keep torch's default initialisation instead."""
+    ``init`` names the start (:data:`INITS`): ``"paper"`` as in the paper's code (Glorot weights,
+    output bias at the data's mean), ``"torch"`` torch's default initialisation."""
     if cell not in CELLS:
         raise ValueError(f"unknown cell {cell!r}; choose from {sorted(CELLS)}")
+    if init not in INITS:
+        raise ValueError(f"unknown init {init!r}; choose from {sorted(INITS)}")
     layers, objective, k = CELLS[cell]
-    weight_init, data_bias = INITS["paper" if paper_init else "torch"]
+    weight_init, data_bias = INITS[init]
     architecture: dict[str, Any] = (
         dict(model="vae", z_dim=50) if layers == 1
         else dict(model="hvae", z_dim=100, upper_z_dims=(50,), upper_hidden_sizes=(100, 100))
