@@ -150,11 +150,16 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    for cell, metrics in sorted(results.items()):
+    # Up to 12 cells: the default cycle's 10 colours would repeat, so take tab20's and draw the
+    # two-layer cells dashed.
+    colors = plt.get_cmap("tab20").colors
+    for i, (cell, metrics) in enumerate(sorted(results.items())):
         bounds = metrics["test_bound_per_epoch"]
         epochs = range(1, len(bounds) + 1)
-        ax.plot(epochs, [-b for b in bounds], label=f"{cell}: {metrics['bound_name']}")
-        ax.axhline(metrics["test_nll"], color=ax.lines[-1].get_color(), ls=":", lw=1)
+        color = colors[(2 * i) % 20 + (2 * i) // 20]
+        ax.plot(epochs, [-b for b in bounds], color=color, ls="--" if cell.startswith("2l-") else "-",
+                label=f"{cell}: {metrics['bound_name']}")
+        ax.axhline(metrics["test_nll"], color=color, ls=":", lw=1)
     ax.set_xlabel("epoch")
     ax.set_ylabel("test −bound (nats); dotted: final NLL, K=5000")
     lows = [m["test_nll"] for m in results.values()]
