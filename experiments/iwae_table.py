@@ -150,13 +150,14 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
-    # Up to 12 cells: the default cycle's 10 colours would repeat, so take tab20's and draw the
-    # two-layer cells dashed.
-    colors = plt.get_cmap("tab20").colors
+    # Up to 12 cells: the default cycle's 10 colours would repeat, so take tab20's (its 10 dark
+    # colours, then the 10 light ones) and draw the two-layer cells dashed.
+    tab20 = plt.get_cmap("tab20").colors
+    colors = tab20[0::2] + tab20[1::2]
     for i, (cell, metrics) in enumerate(sorted(results.items())):
         bounds = metrics["test_bound_per_epoch"]
         epochs = range(1, len(bounds) + 1)
-        color = colors[(2 * i) % 20 + (2 * i) // 20]
+        color = colors[i % len(colors)]
         ax.plot(epochs, [-b for b in bounds], color=color, ls="--" if cell.startswith("2l-") else "-",
                 label=f"{cell}: {metrics['bound_name']}")
         ax.axhline(metrics["test_nll"], color=color, ls=":", lw=1)
