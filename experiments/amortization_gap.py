@@ -25,9 +25,9 @@ from pathlib import Path
 
 import pyro
 import torch
+from studies import amortization as study
 
-from pyrovae.run import load_data, restore, write_json
-from pyrovae.studies import amortization as study
+from pyrovae.app.run import load_data, restore, write_json
 from pyrovae.train import evaluation_data
 
 PARTS = ("amortized", "per-datapoint", "semi-amortized")
@@ -81,7 +81,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     defaults = study.InferenceSettings()
     for name, value in defaults.to_dict().items():
         parser.add_argument(f"--{name.replace('_', '-')}", type=type(value), default=value,
-                            help=f"InferenceSettings.{name} (see pyrovae.studies.amortization)")
+                            help=f"InferenceSettings.{name} (see studies.amortization)")
     parser.add_argument("--report-only", action="store_true",
                         help="run nothing: merge the parts already under --out and redraw the figures")
     parser.add_argument("--threads", type=int, default=1, help="torch threads (the machine is shared)")
@@ -104,7 +104,7 @@ def build_decoder(args: argparse.Namespace, part: str, config_a):  # type: ignor
     """Model (B) or (C): loaded from its checkpoint, or trained here and saved there."""
     import dataclasses
 
-    from pyrovae import build
+    from pyrovae.app.build import build
     from pyrovae.guides import SemiAmortizedGuide
 
     settings = settings_of(args)
@@ -223,7 +223,7 @@ def report(args: argparse.Namespace) -> dict:
                                title=f"decoder (A), first {n} test points")
     nc = out / "inference_data.nc"
     if nc.exists():
-        from pyrovae.diagnostics import _arviz
+        from pyrovae.infer.diagnostics import _arviz
 
         az = _arviz()
         idata = az.from_netcdf(str(nc))

@@ -4,7 +4,7 @@ Four measurements, each a median over interleaved repeats (pyrovae and its hand-
 alternate, so a slow stretch of a shared machine hits both), reported as ratios
 pyrovae ÷ hand-written (below 1: pyrovae is faster):
 
-1. One SVI training step (``pyrovae.step.GradientStep``, what ``fit`` runs) for the ELBO (K=1) and
+1. One SVI training step (``pyrovae.train.step.GradientStep``, what ``fit`` runs) for the ELBO (K=1) and
    IWAE (K=50), batch 32 and 256, the 784-400-50 (ReLU) and 784-200-200-50 (tanh) networks,
    against a hand-written step with the same networks, batch and ``torch.optim.Adam``; the
    hand-written step with ``binary_cross_entropy_with_logits`` (what PyTorch VAEs write) and with
@@ -34,20 +34,20 @@ from typing import Any, Callable
 
 import pyro
 import torch
+from studies import speed
 
-from pyrovae.config import TrainConfig
+from pyrovae.app.config import TrainConfig
+from pyrovae.app.run import load_data, write_json
 from pyrovae.data import resolve_data_dir
-from pyrovae.evaluate import importance_sampling
 from pyrovae.guides import AmortizedGuide
+from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.objectives import make_objective
+from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.models import VAE
 from pyrovae.nets import Decoder, GaussianEncoder
-from pyrovae.objectives import make_objective
-from pyrovae.optim import make_pyro_optimizer
-from pyrovae.perf import machine_info, tune_malloc
-from pyrovae.run import load_data, write_json
-from pyrovae.step import GradientStep
-from pyrovae.studies import speed
+from pyrovae.runtime.perf import machine_info, tune_malloc
 from pyrovae.train import fit
+from pyrovae.train.step import GradientStep
 
 NETWORKS: dict[str, tuple[tuple[int, ...], str]] = {
     "784-400-50": ((400,), "relu"),
@@ -272,7 +272,7 @@ def bench_eval(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[s
 
 
 def bench_local(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[str, Any]:
-    from pyrovae.train import optimize_local_guide
+    from pyrovae.infer.local import optimize_local_guide
 
     pyro.clear_param_store()
     x = x_test if args.local_points is None else x_test[: args.local_points]

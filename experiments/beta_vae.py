@@ -18,12 +18,12 @@ import logging
 from pathlib import Path
 
 import torch
+from studies.sweep import add_common_args, run_configs, setup
 
-from pyrovae.config import TrainConfig
-from pyrovae.evaluate import posterior_means
-from pyrovae.plots import save_image_grid
-from pyrovae.run import restore, write_json
-from pyrovae.studies.sweep import add_common_args, run_configs, setup
+from pyrovae.app.config import TrainConfig
+from pyrovae.app.plots import save_image_grid
+from pyrovae.app.run import restore, write_json
+from pyrovae.infer.evaluate import posterior_means
 from pyrovae.train import evaluation_data
 
 

@@ -17,10 +17,7 @@ import argparse
 import time
 
 import torch
-
-from pyrovae import plots
-from pyrovae.run import restore, test_guide, write_json
-from pyrovae.studies.gap import (
+from studies.gap import (
     linear_gaussian_gap,
     mnist_gap,
     plot_gap_vs_k,
@@ -28,6 +25,9 @@ from pyrovae.studies.gap import (
     summarize_by_label,
     train_small_vae,
 )
+
+from pyrovae.app import plots
+from pyrovae.app.run import restore, test_guide, write_json
 from pyrovae.train import evaluation_data
 
 

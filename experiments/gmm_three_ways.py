@@ -18,9 +18,9 @@ import time
 from typing import Optional, Sequence
 
 import torch
+from studies.mixture import ThreeWaysConfig, run_three_ways, save_figures
 
-from pyrovae.run import write_json
-from pyrovae.studies.mixture import ThreeWaysConfig, run_three_ways, save_figures
+from pyrovae.app.run import write_json
 
 
 def build_parser() -> argparse.ArgumentParser:

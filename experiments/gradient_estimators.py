@@ -15,7 +15,7 @@ batch means of f for K = 1) — compared
    ``--clock wall`` budgets wall-clock time.
 
 Writes ``results.json``, ``variance_vs_dim.png``, ``snr_vs_dim.png``, ``mnist_gradients.png`` and
-``training_curves.png`` under ``--out``. The logic lives in :mod:`pyrovae.studies.gradients`.
+``training_curves.png`` under ``--out``. The logic lives in :mod:`studies.gradients`.
 """
 
 from __future__ import annotations
@@ -31,10 +31,10 @@ from typing import Any, Optional
 
 import pyro
 import torch
+from studies import gradients as study
 
+from pyrovae.app.run import write_json
 from pyrovae.data import Dataset, load_mnist
-from pyrovae.run import write_json
-from pyrovae.studies import gradients as study
 from pyrovae.train import evaluation_data
 
 

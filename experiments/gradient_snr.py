@@ -19,10 +19,10 @@ from pathlib import Path
 
 import pyro
 import torch
+from studies import snr as study
 
-from pyrovae.perf import tune_malloc
-from pyrovae.run import restore, write_json
-from pyrovae.studies import snr as study
+from pyrovae.app.run import restore, write_json
+from pyrovae.runtime.perf import tune_malloc
 from pyrovae.train import evaluation_data
 
 

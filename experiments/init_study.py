@@ -23,10 +23,11 @@ import logging
 from pathlib import Path
 from typing import Any
 
-from pyrovae.perf import machine_info
-from pyrovae.run import write_json
-from pyrovae.studies import burda
-from pyrovae.studies.sweep import add_common_args, run_configs, setup
+from studies import burda
+from studies.sweep import add_common_args, run_configs, setup
+
+from pyrovae.app.run import write_json
+from pyrovae.runtime.perf import machine_info
 
 #: start -> (weight_init, data_bias)
 STARTS: dict[str, tuple[str, bool]] = {

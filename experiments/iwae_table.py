@@ -25,12 +25,12 @@ import logging
 from pathlib import Path
 
 import torch
+from studies import burda
+from studies.sweep import run_configs
 
-from pyrovae.interrupt import TrainingInterrupted
-from pyrovae.perf import machine_info, tune_malloc
-from pyrovae.run import write_json
-from pyrovae.studies import burda
-from pyrovae.studies.sweep import run_configs
+from pyrovae.app.run import write_json
+from pyrovae.runtime.interrupt import TrainingInterrupted
+from pyrovae.runtime.perf import machine_info, tune_malloc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

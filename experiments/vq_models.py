@@ -24,15 +24,14 @@ from pathlib import Path
 
 import pyro
 import torch
+from studies import vq
+from studies.sweep import add_common_args, run_configs, setup
 
-from pyrovae.checkpoint import load_checkpoint, save_checkpoint
-from pyrovae.config import TrainConfig
-from pyrovae.plots import save_image_grid, save_reconstructions
-from pyrovae.run import restore, write_json
-from pyrovae.studies import vq
-from pyrovae.studies.sweep import add_common_args, run_configs, setup
+from pyrovae.app.config import TrainConfig
+from pyrovae.app.plots import save_image_grid, save_reconstructions
+from pyrovae.app.run import restore, write_json
+from pyrovae.runtime.checkpoint import load_checkpoint, save_checkpoint
 from pyrovae.train import evaluation_data
-
 
 #: The runs: name -> (model, EMA codebook?).
 VARIANTS: dict[str, tuple[str, bool]] = {"vqvae": ("vqvae", False), "vqvae-ema": ("vqvae", True), "vqvae2": ("vqvae2", False)}

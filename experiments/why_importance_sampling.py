@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import time
 
-from pyrovae.run import write_json
-from pyrovae.studies.importance import PROPOSALS, dimension_study, plot_dimension_study
+from studies.importance import PROPOSALS, dimension_study, plot_dimension_study
+
+from pyrovae.app.run import write_json
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

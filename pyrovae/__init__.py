@@ -5,17 +5,15 @@ and share their latent site names, so any guide swaps into any model; objectives
 ``pyro.infer.ELBO`` objects chosen by name; :func:`fit` runs ``pyro.infer.SVI``.
 """
 
-from pyrovae.build import build
-from pyrovae.config import TrainConfig
-from pyrovae.data import Dataset, DataNotFoundError, gaussian_mixture, linear_gaussian, load_dataset, load_mnist
-from pyrovae.evaluate import (
-    ImportanceEstimate,
-    active_units,
-    evaluate_dataset,
-    importance_sampling,
-    kl_to_prior,
-    log_likelihood,
-    posterior_means,
+from pyrovae.app.build import build
+from pyrovae.app.config import TrainConfig
+from pyrovae.data import (
+    DataNotFoundError,
+    Dataset,
+    gaussian_mixture,
+    linear_gaussian,
+    load_dataset,
+    load_mnist,
 )
 from pyrovae.guides import (
     AmortizedGuide,
@@ -27,11 +25,21 @@ from pyrovae.guides import (
     PriorGuide,
     SemiAmortizedGuide,
 )
+from pyrovae.infer.evaluate import (
+    ImportanceEstimate,
+    active_units,
+    evaluate_dataset,
+    importance_sampling,
+    kl_to_prior,
+    log_likelihood,
+    posterior_means,
+)
+from pyrovae.infer.local import LocalFitHistory, optimize_local_guide
+from pyrovae.infer.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
+from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
-from pyrovae.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
-from pyrovae.optim import LazyAdam, make_pyro_optimizer
-from pyrovae.train import History, LocalFitHistory, fit, optimize_local_guide
+from pyrovae.train import History, fit
 
 __version__ = "0.1.0"
 

@@ -2,6 +2,6 @@
 
 import sys
 
-from pyrovae.cli import main
+from pyrovae.app.cli import main
 
 sys.exit(main())

@@ -12,7 +12,7 @@ same functions (:func:`train_deterministic`).
 2. ``stochastic-*``: the real PerDatapointGuide (sampled z); one run uninterrupted, one stopped by
    a real SIGINT that only rank 1 receives, then resumed: both ranks must stop at the same step and
    the resumed parameters must equal the uninterrupted ones bit for bit (per-rank RNG states).
-3. ``pyrovae train`` through :func:`pyrovae.cli.main` under the process group: rank 0 alone
+3. ``pyrovae train`` through :func:`pyrovae.app.cli.main` under the process group: rank 0 alone
    writes the results.
 """
 
@@ -29,11 +29,11 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-import pyrovae.train
-from pyrovae import Decoder, PerDatapointGuide, VAE, fit, make_objective
+import pyrovae.train.trainer
+from pyrovae import VAE, Decoder, PerDatapointGuide, fit, make_objective
 from pyrovae.data import Dataset
 from pyrovae.handlers import data_plate
-from pyrovae.interrupt import TrainingInterrupted
+from pyrovae.runtime.interrupt import TrainingInterrupted
 
 NUM_DATA, X_DIM, Z_DIM, BATCH = 31, 6, 2, 10
 
@@ -138,20 +138,21 @@ def train_stochastic(checkpoint: pathlib.Path, resume: bool = False, signal_at_c
 
 
 def main(out: pathlib.Path) -> None:
-    from pyrovae import cli, distributed
+    from pyrovae.app import cli
+    from pyrovae.runtime import distributed
 
     world, _ = distributed.init_process_group("cpu")
     rank = world.rank
     report: dict[str, Any] = {"rank": rank, "world_size": world.world_size}
 
     saves: list[str] = []
-    save_checkpoint = pyrovae.train.save_checkpoint
+    save_checkpoint = pyrovae.train.trainer.save_checkpoint
 
     def counting_save(path: Any, state: dict[str, Any]) -> None:
         saves.append(str(path))
         save_checkpoint(path, state)
 
-    pyrovae.train.save_checkpoint = counting_save
+    pyrovae.train.trainer.save_checkpoint = counting_save
     for kind in ("per-datapoint", "amortized"):
         params = train_deterministic(kind, out / f"deterministic-{kind}.ckpt")
         torch.save(params, out / f"deterministic-{kind}_rank{rank}.pt")

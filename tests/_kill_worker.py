@@ -24,8 +24,8 @@ import torch
 
 torch.set_num_threads(1)  # no thread pool in the parent: forking it is then safe
 
-from pyrovae import cli, run  # noqa: E402  (imported before forking, so children start fast)
-from pyrovae.checkpoint import load_checkpoint  # noqa: E402
+from pyrovae.app import cli, run  # noqa: E402  (imported before forking, so children start fast)
+from pyrovae.runtime.checkpoint import load_checkpoint  # noqa: E402
 
 ARGS = ["train", "--dataset", "linear", "--num-train", "40", "--num-test", "8", "--batch-size", "40",
         "--z-dim", "1", "--hidden-sizes", "4", "--eval-samples", "2", "--no-progress", "--resume"]

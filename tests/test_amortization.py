@@ -19,23 +19,28 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI
+from studies.importance import random_linear_gaussian
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from pyrovae import (
+    VAE,
     AmortizedGuide,
     Decoder,
     ExactPosteriorGuide,
     GaussianEncoder,
     LinearGaussian,
     SemiAmortizedGuide,
-    VAE,
     make_objective,
     make_pyro_optimizer,
     optimize_local_guide,
 )
-from pyrovae.diagnostics import importance_diagnostics, pareto_khat, posterior_draws, to_inference_data
 from pyrovae.guides import gaussian_elbo, refine_gaussian
-from pyrovae.studies.importance import random_linear_gaussian
+from pyrovae.infer.diagnostics import (
+    importance_diagnostics,
+    pareto_khat,
+    posterior_draws,
+    to_inference_data,
+)
 
 ROOT = Path(__file__).resolve().parent.parent
 Z_MAX = 5.0
@@ -261,7 +266,7 @@ def test_inference_data_has_point_and_latent_coordinates(tmp_path):
     )
     path = tmp_path / "draws.nc"
     idata.to_netcdf(str(path))
-    from pyrovae.diagnostics import _arviz
+    from pyrovae.infer.diagnostics import _arviz
 
     az = _arviz()
     loaded = az.from_netcdf(str(path))
@@ -282,7 +287,7 @@ def test_inference_data_has_point_and_latent_coordinates(tmp_path):
 
 def test_amortization_gap_experiment_smoke(load_experiment, tmp_path, mnist_root):
     from pyrovae import TrainConfig
-    from pyrovae.run import train_and_evaluate
+    from pyrovae.app.run import train_and_evaluate
 
     config = TrainConfig(z_dim=3, hidden_sizes=(16,), epochs=1, num_train=200, num_test=40, eval_samples=5, eval_batch=40)
     train_and_evaluate(config, tmp_path / "a", data_dir=str(mnist_root), progress=False)

@@ -1,4 +1,4 @@
-"""Tests of pyrovae.checkpoint: atomic saving, safe loading, RNG state round trips."""
+"""Tests of pyrovae.runtime.checkpoint: atomic saving, safe loading, RNG state round trips."""
 
 from __future__ import annotations
 
@@ -7,13 +7,13 @@ import pathlib
 import random
 
 import numpy as np
+import pyro
+import pyro.optim
 import pytest
 import torch
 from torch.distributions import constraints
 
-import pyro
-import pyro.optim
-from pyrovae.checkpoint import (
+from pyrovae.runtime.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
     load_checkpoint,

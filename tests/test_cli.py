@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from pyrovae.cli import main
+from pyrovae.app.cli import main
 
 EXPECTED_FILES = ("metrics.json", "checkpoint.pt", "samples.png", "reconstructions.png", "curves.png")
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,10 +9,10 @@ import pytest
 import torch
 
 from pyrovae import TrainConfig
-from pyrovae.build import build
+from pyrovae.app.build import build
 from pyrovae.data import Dataset
+from pyrovae.infer.objectives import make_objective
 from pyrovae.nets import ConvDecoder, ConvGaussianEncoder, ConvTrunk
-from pyrovae.objectives import make_objective
 
 
 def _mnist_like(n: int = 12) -> Dataset:
@@ -54,7 +54,7 @@ def test_conv_needs_images() -> None:
 
 
 def test_cli_trains_a_conv_vae(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
+    from pyrovae.app.cli import main
 
     code = main([
         "train", "--network", "conv", "--z-dim", "4", "--hidden-sizes", "32", "--epochs", "1",

@@ -6,10 +6,10 @@ import math
 import os
 import pathlib
 
+import pyro.distributions as dist
 import pytest
 import torch
 
-import pyro.distributions as dist
 from pyrovae.data import (
     DataNotFoundError,
     Dataset,
@@ -17,11 +17,13 @@ from pyrovae.data import (
     gaussian_mixture,
     index_batches,
     linear_gaussian,
-    linear_gaussian_log_marginal,
-    linear_gaussian_posterior,
     load_dataset,
     load_mnist,
     resolve_data_dir,
+)
+from pyrovae.models.linear_gaussian import (
+    linear_gaussian_log_marginal,
+    linear_gaussian_posterior,
 )
 
 

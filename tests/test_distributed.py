@@ -9,12 +9,12 @@ import pathlib
 import subprocess
 import sys
 
+import _ddp_worker as worker
 import pytest
 import torch
 
-import _ddp_worker as worker
-from pyrovae.checkpoint import load_checkpoint
-from pyrovae.distributed import World, rank_seed, shard
+from pyrovae.runtime.checkpoint import load_checkpoint
+from pyrovae.runtime.distributed import World, rank_seed, shard
 
 TESTS = pathlib.Path(__file__).parent
 

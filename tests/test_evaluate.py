@@ -1,4 +1,4 @@
-"""Tests of pyrovae.evaluate against the exact log p(x), p(z|x) and KLs of the linear-Gaussian model.
+"""Tests of pyrovae.infer.evaluate against the exact log p(x), p(z|x) and KLs of the linear-Gaussian model.
 
 Stochastic estimates are compared with the exact value within 5 Monte Carlo standard errors, the
 SE coming either from independent repeats or from the delta method on the importance weights,
@@ -22,14 +22,14 @@ import torch
 from torch.distributions import constraints, kl_divergence
 
 from pyrovae.data import linear_gaussian
-from pyrovae.evaluate import (
+from pyrovae.guides import ExactPosteriorGuide, PerDatapointGuide, PriorGuide
+from pyrovae.infer.evaluate import (
     active_units,
     evaluate_dataset,
     importance_sampling,
     kl_to_prior,
     log_likelihood,
 )
-from pyrovae.guides import ExactPosteriorGuide, PerDatapointGuide, PriorGuide
 from pyrovae.models import LinearGaussian
 
 X_DIM, Z_DIM = 4, 2

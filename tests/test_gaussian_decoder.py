@@ -11,9 +11,9 @@ import pytest
 import torch
 
 from pyrovae import TrainConfig
+from pyrovae.app.run import load_data
 from pyrovae.models import VAE
 from pyrovae.nets import Decoder
-from pyrovae.run import load_data
 
 
 def test_per_pixel_scale_log_density() -> None:
@@ -43,7 +43,7 @@ def test_bad_settings_are_refused(mnist_root) -> None:  # type: ignore[no-untype
 
 
 def test_cli_learns_a_per_pixel_scale(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
+    from pyrovae.app.cli import main
 
     code = main([
         "train", "--likelihood", "gaussian", "--binarize", "none", "--learn-x-scale", "--x-scale-shape", "pixel",
@@ -54,7 +54,7 @@ def test_cli_learns_a_per_pixel_scale(tmp_path, mnist_root) -> None:  # type: ig
     assert code == 0
     metrics = json.loads((tmp_path / "metrics.json").read_text())
     assert metrics["config"]["x_scale_shape"] == "pixel"
-    from pyrovae.checkpoint import load_checkpoint
+    from pyrovae.runtime.checkpoint import load_checkpoint
 
     state = load_checkpoint(tmp_path / "checkpoint.pt")
     learned = state["params"]["params"]["x_scale"]

@@ -1,4 +1,4 @@
-"""Tests of the gradient-estimator study (pyrovae.studies.gradients, experiments/gradient_estimators.py).
+"""Tests of the gradient-estimator study (studies.gradients, experiments/gradient_estimators.py).
 
 - The analytic ELBO of the linear-Gaussian model equals log p(x) - KL(q ‖ p(z|x)) (exact), and its
   autograd gradient equals the gradient derived by hand.
@@ -26,10 +26,13 @@ from pathlib import Path
 import pyro
 import pytest
 import torch
+from studies import gradients as study
 from torch.distributions import MultivariateNormal, kl_divergence
 
-from pyrovae.data import linear_gaussian_log_marginal, linear_gaussian_posterior
-from pyrovae.studies import gradients as study
+from pyrovae.models.linear_gaussian import (
+    linear_gaussian_log_marginal,
+    linear_gaussian_posterior,
+)
 
 SCRIPT = Path(__file__).resolve().parent.parent / "experiments" / "gradient_estimators.py"
 Z_MAX = 5.0
@@ -165,7 +168,7 @@ def test_baseline_reduces_variance(z_dim: int, num_particles: int) -> None:
 
 
 def test_leave_one_out_needs_two_particles() -> None:
-    from pyrovae.objectives import make_objective
+    from pyrovae.infer.objectives import make_objective
 
     with pytest.raises(ValueError, match="moving-average"):
         make_objective("score", 1, baseline="leave-one-out")

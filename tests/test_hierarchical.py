@@ -17,13 +17,17 @@ import pytest
 import torch
 
 from pyrovae import TrainConfig
-from pyrovae.build import build
-from pyrovae.evaluate import importance_sampling
+from pyrovae.app.build import build
 from pyrovae.guides import HierarchicalGuide
+from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.objectives import make_objective
+from pyrovae.infer.weights import (
+    guess_max_plate_nesting,
+    per_datapoint_log_weights,
+    vectorized_traces,
+)
 from pyrovae.models import HierarchicalVAE
 from pyrovae.nets import HierarchicalDecoder, HierarchicalEncoder
-from pyrovae.objectives import make_objective
-from pyrovae.objectives.weights import guess_max_plate_nesting, per_datapoint_log_weights, vectorized_traces
 
 X_DIM, D1, D2 = 4, 3, 2
 
@@ -154,8 +158,8 @@ def test_config_and_build() -> None:
 
 
 def test_train_evaluate_restore_and_cli(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
-    from pyrovae.run import evaluate_checkpoint
+    from pyrovae.app.cli import main
+    from pyrovae.app.run import evaluate_checkpoint
 
     out = tmp_path / "hvae"
     code = main([

@@ -11,8 +11,8 @@ import torch
 from torch import nn
 
 from pyrovae import TrainConfig, glorot_init_, init_output_bias_, load_dataset
-from pyrovae.build import build, check_combination
-from pyrovae.cli import main
+from pyrovae.app.build import build, check_combination
+from pyrovae.app.cli import main
 from pyrovae.nets import ConvDecoder, Decoder, GaussianEncoder, HierarchicalDecoder
 
 

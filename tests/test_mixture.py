@@ -15,14 +15,7 @@ import pyro
 import pytest
 import torch
 from pyro.infer import TraceEnum_ELBO
-from torch import nn
-
-from pyrovae.data import gaussian_mixture
-from pyrovae.evaluate import importance_sampling
-from pyrovae.guides import CategoricalGuide, MixturePriorGuide
-from pyrovae.models import GaussianMixture
-from pyrovae.objectives import IWAE
-from pyrovae.studies.mixture import (
+from studies.mixture import (
     em_fit,
     empty_guide,
     ess_limit,
@@ -31,6 +24,13 @@ from pyrovae.studies.mixture import (
     parameter_errors,
     train_mixture,
 )
+from torch import nn
+
+from pyrovae.data import gaussian_mixture
+from pyrovae.guides import CategoricalGuide, MixturePriorGuide
+from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.objectives import IWAE
+from pyrovae.models import GaussianMixture
 
 TRUTH = gaussian_mixture(10, 10).truth
 

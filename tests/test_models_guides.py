@@ -12,12 +12,16 @@ import pytest
 import torch
 from pyro.infer import SVI
 
-from pyrovae.distributions import NonReparameterizedIndependent, diag_normal, non_reparameterized
+from pyrovae.distributions import (
+    NonReparameterizedIndependent,
+    diag_normal,
+    non_reparameterized,
+)
 from pyrovae.guides import AmortizedGuide, PerDatapointGuide, PriorGuide
 from pyrovae.handlers import data_plate
+from pyrovae.infer.objectives import make_objective
 from pyrovae.models import VAE
 from pyrovae.nets import Decoder, GaussianEncoder
-from pyrovae.objectives import make_objective
 
 Z_MAX = 5.0
 
@@ -157,7 +161,7 @@ def test_per_datapoint_rows_move_only_when_in_the_batch(optimizer: str) -> None:
     - with plain ``pyro.optim.Adam`` (the contrast) rows of A keep drifting while B is trained,
       pushed by their first-moment estimates, though their gradient is zero.
     """
-    from pyrovae.optim import make_pyro_optimizer
+    from pyrovae.infer.optim import make_pyro_optimizer
 
     x = binary_data()
     num_data, x_dim = x.shape

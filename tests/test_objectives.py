@@ -26,11 +26,11 @@ from pyro.infer import RenyiELBO
 from torch.distributions import constraints, kl_divergence
 
 from pyrovae.data import linear_gaussian
-from pyrovae.evaluate import importance_sampling
 from pyrovae.guides import AmortizedGuide, ExactPosteriorGuide, PerDatapointGuide
+from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.objectives import OBJECTIVES, make_objective
 from pyrovae.models import LinearGaussian
 from pyrovae.nets import GaussianEncoder
-from pyrovae.objectives import OBJECTIVES, make_objective
 
 X_DIM, Z_DIM, NOISE_SCALE = 4, 2, 0.5
 NAMES = ("elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score")

@@ -1,18 +1,18 @@
-"""Tests of pyrovae.optim: LazyAdam against torch.optim.Adam, lazy rows, Pyro wrapper, state."""
+"""Tests of pyrovae.infer.optim: LazyAdam against torch.optim.Adam, lazy rows, Pyro wrapper, state."""
 
 from __future__ import annotations
 
 import io
 import pathlib
 
-import pytest
-import torch
-
 import pyro
 import pyro.distributions as dist
+import pytest
+import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyrovae.checkpoint import load_checkpoint, save_checkpoint
-from pyrovae.optim import LazyAdam, make_pyro_optimizer
+
+from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
+from pyrovae.runtime.checkpoint import load_checkpoint, save_checkpoint
 
 
 def _quadratic(seed: int = 0):

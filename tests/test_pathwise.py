@@ -1,4 +1,4 @@
-"""STL and DReG gradient estimators (pyrovae.objectives.pathwise) on the linear-Gaussian model.
+"""STL and DReG gradient estimators (pyrovae.infer.objectives.pathwise) on the linear-Gaussian model.
 
 - ELBO-STL is unbiased for the exact (closed-form) ELBO gradient; IWAE-DReG is unbiased for the
   IWAE gradient (its mean agrees with the standard pathwise IWAE estimator within Monte Carlo
@@ -15,13 +15,13 @@ from collections.abc import Iterator
 import pyro
 import pytest
 import torch
+from studies import gradients as study
 
 from pyrovae.guides import HierarchicalGuide
 from pyrovae.handlers import score_function
+from pyrovae.infer.objectives import make_objective
 from pyrovae.models import HierarchicalVAE
 from pyrovae.nets import HierarchicalDecoder, HierarchicalEncoder
-from pyrovae.objectives import make_objective
-from pyrovae.studies import gradients as study
 
 Z_MAX = 5.0
 X_DIM, NOISE_SCALE, REPLICATES = 6, 0.5, 20000
@@ -116,7 +116,7 @@ def test_stl_refuses_guides_it_does_not_cover() -> None:
 def test_cli_trains_with_the_estimator(tmp_path, mnist_root, objective: str) -> None:  # type: ignore[no-untyped-def]
     import json
 
-    from pyrovae.cli import main
+    from pyrovae.app.cli import main
 
     with study.default_dtype(torch.float32):
         code = main([
@@ -131,7 +131,7 @@ def test_cli_trains_with_the_estimator(tmp_path, mnist_root, objective: str) -> 
 
 def test_gradient_snr_experiment_smoke(load_experiment, tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
     from pyrovae import TrainConfig
-    from pyrovae.run import train_and_evaluate
+    from pyrovae.app.run import train_and_evaluate
 
     with study.default_dtype(torch.float32):
         config = TrainConfig(z_dim=3, hidden_sizes=(16,), epochs=1, num_train=200, num_test=40, eval_samples=5)

@@ -1,4 +1,4 @@
-"""Tests of pyrovae.plots: every function writes a readable PNG of the expected size and content."""
+"""Tests of pyrovae.app.plots: every function writes a readable PNG of the expected size and content."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from PIL import Image
 
-from pyrovae import plots
+from pyrovae.app import plots
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PADDING = 2  # torchvision.utils.make_grid's default
@@ -308,7 +308,7 @@ def test_plots_leave_pyplot_and_backend_alone(tmp_path):
         import matplotlib
         backend = dict.__getitem__(matplotlib.rcParams, "backend")
         import torch
-        from pyrovae import plots
+        from pyrovae.app import plots
         assert "matplotlib.pyplot" not in sys.modules
         out = {str(tmp_path)!r}
         plots.plot_curves({{"epoch": [1, 2], "train_bound": [-2.0, -1.0]}}, out + "/c.png")

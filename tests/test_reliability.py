@@ -28,16 +28,29 @@ import time
 import pyro
 import pytest
 import torch
+from studies.sweep import run_configs
 
-from pyrovae import PerDatapointGuide, TrainConfig, build, fit, linear_gaussian, load_mnist, make_objective
-from pyrovae.checkpoint import CHECKPOINT_FORMAT, CHECKPOINT_VERSION, load_checkpoint, save_checkpoint
-from pyrovae.cli import main
+from pyrovae import (
+    PerDatapointGuide,
+    TrainConfig,
+    build,
+    fit,
+    linear_gaussian,
+    load_mnist,
+    make_objective,
+)
+from pyrovae.app.cli import main
+from pyrovae.app.run import RESULT_FILES, OutputBusyError, lock_output, prepare_output
 from pyrovae.data import DataNotFoundError, Dataset, check_data
-from pyrovae.interrupt import StopSignals
-from pyrovae.optim import make_pyro_optimizer
-from pyrovae.run import RESULT_FILES, OutputBusyError, lock_output, prepare_output
-from pyrovae.studies.sweep import run_configs
-from pyrovae.step import GradientStep
+from pyrovae.infer.optim import make_pyro_optimizer
+from pyrovae.runtime.checkpoint import (
+    CHECKPOINT_FORMAT,
+    CHECKPOINT_VERSION,
+    load_checkpoint,
+    save_checkpoint,
+)
+from pyrovae.runtime.interrupt import StopSignals
+from pyrovae.train.step import GradientStep
 
 TESTS = pathlib.Path(__file__).parent
 GMM = ["train", "--dataset", "gmm", "--batch-size", "500", "--eval-samples", "5", "--no-progress"]
@@ -165,7 +178,7 @@ def test_output_folder_is_never_silently_clobbered(tmp_path, capsys, trained):
 
 _HOLD_LOCK = """
 import sys
-from pyrovae.run import lock_output
+from pyrovae.app.run import lock_output
 with lock_output(sys.argv[1]):
     print("locked", flush=True)
     sys.stdin.read()  # until killed

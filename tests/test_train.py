@@ -82,6 +82,7 @@ def test_per_datapoint_rows_outside_batches_do_not_move():
     assert loc.shape == (40, 2)
     # Within one SVI step only the batch's rows change.
     from pyro.infer import SVI
+
     from pyrovae import make_pyro_optimizer
 
     svi = SVI(model, guide_head, make_pyro_optimizer(1e-2, lazy_params=guide_head.local_param_names),

@@ -12,18 +12,18 @@ import pytest
 import torch
 
 from pyrovae import TrainConfig
-from pyrovae.build import build
+from pyrovae.app.build import build
 from pyrovae.data import Dataset
+from pyrovae.infer.objectives import make_objective
 from pyrovae.models.vqvae import (
+    VQVAE,
     CodebookUniform,
     VQDecoder,
     VQEncoder,
     VQGuide,
-    VQVAE,
     code_perplexity,
     nearest_codes,
 )
-from pyrovae.objectives import make_objective
 
 NUM_DATA, K, D, BETA = 50, 6, 3, 0.25
 
@@ -96,8 +96,8 @@ def test_build_refuses_what_does_not_apply() -> None:
 
 
 def test_cli_trains_evaluates_and_samples_a_vqvae(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
-    from pyrovae.run import evaluate_checkpoint
+    from pyrovae.app.cli import main
+    from pyrovae.app.run import evaluate_checkpoint
 
     out = tmp_path / "vq"
     assert main([
@@ -137,8 +137,9 @@ def test_code_prior_is_autoregressive_and_normalised() -> None:
 
 
 def test_code_prior_fits_with_fit(mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.run import load_data
-    from pyrovae.studies import vq
+    from studies import vq
+
+    from pyrovae.app.run import load_data
 
     config = TrainConfig(model="vqvae", z_dim=4, num_codes=8, num_train=200, num_test=40)
     data = load_data(config, str(mnist_root))
@@ -152,7 +153,7 @@ def test_code_prior_fits_with_fit(mnist_root) -> None:  # type: ignore[no-untype
 
 
 def test_vqvae2_loss_and_codebook_gradients() -> None:
-    from pyrovae.models.vqvae import VQ2Guide, VQ2Networks, VQVAE2, quantize
+    from pyrovae.models.vqvae import VQVAE2, VQ2Guide, VQ2Networks, quantize
 
     torch.manual_seed(1)
     networks = VQ2Networks((1, 8, 8), D, num_codes_top=4, num_codes_bottom=K, channels=6)
@@ -201,9 +202,10 @@ def test_conditional_code_prior_is_normalised_for_each_condition() -> None:
 
 
 def test_cli_trains_a_vqvae2_and_its_priors(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
-    from pyrovae.run import restore
-    from pyrovae.studies import vq
+    from studies import vq
+
+    from pyrovae.app.cli import main
+    from pyrovae.app.run import restore
 
     out = tmp_path / "vq2"
     assert main([
@@ -219,7 +221,7 @@ def test_cli_trains_a_vqvae2_and_its_priors(tmp_path, mnist_root) -> None:  # ty
 
 
 def test_cli_refuses_a_bad_combination_before_writing(tmp_path, mnist_root, capsys) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
+    from pyrovae.app.cli import main
 
     out = tmp_path / "never"
     with pytest.raises(SystemExit) as stop:
@@ -277,7 +279,7 @@ def test_ema_codebook_is_debiased_online_k_means() -> None:
 
 
 def test_ema_codebook_trains_from_the_cli_and_resumes_exactly(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from pyrovae.cli import main
+    from pyrovae.app.cli import main
 
     args = ["train", "--model", "vqvae", "--codebook-ema", "0.95", "--z-dim", "4", "--num-codes", "16",
             "--num-train", "200", "--num-test", "20", "--batch-size", "50", "--eval-samples", "1",

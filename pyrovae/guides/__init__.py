@@ -6,7 +6,11 @@ from pyrovae.guides.exact import ExactPosteriorGuide
 from pyrovae.guides.hierarchical import HierarchicalGuide
 from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.guides.prior import PriorGuide
-from pyrovae.guides.semi_amortized import SemiAmortizedGuide, gaussian_elbo, refine_gaussian
+from pyrovae.guides.semi_amortized import (
+    SemiAmortizedGuide,
+    gaussian_elbo,
+    refine_gaussian,
+)
 
 __all__ = [
     "AmortizedGuide",

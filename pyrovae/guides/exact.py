@@ -18,7 +18,7 @@ class ExactPosteriorGuide:
 
     With the exact posterior every importance weight equals p(x), so the ELBO, every IWAE bound and
     the importance-sampling estimate equal log p(x) exactly, for every sample. With ``transform``
-    (e.g. :meth:`pyrovae.studies.importance.Proposal.distribution`: shifted, widened, mean-field)
+    (e.g. :meth:`studies.importance.Proposal.distribution`: shifted, widened, mean-field)
     q is a Gaussian whose KL to the posterior is known in closed form.
 
     The scale factor is sampled unbroadcast, so a factor shared by all rows stays one ``(d, d)``

@@ -20,7 +20,7 @@ class PerDatapointGuide:
     The parameters ``"<prefix>.z_loc"`` and ``"<prefix>.z_scale"`` have shape ``(N, z_dim)`` and
     live inside the subsampled plate (``pyro.param(..., event_dim=1)``), so a batch reads and
     updates only its own rows — no Python loop over points. Use
-    :func:`pyrovae.optim.make_pyro_optimizer` with :attr:`local_param_names` so that rows outside
+    :func:`pyrovae.infer.optim.make_pyro_optimizer` with :attr:`local_param_names` so that rows outside
     the batch do not drift under Adam's momentum.
 
     :param num_data: N, the number of data points this guide holds parameters for.

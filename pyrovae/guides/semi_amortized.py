@@ -8,7 +8,7 @@ et al. 2018) start from the encoder's output and take a few steps towards q*.
 
 This module also holds :func:`gaussian_elbo`, the per-data-point ELBO of a diagonal Gaussian q
 with the KL in closed form, which both the refinement here and the test-time optimisation in
-:func:`pyrovae.train.optimize_local_guide` climb.
+:func:`pyrovae.infer.local.optimize_local_guide` climb.
 """
 
 from __future__ import annotations

@@ -4,11 +4,11 @@ from __future__ import annotations
 
 from typing import Optional
 
+import pyro.distributions as dist
 import torch
-from torch import nn
+from torch import Tensor, nn
 from torch.distributions import MultivariateNormal
 
-from pyrovae.data import linear_gaussian_log_marginal, linear_gaussian_posterior
 from pyrovae.models.vae import VAE
 
 
@@ -70,3 +70,71 @@ class LinearGaussian(VAE):
         """Exact p(z|x) for each row of ``x`` (batch shape ``(B,)``, event ``(z_dim,)``)."""
         weight, bias, noise_scale = self._params(x.device)
         return linear_gaussian_posterior(x, weight, bias, noise_scale)
+
+def _check_linear_gaussian_args(x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float) -> None:
+    if weight.dim() != 2:
+        raise ValueError(
+            f"weight must have shape (x_dim, z_dim), got {tuple(weight.shape)}; pass "
+            f"dataset.truth['weight']."
+        )
+    if bias.shape != weight.shape[:1]:
+        raise ValueError(
+            f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, got "
+            f"{tuple(bias.shape)}."
+        )
+    if x.dim() != 2 or x.shape[1] != weight.shape[0]:
+        raise ValueError(
+            f"x must have shape (num_points, {weight.shape[0]}), got {tuple(x.shape)}; reshape single "
+            f"points with x.reshape(1, -1)."
+        )
+    if not noise_scale > 0:
+        raise ValueError(f"noise_scale must be positive, got {noise_scale}.")
+
+
+def linear_gaussian_log_marginal(
+    x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float
+) -> Tensor:
+    r"""Exact log marginal likelihood of the linear-Gaussian model, one value per row of ``x``.
+
+    .. math:: \log p(x) = \log \mathcal{N}(x;\ b,\ W W^\top + \sigma^2 I)
+
+    :param x: observations, shape ``(num_points, x_dim)``.
+    :param weight: :math:`W`, shape ``(x_dim, z_dim)``.
+    :param bias: :math:`b`, shape ``(x_dim,)``.
+    :param noise_scale: :math:`\sigma`.
+    :returns: ``log p(x)``, shape ``(num_points,)``.
+    """
+    _check_linear_gaussian_args(x, weight, bias, noise_scale)
+    eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
+    marginal = dist.MultivariateNormal(
+        bias, covariance_matrix=weight @ weight.T + noise_scale**2 * eye
+    )
+    log_px = marginal.log_prob(x)
+    assert log_px.shape == (x.shape[0],)
+    return log_px
+
+
+def linear_gaussian_posterior(
+    x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float
+) -> torch.distributions.MultivariateNormal:
+    r"""Exact posterior :math:`p(z \mid x)` of the linear-Gaussian model, batched over rows of ``x``.
+
+    .. math::
+        \Sigma = (I + W^\top W / \sigma^2)^{-1}, \qquad \mu = \Sigma W^\top (x - b) / \sigma^2
+
+    :param x: observations, shape ``(num_points, x_dim)``.
+    :param weight: :math:`W`, shape ``(x_dim, z_dim)``.
+    :param bias: :math:`b`, shape ``(x_dim,)``.
+    :param noise_scale: :math:`\sigma`.
+    :returns: a ``MultivariateNormal`` with batch shape ``(num_points,)`` and event shape
+        ``(z_dim,)``.
+    """
+    _check_linear_gaussian_args(x, weight, bias, noise_scale)
+    z_dim = weight.shape[1]
+    eye = torch.eye(z_dim, dtype=weight.dtype, device=weight.device)
+    precision = eye + weight.T @ weight / noise_scale**2
+    precision_tril = torch.linalg.cholesky(precision)
+    # Solving with the Cholesky factor avoids forming the inverse just to multiply by it.
+    loc = torch.cholesky_solve(weight.T @ (x - bias).T / noise_scale**2, precision_tril).T
+    assert loc.shape == (x.shape[0], z_dim)
+    return dist.MultivariateNormal(loc, precision_matrix=precision)

@@ -11,7 +11,7 @@ from pyro import poutine
 from pyro.infer.util import is_validation_enabled
 from torch.distributions import constraints
 
-from pyrovae.data import check_data
+from pyrovae.checks import check_data
 from pyrovae.handlers import batch_device, data_plate
 
 

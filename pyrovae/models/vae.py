@@ -12,7 +12,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 from torch.distributions import constraints
 
-from pyrovae.data import check_data
+from pyrovae.checks import check_data
 from pyrovae.distributions import BernoulliEvent
 from pyrovae.handlers import batch_device, data_plate, latent_scale
 

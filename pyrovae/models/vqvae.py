@@ -47,10 +47,10 @@ import torch
 from pyro.distributions import constraints
 from torch import nn
 
-from pyrovae.distributed import current_world
 from pyrovae.handlers import data_plate
 from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import _activation, _image_dims
+from pyrovae.runtime.distributed import current_world
 
 __all__ = [
     "CodebookUniform", "add_codebook", "ema_update_", "VQ2Guide", "VQ2Networks", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "VQVAE2",
@@ -388,7 +388,7 @@ class VQVAE2(VAE):
     """The two-level VQ-VAE-2 generative model: uniform priors over the top grid (site ``"z2"``,
     ``(H/4, W/4, D)``) and the bottom grid (site ``"z"``, ``(H/2, W/2, D)``) during training, and
     the decoder p(x | z, z2). Pair with :class:`VQ2Guide`; fit priors afterwards with
-    :func:`pyrovae.studies.vq.fit_code_prior_2`.
+    :func:`studies.vq.fit_code_prior_2`.
 
     **References**
 

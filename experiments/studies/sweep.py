@@ -1,0 +1,96 @@
+"""Run a set of named ``pyrovae train`` configurations, each in its own folder, resumably.
+
+Experiments that compare a few trained models (the β-VAE sweep, fixed vs learned σ, the VQ models,
+the Burda table) call :func:`run_configs`: a finished run (its ``metrics.json`` written for the
+same config) is skipped, an unfinished one resumes from its checkpoint, so a long sweep can be
+split across sessions or interrupted with Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from pyrovae.app.config import TrainConfig, config_differences
+from pyrovae.app.run import OutputBusyError, train_and_evaluate
+
+__all__ = ["finished_metrics", "run_configs"]
+
+logger = logging.getLogger(__name__)
+
+#: Config fields that change how the evaluation is chunked, not what it estimates.
+CHUNKING = frozenset({"eval_chunk", "eval_batch"})
+
+
+def finished_metrics(folder: Path, config: TrainConfig) -> Optional[dict[str, Any]]:
+    """The ``metrics.json`` in ``folder`` if it was written for ``config`` (up to chunking)."""
+    path = Path(folder) / "metrics.json"
+    if not path.exists():
+        return None
+    metrics = json.loads(path.read_text())
+    if config_differences(metrics.get("config") or {}, config.resolved().to_dict(), CHUNKING):
+        return None
+    return metrics
+
+
+def run_configs(
+    configs: dict[str, TrainConfig],
+    root: Path,
+    *,
+    data_dir: Optional[str] = None,
+    progress: bool = False,
+    after: Optional[Callable[[str, dict[str, Any]], None]] = None,
+    skip_busy: bool = False,
+) -> dict[str, dict[str, Any]]:
+    """Train and evaluate every config in ``root/<name>`` (skipping finished ones, resuming
+    unfinished ones) and return ``{name: metrics}``.
+
+    :param after: called with ``(name, metrics)`` after each run (finished earlier or now).
+    :param skip_busy: leave out (and log) a run that another process is training, instead of
+        raising :class:`~pyrovae.app.run.OutputBusyError`; then several processes started with the
+        same configs share the work, and the result lacks the runs the others hold.
+    """
+    results = {}
+    for name, config in configs.items():
+        folder = Path(root) / name
+        metrics = finished_metrics(folder, config)
+        if metrics is None:
+            logger.info("%s: training", name)
+            try:
+                metrics = train_and_evaluate(config, folder, data_dir=data_dir, resume=True, progress=progress)
+            except OutputBusyError:
+                if not skip_busy:
+                    raise
+                logger.warning("%s: another process is training it; skipped", name)
+                continue
+        else:
+            logger.info("%s: finished earlier, skipped", name)
+        results[name] = metrics
+        if after is not None:
+            after(name, metrics)
+    return results
+
+
+def add_common_args(parser: Any, epochs: int = 20) -> None:
+    """The flags every model-comparison experiment takes."""
+    parser.add_argument("--epochs", type=int, default=epochs, help="epochs of every run")
+    parser.add_argument("--num-train", type=int, default=None, help="first training points (default all)")
+    parser.add_argument("--num-test", type=int, default=None, help="first test points (default all)")
+    parser.add_argument("--data-dir", default=None, help="folder holding MNIST/raw (else $PYROVAE_DATA)")
+    parser.add_argument("--device", default="cpu", help="cpu or cuda")
+    parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--seed", type=int, default=0)
+
+
+def setup(args: Any) -> None:
+    """Logging, torch threads and the malloc tuning of an experiment's process."""
+    import torch
+
+    from pyrovae.runtime.perf import tune_malloc
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    tune_malloc()

@@ -1,0 +1,450 @@
+"""The main job end to end: load data, build, train, evaluate, write metrics and figures.
+
+The CLI (:mod:`pyrovae.app.cli`) only parses flags and calls these functions.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import os
+import pathlib
+import tempfile
+import time
+from typing import Any, Iterator, Optional
+
+try:
+    import fcntl
+except ImportError:  # Windows: no advisory locks; runs into one folder are not guarded there
+    fcntl = None  # type: ignore[assignment]
+
+import pyro
+import torch
+
+from pyrovae.app import plots
+from pyrovae.app.build import build, build_model, check_combination, modules_of
+from pyrovae.app.config import TrainConfig
+from pyrovae.data import Dataset, load_dataset
+from pyrovae.infer.evaluate import evaluate_dataset, posterior_means
+from pyrovae.infer.local import optimize_local_guide
+from pyrovae.infer.objectives import make_objective
+from pyrovae.models.vqvae import VQVAE, VQVAE2, vq2_metrics, vq_metrics
+from pyrovae.runtime import distributed
+from pyrovae.runtime.checkpoint import load_checkpoint, remove_stale_temporaries
+from pyrovae.train import evaluation_data, fit
+
+CHECKPOINT = "checkpoint.pt"
+METRICS = "metrics.json"
+#: Everything `pyrovae train` writes into --out; --overwrite removes these and nothing else.
+RESULT_FILES = (METRICS, CHECKPOINT, "samples.png", "reconstructions.png", "curves.png")
+
+logger = logging.getLogger(__name__)
+
+
+class OutputBusyError(ValueError):
+    """Another process is training into the same output folder (see :func:`lock_output`)."""
+
+
+def write_json(path: str | os.PathLike, data: Any) -> None:
+    """Write JSON atomically (temporary file + ``os.replace``)."""
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(data, f, indent=2, sort_keys=True)
+            f.write("\n")
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+        raise
+
+
+def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
+    """The data set ``config`` names, on ``config.device``, cut to ``num_train``/``num_test``."""
+    config = config.resolved()
+    if config.dataset == "mnist" and config.likelihood == "gaussian" and config.binarize != "none":
+        raise ValueError(
+            "a Gaussian decoder models MNIST's continuous intensities: add --binarize none "
+            f"(got --binarize {config.binarize})"
+        )
+    dataset = load_dataset(
+        config.dataset,
+        data_dir=data_dir,
+        download=download,
+        binarize=config.binarize,
+        seed=config.seed,
+        device=config.device,
+    )
+    if config.dataset == "mnist" and config.likelihood == "gaussian":
+        dataset = dataclasses.replace(dataset, likelihood="gaussian")  # continuous MNIST in [0, 1]
+    if config.num_train is not None or config.num_test is not None:
+        dataset = Dataset(
+            name=dataset.name,
+            train=dataset.train[: config.num_train],
+            test=dataset.test[: config.num_test],
+            likelihood=dataset.likelihood,
+            binarize=dataset.binarize,
+            train_labels=None if dataset.train_labels is None else dataset.train_labels[: config.num_train],
+            test_labels=None if dataset.test_labels is None else dataset.test_labels[: config.num_test],
+            image_shape=dataset.image_shape,
+            truth=dataset.truth,
+        )
+    return dataset
+
+
+def _output_folder(out: str | os.PathLike) -> pathlib.Path:
+    out = pathlib.Path(out)
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+    return out
+
+
+def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: bool = False) -> pathlib.Path:
+    """Make ``out`` ready for a training run without ever silently replacing earlier results.
+
+    A missing or empty folder is fine. A folder that holds anything is refused, unless
+    ``resume`` (and it holds a checkpoint to continue) or ``overwrite`` (then the files
+    :data:`RESULT_FILES` of the earlier run are deleted first, other files are left alone).
+    """
+    if resume and overwrite:
+        raise ValueError(
+            "--resume continues the run in --out and --overwrite replaces it; pass only one of them"
+        )
+    out = _output_folder(out)
+    present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
+    if present:
+        if overwrite:
+            removed = [name for name in RESULT_FILES if (out / name).is_file()]
+            for name in removed:
+                (out / name).unlink()
+            remove_stale_temporaries(out / CHECKPOINT)
+            if removed:
+                logger.info("--overwrite: removed %s from %s", ", ".join(removed), out)
+        elif not (resume and (out / CHECKPOINT).is_file()):
+            listed = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
+            fix = (
+                "--resume needs a checkpoint.pt there; pass --overwrite to start again in it"
+                if resume
+                else "pass --resume to continue that run, --overwrite to replace its results"
+            )
+            raise ValueError(f"the output folder {out} already holds {listed}; {fix}, or choose another --out")
+    out.mkdir(parents=True, exist_ok=True)
+    return out
+
+
+@contextlib.contextmanager
+def lock_output(out: str | os.PathLike) -> Iterator[pathlib.Path]:
+    """Hold an exclusive lock on the folder ``out`` (created if missing) while the block runs.
+
+    Two processes training into one folder would overwrite each other's checkpoint, each
+    believing it continues the run. The lock is ``flock`` on the folder itself, so no file is
+    left behind and the operating system releases it when the process dies, however it dies.
+
+    :raises OutputBusyError: (a ``ValueError``) when another process holds the lock.
+    """
+    out = _output_folder(out)
+    out.mkdir(parents=True, exist_ok=True)
+    if fcntl is None:
+        yield out
+        return
+    fd = os.open(out, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise OutputBusyError(
+                f"another process is training into {out} (it holds the folder's lock); wait for it to "
+                "finish or stop it, or choose another --out"
+            ) from None
+        except OSError as error:  # a file system without flock (some network mounts)
+            logger.warning("could not lock %s (%s); make sure no other run writes into it", out, error)
+        yield out
+    finally:
+        os.close(fd)  # releases the lock
+
+
+def check_device(device: str) -> None:
+    """Fail early, with the fix, when a CUDA device is asked for but not available."""
+    if torch.device(device).type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device {device} was requested but CUDA is not available here; use --device cpu")
+
+
+def test_guide(config: TrainConfig, model: Any, guide: Any, x_test: torch.Tensor) -> Any:
+    """The guide to evaluate the test set with: the trained guide if it generalises to new points,
+    else a per-datapoint guide fitted to the test points with the model fixed."""
+    if getattr(guide, "amortized", True):
+        return guide
+    return optimize_local_guide(
+        model, x_test, config.z_dim, steps=max(config.test_time_steps, 1), beta=config.beta
+    )
+
+
+def evaluate_run(
+    config: TrainConfig, dataset: Dataset, model: Any, guide: Any, progress: bool = False
+) -> tuple[dict[str, Any], Any]:
+    """Test-set metrics of a trained pair (nats per data point), and the guide used for them."""
+    config = config.resolved()
+    x_test = evaluation_data(dataset, "test", config.seed)
+    start = time.perf_counter()
+    if isinstance(model, (VQVAE, VQVAE2)):
+        # A point-mass guide: importance sampling would repeat one draw; report the VQ-VAE's own metrics.
+        vq = vq2_metrics(model, guide, x_test) if isinstance(model, VQVAE2) else vq_metrics(model, guide, x_test)
+        extra = {k: vq[k] for k in ("perplexity_top", "codes_used_top", "num_codes_top") if k in vq}
+        return {
+            **extra,
+            "test_elbo": vq["bound"], "test_log_likelihood": vq["bound"], "test_nll": -vq["bound"],
+            "test_reconstruction_log_lik": vq["reconstruction_log_lik"], "test_squared_error": vq["squared_error"],
+            "kl": vq["kl_uniform_prior"], "perplexity": vq["perplexity"], "codes_used": vq["codes_used"],
+            "num_codes": vq["num_codes"], "active_units": vq["codes_used"], "num_test": int(x_test.shape[0]),
+            "test_guide": "VQ encoder (nearest codes); log-likelihood = the bound log p(x|z_q) - H'W' log K",
+            "eval_seconds": time.perf_counter() - start,
+        }, guide
+    guide_test = test_guide(config, model, guide, x_test)
+    result = evaluate_dataset(
+        model,
+        guide_test,
+        x_test,
+        num_samples=config.eval_samples,
+        chunk_size=min(config.eval_chunk, config.eval_samples),
+        batch_size=config.eval_batch,
+        progress=progress,
+    )
+    summary = result.summary()
+    metrics: dict[str, Any] = {
+        "test_elbo": summary["elbo"],
+        "test_log_likelihood": summary["log_likelihood"],
+        "test_nll": summary["nll"],
+        "test_gap": summary["gap"],
+        "test_ess": summary["ess"],
+        "kl": summary["kl"],
+        "active_units": sum(summary["active_units"].values()),
+        "active_units_by_site": summary["active_units"],
+        "eval_samples": config.eval_samples,
+        "num_test": int(x_test.shape[0]),
+        "test_guide": "amortized" if guide_test is guide else f"per-datapoint, {config.test_time_steps} Adam steps on the test set",
+    }
+    if hasattr(model, "log_marginal"):
+        with torch.no_grad():
+            metrics["test_log_likelihood_exact"] = model.log_marginal(x_test).mean().item()
+    metrics["eval_seconds"] = time.perf_counter() - start
+    return metrics, guide_test
+
+
+def save_figures(
+    out: pathlib.Path, dataset: Dataset, model: Any, guide: Any, history: Optional[dict[str, Any]] = None, seed: int = 0
+) -> None:
+    """``samples.png``, ``reconstructions.png`` and (with a history) ``curves.png``."""
+    x_test = evaluation_data(dataset, "test", seed)
+    n = min(50, x_test.shape[0])
+    index = torch.arange(n, device=x_test.device)
+    with torch.no_grad():
+        _, x_mean, _ = model.sample(100, device=x_test.device)
+        if hasattr(model, "reconstruct"):  # VQ models: decode the guide's codes
+            reconstruction = model.reconstruct(guide, x_test[:n])
+        else:
+            z_mean = posterior_means(guide, x_test[:n], index, x_test.shape[0])["z"]
+            reconstruction = model.decode(z_mean)
+    if dataset.image_shape is not None:
+        plots.save_image_grid(x_mean.cpu(), out / "samples.png", dataset.image_shape)
+        plots.save_reconstructions(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", dataset.image_shape)
+    else:
+        _, _, x_sample = model.sample(1000, device=x_test.device)
+        plots.plot_2d_samples(x_test.cpu(), x_sample.cpu(), out / "samples.png", title="test data and model samples")
+        plots.plot_2d_samples(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", title="test points and reconstructions")
+    if history is not None:
+        plots.plot_curves(history, out / "curves.png", title=f"{dataset.name}")
+
+
+def train_and_evaluate(
+    config: TrainConfig,
+    out: str | os.PathLike,
+    *,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    resume: bool = False,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> Optional[dict[str, Any]]:
+    """The main job: train per ``config``, evaluate on the test set, write into ``out``:
+    ``metrics.json``, ``checkpoint.pt``, ``samples.png``, ``reconstructions.png``, ``curves.png``.
+
+    ``out`` must be empty or new, unless ``resume`` (continue the checkpoint there) or
+    ``overwrite`` (replace the earlier results), see :func:`prepare_output`. The run holds
+    ``out``'s lock (:func:`lock_output`) from start to end, so a second run into the same folder
+    fails with :class:`OutputBusyError` instead of overwriting this one's checkpoint.
+
+    Under torchrun (``RANK``/``WORLD_SIZE`` set) this joins the process group and trains data
+    parallel (:mod:`pyrovae.runtime.distributed`); rank 0 then evaluates and writes every file, and the
+    other ranks return ``None`` once training is done.
+
+    :return: the metrics written to ``metrics.json`` (``None`` on ranks other than 0).
+    """
+    config = config.resolved()
+    check_device(config.device)
+    check_combination(config)  # before anything is written to `out`
+    world, device = distributed.init_process_group(config.device)
+    with contextlib.ExitStack() as held:
+
+        def claim() -> pathlib.Path:  # on rank 0: lock the folder for the whole run, then check it
+            held.enter_context(lock_output(out))
+            return prepare_output(out, resume=resume, overwrite=overwrite)
+
+        out = distributed.run_on_main(claim, world)
+        local = dataclasses.replace(config, device=device)
+        if download and world.is_distributed:
+            # One download per machine: local rank 0 fetches, the others then read what it wrote.
+            if world.local_rank == 0:
+                load_data(local, data_dir, download)
+            distributed.barrier(world)
+        dataset = load_data(local, data_dir, download and not world.is_distributed)
+        pyro.clear_param_store()
+        pyro.set_rng_seed(config.seed)
+        model, guide = build(local, dataset)
+        objective = make_objective(config.objective, num_particles=config.num_particles)
+        history = fit(
+            model, guide, dataset, objective,
+            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
+            seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
+            config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
+            local_steps=config.local_steps, local_lr=config.local_lr,
+        )
+        # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this
+        # call alone would count the last part only).
+        train_seconds = float(sum(history.seconds))
+        if not world.is_main:
+            return None
+        metrics, guide_test = evaluate_run(local, dataset, model, guide, progress=progress)
+        metrics = {
+            "train_elbo": history.train_bound,
+            "test_bound_per_epoch": history.test_bound,
+            "bound_name": history.bound_name,
+            "epochs": len(history.epoch),
+            **metrics,
+            "seconds": train_seconds + metrics["eval_seconds"],
+            "train_seconds": train_seconds,
+            "seconds_per_epoch": history.seconds,
+            "device": config.device,
+            "world_size": world.world_size,
+            "torch_threads": torch.get_num_threads(),
+            "config": config.to_dict(),
+        }
+        save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
+        write_json(out / METRICS, metrics)
+        return metrics
+
+
+def load_run_checkpoint(
+    checkpoint: str | os.PathLike, device: Optional[str] = None
+) -> tuple[TrainConfig, dict[str, Any]]:
+    """Read a checkpoint written by ``pyrovae train`` (safely: ``weights_only``) and its config.
+
+    :raises ValueError: for a file that is not such a checkpoint (truncated, corrupt, foreign, or a
+        pyrovae checkpoint of something else), naming what is wrong.
+    """
+    state = load_checkpoint(checkpoint, map_location=device or "cpu")
+    missing = sorted({"config", "modules", "params", "epoch", "dataset"} - set(state))
+    if missing or not isinstance(state.get("config"), dict):
+        raise ValueError(
+            f"{checkpoint} is a pyrovae checkpoint but not one written by `pyrovae train` (it lacks "
+            f"{missing or ['a config']}); point --checkpoint at OUT/checkpoint.pt of a training run"
+        )
+    try:
+        config = TrainConfig.from_dict(state["config"])
+    except (TypeError, ValueError) as error:
+        raise ValueError(
+            f"the config saved in {checkpoint} is not valid for this pyrovae ({error}); it was written "
+            "by another version or edited"
+        ) from None
+    if device is not None:
+        config = dataclasses.replace(config, device=device)
+    check_device(config.device)
+    return config, state
+
+
+def _load_weights(module: torch.nn.Module, weights: Any, name: str, checkpoint: Any) -> None:
+    try:
+        module.load_state_dict(weights)
+    except (RuntimeError, TypeError, AttributeError) as error:
+        summary = " ".join(str(error).split())[:300]
+        raise ValueError(
+            f"the {name!r} weights in {checkpoint} do not fit the network its config describes "
+            f"({summary}); the file was altered or written by another version"
+        ) from None
+
+
+def restore(
+    checkpoint: str | os.PathLike, data_dir: Optional[str] = None, download: bool = False, device: Optional[str] = None
+) -> tuple[TrainConfig, Dataset, Any, Any, dict[str, Any]]:
+    """Rebuild config, data set, model and guide from a checkpoint written by :func:`fit`."""
+    config, state = load_run_checkpoint(checkpoint, device)
+    dataset = load_data(config, data_dir, download)
+    pyro.clear_param_store()
+    pyro.set_rng_seed(config.seed)
+    model, guide = build(config, dataset)
+    modules = modules_of(model, guide)
+    if set(state["modules"]) != set(modules):
+        raise ValueError(
+            f"{checkpoint} holds networks {sorted(state['modules'])} but its config describes "
+            f"{sorted(modules)}; the file was altered or written by another version"
+        )
+    for name, module in modules.items():
+        _load_weights(module, state["modules"][name], name, checkpoint)
+    pyro.get_param_store().set_state(state["params"])
+    return config, dataset, model, guide, state
+
+
+def evaluate_checkpoint(
+    checkpoint: str | os.PathLike,
+    *,
+    eval_samples: Optional[int] = None,
+    data_dir: Optional[str] = None,
+    download: bool = False,
+    device: Optional[str] = None,
+    progress: bool = True,
+) -> dict[str, Any]:
+    """Test-set metrics of a saved run (``pyrovae evaluate``)."""
+    config, dataset, model, guide, state = restore(checkpoint, data_dir, download, device)
+    if eval_samples is not None:
+        config = dataclasses.replace(config, eval_samples=eval_samples)
+    metrics, _ = evaluate_run(config, dataset, model, guide, progress=progress)
+    return {"checkpoint": str(checkpoint), "epoch": state["epoch"], **metrics}
+
+
+def sample_checkpoint(
+    checkpoint: str | os.PathLike, num: int, out: str | os.PathLike, *, device: Optional[str] = None, seed: int = 0
+) -> torch.Tensor:
+    """Draw ``num`` samples from a saved model (no data needed) and write them as an image grid,
+    or as a scatter of the first two coordinates for non-image data (``pyrovae sample``).
+
+    :return: the means of p(x|z) of the samples, ``(num, x_dim)``.
+    """
+    if num < 1:
+        raise ValueError(f"--num must be at least 1, got {num}")
+    config, state = load_run_checkpoint(checkpoint, device)
+    config = config.resolved()
+    info = state["dataset"]
+    image_shape = tuple(info["image_shape"]) if info["image_shape"] else None
+    stub = Dataset(
+        name=info["name"],
+        train=torch.zeros(1, info["x_dim"], device=config.device),
+        test=torch.zeros(1, info["x_dim"], device=config.device),
+        likelihood=info["likelihood"],
+        image_shape=image_shape,
+    )
+    pyro.clear_param_store()
+    model = build_model(config, stub)
+    if model.name not in state["modules"]:
+        raise ValueError(f"{checkpoint} holds no {model.name!r} weights; the file was altered or written by another version")
+    _load_weights(model.decoder, state["modules"][model.name], model.name, checkpoint)
+    pyro.get_param_store().set_state(state["params"])
+    pyro.set_rng_seed(seed)
+    _, x_mean, x_sample = model.sample(num, device=config.device)
+    if image_shape is not None:
+        plots.save_image_grid(x_mean.cpu(), out, image_shape)
+    else:
+        plots.plot_2d_samples(x_sample.cpu(), x_sample.cpu(), out, title="model samples")
+    return x_mean

@@ -1,0 +1,272 @@
+"""Evaluation: importance-sampled log p(x), per-point ELBO, KL, gap, ESS and active units.
+
+Everything here is per data point: a tensor over the ``data`` plate, neither summed nor scaled by
+N/B, computed without gradients in bounded memory.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+import torch
+from pyro import poutine
+from pyro.poutine.util import prune_subsample_sites
+from torch.distributions import kl_divergence
+
+from pyrovae.handlers import DATA_PLATE
+from pyrovae.infer.weights import (
+    guess_max_plate_nesting,
+    per_datapoint_log_weights,
+    reduce_to_datapoints,
+    vectorized_traces,
+)
+
+
+@dataclass
+class ImportanceEstimate:
+    """Per-data-point results of importance sampling with K = ``num_samples`` draws from q.
+
+    :ivar log_likelihood: log p̂(x) = log (1/K) Σ_k w_k, a stochastic lower bound on log p(x)
+        in expectation, consistent as K → ∞.
+    :ivar elbo: (1/K) Σ_k log w_k, the Monte Carlo ELBO from the same draws.
+    :ivar ess: effective sample size (Σ w)² / Σ w² of the normalised weights, in [1, K].
+    :ivar num_samples: K.
+    """
+
+    log_likelihood: torch.Tensor
+    elbo: torch.Tensor
+    ess: torch.Tensor
+    num_samples: int
+
+    @property
+    def gap(self) -> torch.Tensor:
+        """log p̂(x) - ELBO: the estimate of KL(q(z|x) ‖ p(z|x))."""
+        return self.log_likelihood - self.elbo
+
+
+def _check_samples(num_samples: int, chunk_size: int) -> None:
+    if not isinstance(num_samples, int) or num_samples < 1:
+        raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+    if not isinstance(chunk_size, int) or chunk_size < 1:
+        raise ValueError(f"chunk_size must be an integer >= 1, got {chunk_size!r}")
+
+
+@torch.no_grad()
+def importance_sampling(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 5000,
+    chunk_size: int = 100,
+    max_plate_nesting: Optional[int] = None,
+    plate_name: str = DATA_PLATE,
+    **kwargs: Any,
+) -> ImportanceEstimate:
+    """Importance sampling of log p(x) with the guide as proposal, per data point.
+
+    The K samples are drawn ``chunk_size`` at a time (vectorized) and combined with running
+    log-sum-exps, so memory does not grow with K. Site scales (β, N/B) are ignored: this is the
+    model's own log p(x).
+
+    :param model: a Pyro model with its latent sites inside the plate ``data``.
+    :param guide: the proposal, with the model's signature.
+    :param args: the model's arguments, e.g. ``(x, index, num_data)``.
+    :param num_samples: K.
+    :param chunk_size: particles per vectorized pass. The default 100 keeps a pass over a batch
+        of 100 MNIST images (100 × 100 × 784 float32 logits, 31 MB) under glibc's largest mmap
+        threshold (see :mod:`pyrovae.runtime.perf`) and in cache-friendly sizes: 1.7× the throughput of
+        500 per pass on this project's 2-core benchmark machine.
+    """
+    _check_samples(num_samples, chunk_size)
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    lse = lse_sq = total = None
+    done = 0
+    while done < num_samples:
+        k = min(chunk_size, num_samples - done)
+        model_trace, guide_trace = vectorized_traces(model, guide, args, kwargs, k, max_plate_nesting)
+        log_w = per_datapoint_log_weights(
+            model_trace, guide_trace, k, max_plate_nesting, plate_name, use_scale=False
+        ).log_w
+        chunk = (torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), log_w.sum(0))
+        if lse is None:
+            lse, lse_sq, total = chunk
+        else:
+            lse = torch.logaddexp(lse, chunk[0])
+            lse_sq = torch.logaddexp(lse_sq, chunk[1])
+            total = total + chunk[2]
+        done += k
+    assert lse is not None and lse_sq is not None and total is not None
+    return ImportanceEstimate(
+        log_likelihood=lse - math.log(num_samples),
+        elbo=total / num_samples,
+        ess=torch.exp(2 * lse - lse_sq),
+        num_samples=num_samples,
+    )
+
+
+def log_likelihood(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 5000,
+    chunk_size: int = 100,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """Importance-sampling estimate log p̂(x) = log (1/K) Σ_k p(x, z_k) / q(z_k|x), z_k ~ q,
+    per data point (a tensor over the ``data`` plate, not summed, not scaled).
+
+    See :func:`importance_sampling` for the arguments.
+    """
+    return importance_sampling(
+        model, guide, *args, num_samples=num_samples, chunk_size=chunk_size, **kwargs
+    ).log_likelihood
+
+
+@torch.no_grad()
+def kl_to_prior(
+    model: Callable,
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 100,
+    max_plate_nesting: Optional[int] = None,
+    plate_name: str = DATA_PLATE,
+    **kwargs: Any,
+) -> torch.Tensor:
+    """KL(q(z|x) ‖ p(z)) per data point, summed over latent sites: in closed form where
+    ``torch.distributions.kl_divergence`` knows the pair, else by Monte Carlo with
+    ``num_samples`` draws (for hierarchical priors the KL of each site is conditional on the
+    sampled parents, averaged over the draws)."""
+    if max_plate_nesting is None:
+        max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
+    model_trace, guide_trace = vectorized_traces(
+        model, guide, args, kwargs, num_samples, max_plate_nesting
+    )
+    kl = None
+    for name, guide_site in guide_trace.nodes.items():
+        if guide_site["type"] != "sample" or guide_site["is_observed"]:
+            continue
+        model_site = model_trace.nodes[name]
+        try:
+            site_kl = kl_divergence(guide_site["fn"], model_site["fn"])
+        except NotImplementedError:
+            site_kl = guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
+        term = reduce_to_datapoints(site_kl, guide_site, num_samples, max_plate_nesting, plate_name)
+        kl = term if kl is None else kl + term
+    if kl is None:
+        raise ValueError("the guide has no latent sites")
+    return kl.mean(0)
+
+
+@torch.no_grad()
+def posterior_means(guide: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
+    """E_q[z|x] of each latent site with a ``mean`` (e.g. Gaussian guides), per data point."""
+    trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
+    means = {}
+    for name, site in trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"]:
+            try:
+                means[name] = site["fn"].mean
+            except NotImplementedError:
+                continue
+    return means
+
+
+def active_units(means: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
+    """Which latent units are active: Var_x E_q[z_u | x] > ``threshold`` (Burda et al. 2016).
+
+    :param means: ``(N, z_dim)`` posterior means over a data set.
+    :return: boolean ``(z_dim,)``; ``.sum()`` counts the active units.
+    """
+    if means.dim() != 2 or means.shape[0] < 2:
+        raise ValueError(f"means must be (num_points >= 2, z_dim), got {tuple(means.shape)}")
+    return means.var(0) > threshold
+
+
+@dataclass
+class DatasetEvaluation:
+    """Per-point evaluation of a data set (all tensors are ``(N,)`` on the CPU)."""
+
+    log_likelihood: torch.Tensor
+    elbo: torch.Tensor
+    ess: torch.Tensor
+    kl: torch.Tensor
+    active_units: dict[str, int]
+    num_samples: int
+
+    @property
+    def gap(self) -> torch.Tensor:
+        return self.log_likelihood - self.elbo
+
+    def summary(self) -> dict[str, float | int | dict[str, int]]:
+        """Averages in nats per data point."""
+        return {
+            "log_likelihood": self.log_likelihood.mean().item(),
+            "nll": -self.log_likelihood.mean().item(),
+            "elbo": self.elbo.mean().item(),
+            "gap": self.gap.mean().item(),
+            "kl": self.kl.mean().item(),
+            "ess": self.ess.mean().item(),
+            "active_units": self.active_units,
+            "num_samples": self.num_samples,
+            "num_points": int(self.elbo.numel()),
+        }
+
+
+def evaluate_dataset(
+    model: Callable,
+    guide: Callable,
+    x: torch.Tensor,
+    *,
+    num_samples: int = 5000,
+    chunk_size: int = 100,
+    batch_size: int = 100,
+    kl_samples: int = 100,
+    progress: bool = False,
+) -> DatasetEvaluation:
+    """Evaluate every point of ``x`` (the whole data set the guide was built for, indexed
+    ``0..N-1``): importance-sampled log p(x), ELBO, ESS, KL(q ‖ p(z)), active units.
+
+    :param batch_size: data points per pass; memory ~ ``chunk_size * batch_size * x_dim``.
+    """
+    _check_samples(num_samples, chunk_size)
+    num_data = x.shape[0]
+    index_all = torch.arange(num_data, device=x.device)
+    args0 = (x[:1], index_all[:1], num_data)
+    max_plate_nesting = guess_max_plate_nesting(model, guide, args0, {})
+    parts: dict[str, list[torch.Tensor]] = {"ll": [], "elbo": [], "ess": [], "kl": []}
+    means: dict[str, list[torch.Tensor]] = {}
+    starts = range(0, num_data, batch_size)
+    if progress:
+        from tqdm.auto import tqdm
+
+        starts = tqdm(starts, desc=f"evaluate (K={num_samples})", leave=False)
+    for start in starts:
+        index = index_all[start : start + batch_size]
+        args = (x[index], index, num_data)
+        est = importance_sampling(
+            model, guide, *args, num_samples=num_samples, chunk_size=chunk_size,
+            max_plate_nesting=max_plate_nesting,
+        )
+        parts["ll"].append(est.log_likelihood.cpu())
+        parts["elbo"].append(est.elbo.cpu())
+        parts["ess"].append(est.ess.cpu())
+        parts["kl"].append(
+            kl_to_prior(model, guide, *args, num_samples=kl_samples,
+                        max_plate_nesting=max_plate_nesting).cpu()
+        )
+        for name, mean in posterior_means(guide, *args).items():
+            means.setdefault(name, []).append(mean.reshape(len(index), -1).cpu())
+    units = {
+        name: int(active_units(torch.cat(values)).sum()) for name, values in means.items()
+    } if num_data > 1 else {}
+    return DatasetEvaluation(
+        log_likelihood=torch.cat(parts["ll"]),
+        elbo=torch.cat(parts["elbo"]),
+        ess=torch.cat(parts["ess"]),
+        kl=torch.cat(parts["kl"]),
+        active_units=units,
+        num_samples=num_samples,
+    )
