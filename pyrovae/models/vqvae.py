@@ -50,6 +50,7 @@ from torch import nn
 from pyrovae.handlers import data_plate
 from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import _activation, _image_dims
+from pyrovae.params import register
 from pyrovae.runtime.distributed import current_world
 
 __all__ = [
@@ -282,8 +283,8 @@ class VQGuide:
                  num_data: Optional[int] = None) -> torch.Tensor:
         if x is None:
             raise ValueError("the VQ guide needs the data x")
-        pyro.module(self.name, self.encoder)
-        pyro.module(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
+        register(self.name, self.encoder)
+        register(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
         ema = self.model.ema
         with data_plate(x, index, num_data):
             z_e = self.encoder(x)
@@ -474,7 +475,7 @@ class VQ2Guide:
                  num_data: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x is None:
             raise ValueError("the VQ-VAE-2 guide needs the data x")
-        pyro.module(self.model.name, self.model.networks)
+        register(self.model.name, self.model.networks)
         with data_plate(x, index, num_data):
             z_bottom, z_top, _, _, loss = self._encode(x)
             pyro.factor("vq_loss", loss, has_rsample=True)
