@@ -244,6 +244,28 @@ def test_ema_codebook_is_debiased_online_k_means() -> None:
     assert torch.equal(model.codebook, frozen)
 
 
+def test_ema_codebook_is_refused_in_data_parallel_training(monkeypatch) -> None:
+    # Each process would move its codebook by its own slice (buffers are not all-reduced), so under
+    # a process group of two the training step refuses; in one process, or without gradients
+    # (evaluation), nothing changes.
+    import torch.distributed
+    from pyro import poutine
+
+    model, guide = _ema_pair(0.9)
+    x = torch.bernoulli(torch.rand(5, 64, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="not supported in data-parallel training"):
+        poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    assert int(model.decoder.codebook_ema_steps) == 0
+    with torch.no_grad():
+        poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    assert int(model.decoder.codebook_ema_steps) == 1
+
+
 def test_ema_codebook_trains_from_the_cli_and_resumes_exactly(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
     from pyrovae.app.cli import main
 
