@@ -272,17 +272,24 @@ def _subsampling_error(plate_name: str, sites: list[tuple[str, str, tuple[int, i
     )
     subsampled = {role for role, _, (b, n) in sites if b != n}
     ignoring = sorted({role for role, _, (b, n) in sites if b == n} - subsampled) if subsampled else []
-    if ignoring:
-        who = " and ".join(f"the {role}" for role in ignoring)
-        culprit = f"{who} ignore{'s' if len(ignoring) == 1 else ''} the index and num_data {'it is' if len(ignoring) == 1 else 'they are'} given"
+    if len(ignoring) == 1:
+        who, given = f"the {ignoring[0]}", "it is given"
+        culprit = f"{who} ignores the index and num_data {given}"
     else:
-        who = "the model and the guide"
-        culprit = "the model and the guide see different index or num_data"
+        who, given = "the model and the guide", "they are given (the same for both)"
+        culprit = f"{who} use different subsamples of the data plate"
     return ValueError(
         f"the sites disagree on the data plate's subsampling ({described}): {culprit}; "
         f"{who} must use pyro.plate({plate_name!r}, num_data, subsample=index) with the index and "
-        "num_data passed to them (the same for both)"
+        f"num_data {given}"
     )
+
+
+def _describe_scale(scale: Any, plate_scale: float) -> str:
+    value = scale / plate_scale
+    if isinstance(value, torch.Tensor):
+        value = value.item() if value.numel() == 1 else value.tolist()
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _same_scale(a: Any, b: Any) -> bool:
@@ -325,10 +332,13 @@ def per_datapoint_log_weights(
                 # N/B differs, so the scales differ for that reason, not because of β
                 raise _subsampling_error(plate_name, [sizes[-1], ("guide", name, guide_sizes)])
             if use_scale and not _same_scale(site["scale"], guide_trace.nodes[name]["scale"]):
+                b, n = guide_sizes
                 raise ValueError(
-                    f"latent site {name!r} is scaled by {site['scale']} in the model but by "
-                    f"{guide_trace.nodes[name]['scale']} in the guide; build the guide with the "
-                    "model's beta so log p(z) and log q(z|x) are weighted alike"
+                    f"latent site {name!r} is scaled by {_describe_scale(site['scale'], n / b)} in "
+                    f"the model but by {_describe_scale(guide_trace.nodes[name]['scale'], n / b)} in "
+                    "the guide (a β of a β-VAE, besides the data plate's N/B"
+                    f" = {n}/{b}); build the guide with the model's beta so log p(z) and log q(z|x) "
+                    "are weighted alike"
                 )
         term, plate_scale = _site_term(site, plate_name, num_particles, max_plate_nesting, use_scale)
         plate_scales.add(plate_scale)
