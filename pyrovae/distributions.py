@@ -14,6 +14,7 @@ import copy
 
 import pyro.distributions as dist
 import torch
+from pyro.ops.provenance import ProvenanceTensor, extract_provenance, track_provenance
 
 
 class NonReparameterizedIndependent(dist.Independent):
@@ -98,7 +99,8 @@ class BernoulliEvent(dist.Independent):
     ``binary_cross_entropy_with_logits`` goes through torch's slow ``log_sigmoid`` kernel) and it
     is most of the time of a K=5000 evaluation; values agree to ~1e-5 nats per image
     (``tests/test_distributions.py``). Sampling, support, mean and ``expand`` are those of the
-    Pyro distribution.
+    Pyro distribution. Pyro's provenance tracking (``TraceGraph_ELBO``) passes through it: the
+    result carries the provenance of the logits.
 
     :param logits: ``(..., D)`` decoder outputs.
     """
@@ -121,6 +123,29 @@ class BernoulliEvent(dist.Independent):
 
     def log_prob(self, value: torch.Tensor) -> torch.Tensor:
         logits = self.base_dist.logits
+        if type(logits) is not torch.Tensor or type(value) is not torch.Tensor:
+            return self._log_prob_of_subclass(logits, value)
+        return self._fused_log_prob(logits, value)
+
+    def _log_prob_of_subclass(self, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
+        # A custom autograd.Function does not dispatch __torch_function__: given a Pyro
+        # ProvenanceTensor (TraceGraph_ELBO marks the samples of non-reparameterized sites with
+        # one) its forward runs on the wrapper, and the ProvenanceTensor it returns wraps the
+        # forward's plain no-grad result, so every later op (which unwraps it) sees no gradient
+        # history: the decoder got no gradient and the score terms lost log p(x|z). Provenance
+        # is therefore taken off, the fused kernel run on plain tensors, and the provenance put
+        # back on its result, as pyro.ops.provenance does for ordinary ops. Other tensor
+        # subclasses with a __torch_function__ get Pyro's unfused Bernoulli log-density, which
+        # dispatches through it.
+        if isinstance(logits, ProvenanceTensor) or isinstance(value, ProvenanceTensor):
+            (plain_logits, plain_value), provenance = extract_provenance((logits, value))
+            if not torch.overrides.has_torch_function((plain_logits, plain_value)):
+                return track_provenance(self._fused_log_prob(plain_logits, plain_value), provenance)
+        if torch.overrides.has_torch_function((logits, value)):
+            return super().log_prob(value)
+        return self._fused_log_prob(logits, value)
+
+    def _fused_log_prob(self, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         if value.dim() < 1 or value.shape[-1] != logits.shape[-1]:
             raise ValueError(
                 f"value of shape {tuple(value.shape)} does not match the event shape {tuple(self.event_shape)}"

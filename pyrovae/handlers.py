@@ -33,7 +33,7 @@ def data_plate(
     """
     if index is None:
         if x is None:
-            raise ValueError("pass the data x, or index=torch.arange(n) to draw n samples")
+            raise ValueError(NO_DATA_MESSAGE)
         if num_data is not None and num_data != x.shape[0]:
             raise ValueError(
                 f"num_data={num_data} but x holds {x.shape[0]} points and no index was given; "
@@ -49,9 +49,25 @@ def data_plate(
     return pyro.plate(DATA_PLATE, num_data, subsample=index, dim=-1)
 
 
+#: What a model or guide called without data says (both the data plate and the batch's device
+#: need x or index).
+NO_DATA_MESSAGE = (
+    "called with x=None and no index: pass the data x, or index=torch.arange(n) to draw n samples "
+    "(e.g. model(None, index=torch.arange(n)) or "
+    "pyro.infer.Predictive(model, num_samples=s)(None, index=torch.arange(n)))"
+)
+
+
 def batch_device(x: Optional[torch.Tensor], index: Optional[torch.Tensor]) -> torch.device:
-    """The device of the batch: of ``x`` if given, else of ``index``."""
-    return (x if x is not None else index).device  # type: ignore[union-attr]
+    """The device of the batch: of ``x`` if given, else of ``index``.
+
+    :raises ValueError: both are ``None`` (there is no batch), saying what to pass.
+    """
+    if x is not None:
+        return x.device
+    if index is None:
+        raise ValueError(NO_DATA_MESSAGE)
+    return index.device
 
 
 @contextlib.contextmanager

@@ -11,13 +11,20 @@ from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 import torch
+import pyro
 from pyro import poutine
+from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
 
 from pyrovae.handlers import DATA_PLATE
 from pyrovae.infer.weights import (
+    PARTICLE_PLATE,
+    check_proposal,
+    data_frame,
     guess_max_plate_nesting,
+    has_auxiliary_sites,
+    is_point_mass,
     per_datapoint_log_weights,
     reduce_to_datapoints,
     vectorized_traces,
@@ -70,9 +77,12 @@ def importance_sampling(
     log-sum-exps, so memory does not grow with K. Site scales (β, N/B) are ignored: this is the
     model's own log p(x).
 
-    :param model: a Pyro model with its latent sites inside the plate ``data``.
-    :param guide: the proposal, with the model's signature.
+    :param model: a Pyro model with its latent sites inside the plate ``plate_name``.
+    :param guide: the proposal, with the model's signature: any guide with a density, including
+        Pyro's ``AutoNormal(model, create_plates=...)`` (its auxiliary sites count in log q);
+        point masses (``AutoDelta``) and joint guides (``AutoDiagonalNormal``) are refused.
     :param args: the model's arguments, e.g. ``(x, index, num_data)``.
+    :param plate_name: the plate over data points.
     :param num_samples: K.
     :param chunk_size: particles per vectorized pass. The default 100 keeps a pass over a batch
         of 100 MNIST images (100 × 100 × 784 float32 logits, 31 MB) under glibc's largest mmap
@@ -87,6 +97,8 @@ def importance_sampling(
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
         model_trace, guide_trace = vectorized_traces(model, guide, args, kwargs, k, max_plate_nesting)
+        if done == 0:
+            check_proposal(model_trace, guide_trace)
         log_w = per_datapoint_log_weights(
             model_trace, guide_trace, k, max_plate_nesting, plate_name, use_scale=False
         ).log_w
@@ -138,21 +150,41 @@ def kl_to_prior(
     """KL(q(z|x) ‖ p(z)) per data point, summed over latent sites: in closed form where
     ``torch.distributions.kl_divergence`` knows the pair, else by Monte Carlo with
     ``num_samples`` draws (for hierarchical priors the KL of each site is conditional on the
-    sampled parents, averaged over the draws)."""
+    sampled parents, averaged over the draws).
+
+    A guide with auxiliary sites (Pyro's autoguides: ``z_unconstrained`` of ``AutoNormal``) is
+    handled by Monte Carlo throughout, E_q[log q - log p(z)] with log q summed over all guide
+    sites (a closed form for its ``Delta`` sites would drop their Jacobian ``log_density``)."""
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
     model_trace, guide_trace = vectorized_traces(
         model, guide, args, kwargs, num_samples, max_plate_nesting
     )
+    check_proposal(model_trace, guide_trace)
+    monte_carlo = has_auxiliary_sites(guide_trace)
     kl = None
     for name, guide_site in guide_trace.nodes.items():
         if guide_site["type"] != "sample" or guide_site["is_observed"]:
             continue
-        model_site = model_trace.nodes[name]
-        try:
-            site_kl = kl_divergence(guide_site["fn"], model_site["fn"])
-        except NotImplementedError:
-            site_kl = guide_site["unscaled_log_prob"] - model_site["unscaled_log_prob"]
+        log_q = scale_and_mask(guide_site["unscaled_log_prob"], mask=guide_site["mask"])
+        model_site = model_trace.nodes.get(name)
+        if model_site is None:
+            if not guide_site["infer"].get("is_auxiliary"):
+                raise ValueError(
+                    f"guide site {name!r} is not a site of the model; mark a guide's own sites "
+                    "infer={'is_auxiliary': True} (their log q then counts), or name it as in the model"
+                )
+            site_kl = log_q
+        else:
+            log_p = scale_and_mask(model_site["unscaled_log_prob"], mask=model_site["mask"])
+            site_kl = None
+            if not monte_carlo:
+                try:
+                    site_kl = kl_divergence(guide_site["fn"], model_site["fn"])
+                except NotImplementedError:
+                    pass
+            if site_kl is None:
+                site_kl = log_q - log_p
         term = reduce_to_datapoints(site_kl, guide_site, num_samples, max_plate_nesting, plate_name)
         kl = term if kl is None else kl + term
     if kl is None:
@@ -161,17 +193,71 @@ def kl_to_prior(
 
 
 @torch.no_grad()
-def posterior_means(guide: Callable, *args: Any, **kwargs: Any) -> dict[str, torch.Tensor]:
-    """E_q[z|x] of each latent site with a ``mean`` (e.g. Gaussian guides), per data point."""
+def posterior_means(
+    guide: Callable,
+    *args: Any,
+    num_samples: int = 1000,
+    plate_name: str = DATA_PLATE,
+    **kwargs: Any,
+) -> dict[str, torch.Tensor]:
+    """E_q[z|x] of each latent site in the data plate, per data point: a tensor whose first
+    dimension is the plate's (the batch), the site's other dimensions after it.
+
+    The mean comes from the site's distribution where it has one (Gaussian guides). A site that
+    is a ``Delta`` at a transform of auxiliary draws (Pyro's ``AutoNormal``) has no mean of its
+    own there: its mean is the average of ``num_samples`` vectorized draws of the guide (Monte
+    Carlo). Auxiliary sites, sites outside the plate (no per-point mean) and distributions
+    without a mean are left out.
+
+    :param args: the guide's arguments, e.g. ``(x, index, num_data)``.
+    :param num_samples: draws for the Monte Carlo means.
+    :param plate_name: the plate over data points.
+    """
     trace = prune_subsample_sites(poutine.trace(guide).get_trace(*args, **kwargs))
-    means = {}
+    auxiliary = has_auxiliary_sites(trace)
+    means: dict[str, torch.Tensor] = {}
+    by_sampling: list[str] = []
     for name, site in trace.nodes.items():
-        if site["type"] == "sample" and not site["is_observed"]:
-            try:
-                means[name] = site["fn"].mean
-            except NotImplementedError:
-                continue
+        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
+            continue
+        if not any(frame.name == plate_name for frame in site["cond_indep_stack"]):
+            continue
+        if auxiliary and is_point_mass(site["fn"]):
+            by_sampling.append(name)
+            continue
+        try:
+            mean = site["fn"].mean
+        except NotImplementedError:
+            continue
+        means[name] = _data_plate_first(mean.expand(site["value"].shape), site, plate_name)
+    if by_sampling:
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
+        nesting = max(
+            (-frame.dim for site in trace.nodes.values() if site["type"] == "sample"
+             for frame in site["cond_indep_stack"] if frame.vectorized),
+            default=0,
+        )
+        totals = {name: torch.zeros_like(trace.nodes[name]["value"]) for name in by_sampling}
+        done = 0
+        while done < num_samples:
+            k = min(500, num_samples - done)
+            with pyro.plate(PARTICLE_PLATE, k, dim=-(nesting + 1)):
+                draws = poutine.trace(guide).get_trace(*args, **kwargs)
+            for name in by_sampling:
+                # (k, ...) with 1s where the particle plate pads the site's batch shape
+                totals[name] += draws.nodes[name]["value"].sum(0).reshape(totals[name].shape)
+            done += k
+        for name in by_sampling:
+            site = trace.nodes[name]
+            means[name] = _data_plate_first(totals[name] / num_samples, site, plate_name)
     return means
+
+
+def _data_plate_first(value: torch.Tensor, site: dict, plate_name: str) -> torch.Tensor:
+    """Move the data plate's dimension of a site-shaped tensor to the front."""
+    frame = data_frame(site, plate_name)
+    return value.movedim(frame.dim - site["fn"].event_dim, 0)
 
 
 def active_units(means: torch.Tensor, threshold: float = 0.01) -> torch.Tensor:
@@ -224,12 +310,21 @@ def evaluate_dataset(
     chunk_size: int = 100,
     batch_size: int = 100,
     kl_samples: int = 100,
+    mean_samples: int = 1000,
+    plate_name: str = DATA_PLATE,
     progress: bool = False,
 ) -> DatasetEvaluation:
     """Evaluate every point of ``x`` (the whole data set the guide was built for, indexed
     ``0..N-1``): importance-sampled log p(x), ELBO, ESS, KL(q ‖ p(z)), active units.
 
+    The model and guide are called as ``fn(x[index], index, N)`` on batches of ``x``; their
+    sample sites for data point i sit in ``pyro.plate(plate_name, N, subsample=index)``.
+
     :param batch_size: data points per pass; memory ~ ``chunk_size * batch_size * x_dim``.
+    :param kl_samples: draws per point for a KL without closed form (:func:`kl_to_prior`).
+    :param mean_samples: draws per point for posterior means without closed form
+        (:func:`posterior_means`; Pyro's autoguides).
+    :param plate_name: the plate over data points.
     """
     _check_samples(num_samples, chunk_size)
     num_data = x.shape[0]
@@ -248,16 +343,16 @@ def evaluate_dataset(
         args = (x[index], index, num_data)
         est = importance_sampling(
             model, guide, *args, num_samples=num_samples, chunk_size=chunk_size,
-            max_plate_nesting=max_plate_nesting,
+            max_plate_nesting=max_plate_nesting, plate_name=plate_name,
         )
         parts["ll"].append(est.log_likelihood.cpu())
         parts["elbo"].append(est.elbo.cpu())
         parts["ess"].append(est.ess.cpu())
         parts["kl"].append(
             kl_to_prior(model, guide, *args, num_samples=kl_samples,
-                        max_plate_nesting=max_plate_nesting).cpu()
+                        max_plate_nesting=max_plate_nesting, plate_name=plate_name).cpu()
         )
-        for name, mean in posterior_means(guide, *args).items():
+        for name, mean in posterior_means(guide, *args, num_samples=mean_samples, plate_name=plate_name).items():
             means.setdefault(name, []).append(mean.reshape(len(index), -1).cpu())
     units = {
         name: int(active_units(torch.cat(values)).sum()) for name, values in means.items()

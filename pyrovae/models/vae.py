@@ -120,7 +120,7 @@ class VAE:
         device = batch_device(x, index)
         with data_plate(x, index, num_data) as batch_index:
             with latent_scale(self.beta):
-                z = self.sample_latents(len(batch_index), device)
+                z = self.sample_latents(batch_index.size(0), device)
             out = self.decoder(z)
             pyro.sample("x", self.likelihood_dist(out), obs=x)
         return out

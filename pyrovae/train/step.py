@@ -98,7 +98,7 @@ class GradientStep:
         batch_index = index if batch_index is None else batch_index
         weight = len(index) / len(batch_index) if weight is None else weight
         with poutine.trace(param_only=True) as capture:
-            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, x, index, num_data))
+            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, x, index, num_data=num_data))
         # Frozen params (requires_grad off, e.g. by pyrovae.infer.local.frozen_params) are not stepped: a
         # zero gradient would still move them by Adam's momentum.
         params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from typing import Any, Callable
 
-from pyro.infer import ELBO, Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import ELBO
 
 from pyrovae.infer.objectives.iwae import (
     IWAE,
@@ -12,15 +12,18 @@ from pyrovae.infer.objectives.iwae import (
     STLELBO,
     vimco_learning_signal,
 )
+from pyrovae.infer.objectives.quiet import QuietTrace_ELBO, QuietTraceMeanField_ELBO
 from pyrovae.infer.objectives.score import ScoreFunctionELBO
 
 
+# Pyro's ELBOs, whose first call guesses max_plate_nesting without a log line and without
+# consuming random numbers (pyrovae.infer.objectives.quiet).
 def _trace_elbo(num_particles: int, **kwargs: Any) -> ELBO:
-    return Trace_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
+    return QuietTrace_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
 
 def _mean_field_elbo(num_particles: int, **kwargs: Any) -> ELBO:
-    return TraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
+    return QuietTraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
 
 #: name -> (constructor, one-line description)
