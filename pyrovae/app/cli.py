@@ -65,7 +65,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         helps = _field_help(group)
         for f in dataclasses.fields(group):
             kind = base_type(field_types(group)[f.name])
-            text = helps.get(f.name, "").replace("%", "%%")
+            text = re.sub(r":\w+:`~?([^`]*)`", r"\1", helps.get(f.name, ""))
+            text = re.sub(r"``([^`]*)``", r"\1", text)
+            if f.metadata.get("choices") is not None:  # a registry's names, each with its line
+                text = re.sub(r", one of [^)]*\)", "", text) + " Choices: " + "; ".join(
+                    f"{name}: {line}" for name, line in f.metadata["choices"]().items())
+            text = text.replace("%", "%%")
             if f.default is not None and f.default != ():
                 text += f" [default: {f.default}]"
             common: dict[str, Any] = dict(dest=f.name, default=f.default, help=text)

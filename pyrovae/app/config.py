@@ -98,14 +98,15 @@ def option(
     *,
     check: Optional[Check] = None,
     hint: str = "",
-    choices: Optional[Callable[[], tuple[str, ...]]] = None,
+    choices: Optional[Callable[[], dict[str, str]]] = None,
     flag: Optional[str] = None,
 ) -> Any:
     """A config field with what its check and its flag need.
 
     :param check: the range check (types and ``Literal`` choices are checked from the annotation).
     :param hint: what the field means, added to its error, e.g. ``"the Adam step size, e.g. 1e-3"``.
-    :param choices: the allowed names, read from a registry when checked (never a copied list).
+    :param choices: ``() -> {name: one line}``: the allowed names and what each is, read from a
+        registry when checked (never a copied list).
     :param flag: the command-line name when it is not the field's (``reparameterize`` for
         ``reparameterized``); the CLI is the only reader.
     """
@@ -113,28 +114,28 @@ def option(
     return field(default=default, metadata=metadata)
 
 
-def _model_names() -> tuple[str, ...]:
+def _model_choices() -> dict[str, str]:
     from pyrovae.app.registry import model_specs
 
-    return tuple(model_specs())
+    return {name: spec.help for name, spec in model_specs().items()}
 
 
-def _guide_names() -> tuple[str, ...]:
+def _guide_choices() -> dict[str, str]:
     from pyrovae.app.registry import guide_specs
 
-    return tuple(guide_specs())
+    return {name: spec.help for name, spec in guide_specs().items()}
 
 
-def _objective_names() -> tuple[str, ...]:
+def _objective_choices() -> dict[str, str]:
     from pyrovae.infer.objectives import OBJECTIVES
 
-    return tuple(OBJECTIVES)
+    return {name: description for name, (_, description) in OBJECTIVES.items()}
 
 
 def field_choices(group: type, f: dataclasses.Field) -> tuple[Any, ...]:
     """The values ``f`` may take: its registry's names, or its ``Literal``'s (empty: not a choice)."""
     if f.metadata.get("choices") is not None:
-        return f.metadata["choices"]()
+        return tuple(f.metadata["choices"]())
     hint = field_types(group)[f.name]
     for candidate in (hint, *get_args(hint)):
         if get_origin(candidate) is Literal:
@@ -232,9 +233,8 @@ class DataConfig(_Group):
 class ModelConfig(_Group):
     """The generative model p(x, z): its family and its networks.
 
-    :param model: the model family (:func:`pyrovae.app.registry.model_specs`): ``vae`` (MLP or conv
-        decoder), ``hvae`` (several stochastic layers), ``vqvae`` / ``vqvae2`` (discrete codes, one or
-        two levels) or ``linear`` (linear-Gaussian); default by data set.
+    :param model: the model family, one of :func:`pyrovae.app.registry.model_specs` (``vae``,
+        ``hvae``, ``vqvae``, ``vqvae2``, ``linear``); default by data set.
     :param z_dim: latent dimension (default: 50 mnist, 2 gmm/linear; the code dimension D of a VQ-VAE).
     :param hidden_sizes: hidden layer widths, e.g. 400 or 200 200 (default by data set).
     :param upper_z_dims: hvae: sizes of the latent layers above z_dim, e.g. 50 (default z_dim/2).
@@ -260,7 +260,7 @@ class ModelConfig(_Group):
         0.99) instead of the codebook loss.
     """
 
-    model: Optional[str] = option(None, choices=_model_names)
+    model: Optional[str] = option(None, choices=_model_choices)
     z_dim: Optional[int] = option(None, check=at_least(1))
     hidden_sizes: Optional[tuple[int, ...]] = option(None, check=POSITIVE_ENTRIES)
     upper_z_dims: tuple[int, ...] = option((), check=POSITIVE_ENTRIES)
@@ -282,8 +282,8 @@ class ModelConfig(_Group):
 class GuideConfig(_Group):
     """The guide q(z|x): its family and its options.
 
-    :param guide: the guide family (:func:`pyrovae.app.registry.guide_specs`): ``amortized`` (an
-        encoder), ``per-datapoint`` (one Gaussian per training point) or ``prior`` (q = p(z)).
+    :param guide: the guide family q(z|x), one of :func:`pyrovae.app.registry.guide_specs`
+        (``amortized``, ``per-datapoint``, ``prior``).
     :param reparameterized: sample the guide with pathwise gradients; off: score-function gradients only.
     :param commitment: vqvae/vqvae2: β of the commitment loss.
     :param local_steps: per-datapoint guide: Adam steps of each batch's rows on their own ELBO before
@@ -291,7 +291,7 @@ class GuideConfig(_Group):
     :param local_lr: per-datapoint guide: the step size of those local steps.
     """
 
-    guide: str = option("amortized", choices=_guide_names)
+    guide: str = option("amortized", choices=_guide_choices)
     reparameterized: bool = option(True, flag="reparameterize")
     commitment: float = option(0.25, check=NON_NEGATIVE)
     local_steps: int = option(0, check=at_least(0))
@@ -302,13 +302,13 @@ class GuideConfig(_Group):
 class ObjectiveConfig(_Group):
     """The training objective.
 
-    :param objective: the objective (:data:`pyrovae.infer.objectives.OBJECTIVES`): ``elbo``,
-        ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``, ``iwae-dreg`` or ``score``.
+    :param objective: the training objective, one of :data:`pyrovae.infer.objectives.OBJECTIVES`
+        (``elbo``, ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``, ``iwae-dreg``, ``score``).
     :param num_particles: K samples per data point in the objective.
     :param beta: the KL weight of the β-VAE; 1 is the plain VAE.
     """
 
-    objective: str = option("elbo", choices=_objective_names)
+    objective: str = option("elbo", choices=_objective_choices)
     num_particles: int = option(1, check=at_least(1))
     beta: float = option(1.0, check=POSITIVE, hint="the KL weight of the β-VAE; 1 is the plain VAE")
 

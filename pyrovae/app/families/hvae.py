@@ -52,7 +52,7 @@ SPECS = (
     ModelSpec(
         name="hvae",
         build=build_hvae,
-        help="several stochastic layers z_L -> ... -> z_1 -> x (--upper-z-dims)",
+        help="several stochastic layers z_L -> ... -> z_1 -> x (upper_z_dims)",
         options=(*DECODER_OPTIONS, "upper_z_dims", "upper_hidden_sizes"),
         guides=("amortized",),
         amortized_guide=build_hierarchical_guide,

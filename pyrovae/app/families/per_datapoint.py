@@ -18,7 +18,7 @@ SPECS = (
     GuideSpec(
         name="per-datapoint",
         build=build_per_datapoint,
-        help="one Gaussian per training point (--local-steps refines a batch's rows)",
+        help="one Gaussian per training point (local_steps refine a batch's rows)",
         options=("local_steps", "local_lr"),
         amortized=False,
     ),

@@ -51,7 +51,7 @@ SPECS = (
     ModelSpec(
         name="vae",
         build=build_vae,
-        help="MLP (or --network conv) decoder, z ~ N(0, I)",
+        help="MLP or convolutional decoder, z ~ N(0, I)",
         options=DECODER_OPTIONS,
         check=check_data_bias,
         data_init=start_at_the_data_mean,

@@ -87,7 +87,7 @@ SPECS = (
     ModelSpec(
         name="vqvae",
         build=build_vqvae,
-        help="discrete codes on a grid (VQ-VAE), codebook of --num-codes vectors of size --z-dim",
+        help="discrete codes on a grid (VQ-VAE): a codebook of num_codes vectors of size z_dim",
         options=VQ_OPTIONS,
         guides=("amortized",),
         needs_images=True,
@@ -98,7 +98,7 @@ SPECS = (
     ModelSpec(
         name="vqvae2",
         build=build_vqvae2,
-        help="two levels of discrete codes (VQ-VAE-2)",
+        help="two levels of discrete codes (VQ-VAE-2; num_codes_top at the top)",
         options=(*VQ_OPTIONS, "num_codes_top"),
         guides=("amortized",),
         needs_images=True,
