@@ -198,6 +198,11 @@ def check_combination(config: "TrainConfig") -> None:
     are made (no data needed, so the command line checks before it writes anything); every
     :class:`~pyrovae.app.config.TrainConfig` runs it on construction."""
     resolved = config.resolved()
+    if resolved.dataset == "mnist" and resolved.likelihood == "gaussian" and resolved.binarize != "none":
+        raise ConfigError(
+            "a Gaussian decoder models MNIST's continuous intensities: use binarize='none' "
+            f"(got binarize={resolved.binarize!r})", "binarize", "likelihood",
+        )
     model = model_spec(resolved.model)
     guide = guide_spec(resolved.guide)
     _check_options_are_read(config, resolved, model, guide)

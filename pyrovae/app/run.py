@@ -24,7 +24,7 @@ import pyro
 import torch
 
 from pyrovae.app import plots
-from pyrovae.app.build import build, build_model, check_combination, modules_of
+from pyrovae.app.build import build, build_model, modules_of
 from pyrovae.app.config import ConfigError, TrainConfig, check_device_name
 from pyrovae.app.registry import guide_spec, model_spec
 from pyrovae.data import Dataset, load_dataset
@@ -69,11 +69,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
     """The data set ``config`` names, on ``config.device``, cut to ``num_train``/``num_test``."""
     config = config.resolved()
-    if config.dataset == "mnist" and config.likelihood == "gaussian" and config.binarize != "none":
-        raise ConfigError(
-            "a Gaussian decoder models MNIST's continuous intensities: use binarize='none' "
-            f"(got binarize={config.binarize!r})", "binarize", "likelihood",
-        )
     dataset = load_dataset(
         config.dataset,
         data_dir=data_dir,
@@ -337,9 +332,8 @@ def train_and_evaluate(
 
     :return: the metrics written to ``metrics.json`` (``None`` on ranks other than 0).
     """
-    config = config.resolved()
+    config = config.resolved()  # a TrainConfig is checked when made: before anything is written to `out`
     check_device(config.device)
-    check_combination(config)  # before anything is written to `out`
     world, device = distributed.init_process_group(config.device)
     with contextlib.ExitStack() as held:
 
