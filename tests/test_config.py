@@ -23,7 +23,6 @@ from pyrovae.app.config import (
     ConfigError,
     DataConfig,
     EvalConfig,
-    GuideConfig,
     ModelConfig,
     ObjectiveConfig,
     OptimConfig,
@@ -183,7 +182,7 @@ def test_a_registered_model_family_is_a_choice_of_config_cli_and_build(monkeypat
         registry.register(ModelSpec(name="mine", build=build_mine, help="again"))
     config = _parse_train("--dataset", "gmm", "--model", "mine", "--z-dim", "3")
     assert config == TrainConfig(dataset="gmm", model="mine", z_dim=3)
-    model, guide = build(config, gaussian_mixture(num_train=20, num_test=5))
+    model, _ = build(config, gaussian_mixture(num_train=20, num_test=5))
     assert built == [3] and model.z_dim == 3
     with pytest.raises(ConfigError, match="model='mine' is trained with guide='amortized' only"):
         TrainConfig(model="mine", guide="prior")
