@@ -36,7 +36,7 @@ def test_per_pixel_scale_log_density() -> None:
 def test_bad_settings_are_refused(mnist_root) -> None:  # type: ignore[no-untyped-def]
     with pytest.raises(ValueError, match="learn_x_scale=True"):
         VAE(Decoder(3, 10, (8,)), 3, likelihood="gaussian", x_scale_shape="pixel")
-    with pytest.raises(ValueError, match="--binarize none"):
+    with pytest.raises(ValueError, match="binarize='none'"):
         load_data(TrainConfig(likelihood="gaussian"), str(mnist_root))
     data = load_data(TrainConfig(likelihood="gaussian", binarize="none", num_train=10, num_test=5), str(mnist_root))
     assert data.likelihood == "gaussian" and 0 < data.train.max() <= 1 and not set(data.train.unique().tolist()) <= {0.0, 1.0}

@@ -151,7 +151,7 @@ def test_config_and_build() -> None:
     from pyrovae.data import Dataset
 
     data = Dataset(name="mnist", train=torch.rand(20, 784), test=torch.rand(5, 784), likelihood="bernoulli")
-    with pytest.raises(ValueError, match="--guide amortized"):
+    with pytest.raises(ValueError, match="guide='amortized'"):
         build(TrainConfig(model="hvae", guide="per-datapoint"), data)
     model, guide = build(TrainConfig(model="hvae", z_dim=6, hidden_sizes=(16,)), data)
     assert model.z_dims == (6, 3) and isinstance(guide, HierarchicalGuide)

@@ -81,9 +81,9 @@ def test_build_applies_both_options_to_every_network():
 @pytest.mark.parametrize(
     "changes, message",
     [
-        (dict(model="vqvae"), "drop --data-bias"),
-        (dict(network="conv"), "drop --data-bias"),
-        (dict(model="linear", dataset="linear"), "drop --data-bias"),
+        (dict(model="vqvae"), "data_bias=True .*: drop it"),
+        (dict(network="conv"), "data_bias=True .*: drop it"),
+        (dict(model="linear", dataset="linear"), "data_bias=True .*: drop it"),
     ],
 )
 def test_data_bias_on_a_model_without_an_mlp_decoder_is_a_clear_error(changes, message):

@@ -166,7 +166,7 @@ def test_output_folder_is_never_silently_clobbered(tmp_path, capsys, trained):
     other = tmp_path / "other"
     other.mkdir()
     (other / "metrics.json").write_text("{}")
-    with pytest.raises(ValueError, match="--resume needs a checkpoint.pt"):
+    with pytest.raises(ValueError, match="resume=True needs a checkpoint.pt"):
         prepare_output(other, resume=True)
     with pytest.raises(ValueError, match="is a file"):
         prepare_output(other / "metrics.json")

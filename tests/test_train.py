@@ -254,7 +254,7 @@ def test_refine_rows_moves_only_the_batch_rows():
 
 def test_local_steps_need_a_per_datapoint_guide():
     dataset = linear_gaussian(num_train=40, num_test=10, x_dim=3, z_dim=1, seed=0)
-    with pytest.raises(ValueError, match="--guide per-datapoint"):
+    with pytest.raises(ValueError, match="guide='per-datapoint'"):
         TrainConfig(dataset="linear", guide="amortized", local_steps=2)
     with pytest.raises(ValueError, match="local_steps must be an integer >= 0"):
         TrainConfig(dataset="linear", guide="per-datapoint", local_steps=-1)

@@ -47,23 +47,25 @@ def save_image_grid(
     path: PathLike,
     image_shape: ImageShape = (1, 28, 28),
     nrow: int = 10,
+    image_format: str = "png",
 ) -> None:
     """
-    Save flattened images as one PNG grid with :func:`torchvision.utils.save_image`.
+    Save flattened images as one PNG (or JPEG) grid with :func:`torchvision.utils.save_image`.
 
     Images are tiled row by row, ``nrow`` per row, with torchvision's default padding of 2 pixels.
     Grey images are written as RGB PNGs (torchvision repeats the single channel). Values are
     expected in [0, 1]; values outside are clipped when converted to 8-bit pixels.
 
     :param images: tensor of shape ``(N, C * H * W)``, e.g. Bernoulli means ``sigmoid(logits)``.
-    :param path: file to write; the PNG format is used whatever the file's extension.
+    :param path: file to write; the format is ``image_format`` whatever the file's extension.
     :param image_shape: ``(C, H, W)`` of one image, with ``C`` equal to 1 (grey) or 3 (RGB).
     :param nrow: number of images per row of the grid.
+    :param image_format: ``"png"`` or ``"jpeg"``.
     :raises ValueError: if ``images`` is not 2-D, is empty, or its feature count is not ``C * H * W``.
     """
     batch = _as_image_batch(images, image_shape, "images")
     nrow = _check_nrow(nrow)
-    torchvision.utils.save_image(batch, _prepare_path(path), nrow=nrow, format="png")
+    torchvision.utils.save_image(batch, _prepare_path(path), nrow=nrow, format=_check_format(image_format))
 
 
 def save_reconstructions(
@@ -161,6 +163,7 @@ def plot_2d_samples(
     path: PathLike,
     title: str | None = None,
     ellipses: Sequence[tuple[Tensor, Tensor]] | None = None,
+    image_format: str = "png",
 ) -> None:
     """
     Scatter data against model samples in the plane of their first two coordinates.
@@ -175,12 +178,13 @@ def plot_2d_samples(
     :param title: figure title.
     :param ellipses: list of ``(mean, covariance)`` pairs of shapes ``(2,)`` and ``(2, 2)``, e.g. the
         components of a fitted mixture or the exact posterior of a linear-Gaussian model.
+    :param image_format: ``"png"`` or ``"jpeg"`` (then ``path``'s extension is not read).
     :raises ValueError: if a tensor has the wrong shape or a covariance is not symmetric
         positive semi-definite.
     """
     fig = _new_figure()
     _draw_2d_samples(fig.add_subplot(), data, samples, title, ellipses)
-    _save_figure(fig, path)
+    _save_figure(fig, path, _check_format(image_format))
 
 
 def plot_2d_panels(
@@ -515,9 +519,15 @@ def _new_figure() -> Figure:
     return fig
 
 
-def _save_figure(fig: Figure, path: PathLike) -> None:
+def _check_format(image_format: str) -> str:
+    if image_format not in ("png", "jpeg"):
+        raise ValueError(f"image_format={image_format!r} is not 'png' or 'jpeg'")
+    return image_format
+
+
+def _save_figure(fig: Figure, path: PathLike, image_format: str = "png") -> None:
     try:
-        fig.savefig(_prepare_path(path), format="png", dpi=_DPI)
+        fig.savefig(_prepare_path(path), format=image_format, dpi=_DPI)
     finally:
         # Not registered with pyplot, so nothing holds the figure once its artists are dropped.
         fig.clear()

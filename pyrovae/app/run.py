@@ -24,26 +24,29 @@ import pyro
 import torch
 
 from pyrovae.app import plots
-from pyrovae.app.build import build, build_model, check_combination, modules_of
-from pyrovae.app.config import TrainConfig
+from pyrovae.app.build import build, build_model, modules_of
+from pyrovae.app.config import ConfigError, TrainConfig, check_device_name
+from pyrovae.app.registry import guide_spec, model_spec
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.infer.evaluate import evaluate_dataset, posterior_means
 from pyrovae.infer.local import optimize_local_guide
 from pyrovae.infer.objectives import make_objective
-from pyrovae.models.vqvae import VQVAE, VQVAE2, vq2_metrics, vq_metrics
+from pyrovae.protocols import ExactLikelihood, Reconstructs
 from pyrovae.runtime import distributed
 from pyrovae.runtime.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.train import evaluation_data, fit
 
 CHECKPOINT = "checkpoint.pt"
 METRICS = "metrics.json"
-#: Everything `pyrovae train` writes into --out; --overwrite removes these and nothing else.
+#: Everything `pyrovae train` writes into its output folder; ``overwrite=True`` removes these and nothing else.
 RESULT_FILES = (METRICS, CHECKPOINT, "samples.png", "reconstructions.png", "curves.png")
+#: The image formats :func:`sample_checkpoint` writes, by file suffix (no suffix: PNG).
+IMAGE_FORMATS = {"": "png", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
 logger = logging.getLogger(__name__)
 
 
-class OutputBusyError(ValueError):
+class OutputBusyError(ConfigError):
     """Another process is training into the same output folder (see :func:`lock_output`)."""
 
 
@@ -66,11 +69,6 @@ def write_json(path: str | os.PathLike, data: Any) -> None:
 def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: bool = False) -> Dataset:
     """The data set ``config`` names, on ``config.device``, cut to ``num_train``/``num_test``."""
     config = config.resolved()
-    if config.dataset == "mnist" and config.likelihood == "gaussian" and config.binarize != "none":
-        raise ValueError(
-            "a Gaussian decoder models MNIST's continuous intensities: add --binarize none "
-            f"(got --binarize {config.binarize})"
-        )
     dataset = load_dataset(
         config.dataset,
         data_dir=data_dir,
@@ -81,6 +79,13 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
     )
     if config.dataset == "mnist" and config.likelihood == "gaussian":
         dataset = dataclasses.replace(dataset, likelihood="gaussian")  # continuous MNIST in [0, 1]
+    for name, part, points in (("num_train", "training", dataset.train), ("num_test", "test", dataset.test)):
+        size, wanted = points.shape[0], getattr(config, name)
+        if wanted is not None and wanted > size:
+            raise ConfigError(
+                f"{name}={wanted} is more than the {size} {part} points of the {dataset.name} data set; "
+                f"ask for at most {size}, or leave `{name}` unset for all of them", name,
+            )
     if config.num_train is not None or config.num_test is not None:
         dataset = Dataset(
             name=dataset.name,
@@ -96,10 +101,56 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
     return dataset
 
 
+def _can_write_in(folder: pathlib.Path) -> bool:
+    """Whether this process can create files in ``folder`` (tried, since permission bits do not bind
+    root and a read-only file system binds everyone)."""
+    try:
+        fd, probe = tempfile.mkstemp(dir=folder, prefix=".pyrovae-probe-")
+    except OSError:
+        return False
+    os.close(fd)
+    os.unlink(probe)
+    return True
+
+
+def check_can_create(path: pathlib.Path, param: str = "out") -> None:
+    """Refuse, before any work, a ``path`` whose folder cannot exist or cannot be written: its nearest
+    existing ancestor must be a folder this process can write in.
+
+    :raises ConfigError: naming ``param``.
+    """
+    existing = path
+    while not existing.exists() and existing != existing.parent:
+        existing = existing.parent
+    if existing != path and not existing.is_dir():
+        raise ConfigError(
+            f"{existing} is a file, not a folder, so {param}={str(path)!r} cannot be created under it; "
+            f"choose another `{param}`", param,
+        )
+    folder = existing if existing.is_dir() else existing.parent
+    if not _can_write_in(folder):
+        raise ConfigError(
+            f"cannot write into {folder} (it is read-only or not ours), so {param}={str(path)!r} cannot be "
+            f"written; choose another `{param}`", param,
+        )
+
+
+def check_output_file(out: str | os.PathLike, param: str = "out") -> pathlib.Path:
+    """Refuse, before any work, an output file that is a folder or cannot be written."""
+    out = pathlib.Path(out)
+    if out.is_dir():
+        raise ConfigError(
+            f"{param}={str(out)!r} is a folder; name a file to write (e.g. {param}={str(out / 'file')!r})", param,
+        )
+    check_can_create(out, param)
+    return out
+
+
 def _output_folder(out: str | os.PathLike) -> pathlib.Path:
     out = pathlib.Path(out)
     if out.exists() and not out.is_dir():
-        raise ValueError(f"--out {out} is a file, not a folder; choose another --out")
+        raise ConfigError(f"out={str(out)!r} is a file, not a folder; choose another `out`", "out")
+    check_can_create(out)
     return out
 
 
@@ -111,8 +162,9 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
     :data:`RESULT_FILES` of the earlier run are deleted first, other files are left alone).
     """
     if resume and overwrite:
-        raise ValueError(
-            "--resume continues the run in --out and --overwrite replaces it; pass only one of them"
+        raise ConfigError(
+            "resume=True continues the run in `out` and overwrite=True replaces it; pass only one of them",
+            "resume", "overwrite",
         )
     out = _output_folder(out)
     present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
@@ -123,15 +175,18 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
                 (out / name).unlink()
             remove_stale_temporaries(out / CHECKPOINT)
             if removed:
-                logger.info("--overwrite: removed %s from %s", ", ".join(removed), out)
+                logger.info("overwrite: removed %s from %s", ", ".join(removed), out)
         elif not (resume and (out / CHECKPOINT).is_file()):
             listed = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
             fix = (
-                "--resume needs a checkpoint.pt there; pass --overwrite to start again in it"
+                "resume=True needs a checkpoint.pt there; pass overwrite=True to start again in it"
                 if resume
-                else "pass --resume to continue that run, --overwrite to replace its results"
+                else "pass resume=True to continue that run, overwrite=True to replace its results"
             )
-            raise ValueError(f"the output folder {out} already holds {listed}; {fix}, or choose another --out")
+            raise ConfigError(
+                f"the output folder {out} already holds {listed}; {fix}, or choose another `out`",
+                "out", "resume", "overwrite",
+            )
     out.mkdir(parents=True, exist_ok=True)
     return out
 
@@ -158,7 +213,7 @@ def lock_output(out: str | os.PathLike) -> Iterator[pathlib.Path]:
         except BlockingIOError:
             raise OutputBusyError(
                 f"another process is training into {out} (it holds the folder's lock); wait for it to "
-                "finish or stop it, or choose another --out"
+                "finish or stop it, or choose another `out`", "out",
             ) from None
         except OSError as error:  # a file system without flock (some network mounts)
             logger.warning("could not lock %s (%s); make sure no other run writes into it", out, error)
@@ -168,15 +223,19 @@ def lock_output(out: str | os.PathLike) -> Iterator[pathlib.Path]:
 
 
 def check_device(device: str) -> None:
-    """Fail early, with the fix, when a CUDA device is asked for but not available."""
+    """Fail early, with the fix, for a device pyrovae does not run on or a CUDA device that is not here."""
+    check_device_name(device)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"--device {device} was requested but CUDA is not available here; use --device cpu")
+        raise ConfigError(
+            f"device={device!r} was requested but CUDA is not available here; use device='cpu'", "device"
+        )
 
 
 def test_guide(config: TrainConfig, model: Any, guide: Any, x_test: torch.Tensor) -> Any:
     """The guide to evaluate the test set with: the trained guide if it generalises to new points,
-    else a per-datapoint guide fitted to the test points with the model fixed."""
-    if getattr(guide, "amortized", True):
+    else a per-datapoint guide fitted to the test points with the model fixed (the guide family's
+    spec says which, :attr:`pyrovae.app.registry.GuideSpec.amortized`)."""
+    if guide_spec(config.guide).amortized:
         return guide
     return optimize_local_guide(
         model, x_test, config.z_dim, steps=max(config.test_time_steps, 1), beta=config.beta
@@ -190,19 +249,9 @@ def evaluate_run(
     config = config.resolved()
     x_test = evaluation_data(dataset, "test", config.seed)
     start = time.perf_counter()
-    if isinstance(model, (VQVAE, VQVAE2)):
-        # A point-mass guide: importance sampling would repeat one draw; report the VQ-VAE's own metrics.
-        vq = vq2_metrics(model, guide, x_test) if isinstance(model, VQVAE2) else vq_metrics(model, guide, x_test)
-        extra = {k: vq[k] for k in ("perplexity_top", "codes_used_top", "num_codes_top") if k in vq}
-        return {
-            **extra,
-            "test_elbo": vq["bound"], "test_log_likelihood": vq["bound"], "test_nll": -vq["bound"],
-            "test_reconstruction_log_lik": vq["reconstruction_log_lik"], "test_squared_error": vq["squared_error"],
-            "kl": vq["kl_uniform_prior"], "perplexity": vq["perplexity"], "codes_used": vq["codes_used"],
-            "num_codes": vq["num_codes"], "active_units": vq["codes_used"], "num_test": int(x_test.shape[0]),
-            "test_guide": "VQ encoder (nearest codes); log-likelihood = the bound log p(x|z_q) - H'W' log K",
-            "eval_seconds": time.perf_counter() - start,
-        }, guide
+    own_evaluation = model_spec(config.model).evaluate
+    if own_evaluation is not None:  # e.g. the VQ-VAE's point-mass guide: importance sampling would repeat one draw
+        return {**own_evaluation(model, guide, x_test), "eval_seconds": time.perf_counter() - start}, guide
     guide_test = test_guide(config, model, guide, x_test)
     result = evaluate_dataset(
         model,
@@ -227,7 +276,7 @@ def evaluate_run(
         "num_test": int(x_test.shape[0]),
         "test_guide": "amortized" if guide_test is guide else f"per-datapoint, {config.test_time_steps} Adam steps on the test set",
     }
-    if hasattr(model, "log_marginal"):
+    if isinstance(model, ExactLikelihood):
         with torch.no_grad():
             metrics["test_log_likelihood_exact"] = model.log_marginal(x_test).mean().item()
     metrics["eval_seconds"] = time.perf_counter() - start
@@ -243,7 +292,7 @@ def save_figures(
     index = torch.arange(n, device=x_test.device)
     with torch.no_grad():
         _, x_mean, _ = model.sample(100, device=x_test.device)
-        if hasattr(model, "reconstruct"):  # VQ models: decode the guide's codes
+        if isinstance(model, Reconstructs):  # VQ models: decode the guide's codes
             reconstruction = model.reconstruct(guide, x_test[:n])
         else:
             z_mean = posterior_means(guide, x_test[:n], index, x_test.shape[0])["z"]
@@ -283,9 +332,8 @@ def train_and_evaluate(
 
     :return: the metrics written to ``metrics.json`` (``None`` on ranks other than 0).
     """
-    config = config.resolved()
+    config = config.resolved()  # a TrainConfig is checked when made: before anything is written to `out`
     check_device(config.device)
-    check_combination(config)  # before anything is written to `out`
     world, device = distributed.init_process_group(config.device)
     with contextlib.ExitStack() as held:
 
@@ -345,12 +393,14 @@ def load_run_checkpoint(
     :raises ValueError: for a file that is not such a checkpoint (truncated, corrupt, foreign, or a
         pyrovae checkpoint of something else), naming what is wrong.
     """
+    if device is not None:
+        check_device(device)  # before the file is read: a missing CUDA is not the file's fault
     state = load_checkpoint(checkpoint, map_location=device or "cpu")
     missing = sorted({"config", "modules", "params", "epoch", "dataset"} - set(state))
     if missing or not isinstance(state.get("config"), dict):
-        raise ValueError(
+        raise ConfigError(
             f"{checkpoint} is a pyrovae checkpoint but not one written by `pyrovae train` (it lacks "
-            f"{missing or ['a config']}); point --checkpoint at OUT/checkpoint.pt of a training run"
+            f"{missing or ['a config']}); point `checkpoint` at OUT/checkpoint.pt of a training run", "checkpoint",
         )
     try:
         config = TrainConfig.from_dict(state["config"])
@@ -405,25 +455,42 @@ def evaluate_checkpoint(
     download: bool = False,
     device: Optional[str] = None,
     progress: bool = True,
+    out: Optional[str | os.PathLike] = None,
 ) -> dict[str, Any]:
-    """Test-set metrics of a saved run (``pyrovae evaluate``)."""
+    """Test-set metrics of a saved run (``pyrovae evaluate``), also written to the JSON file ``out``
+    if given (checked before the evaluation runs, so a bad ``out`` costs nothing)."""
+    if out is not None:
+        check_output_file(out)
+    if eval_samples is not None:
+        TrainConfig(eval_samples=eval_samples)  # its check, before the work
     config, dataset, model, guide, state = restore(checkpoint, data_dir, download, device)
     if eval_samples is not None:
         config = dataclasses.replace(config, eval_samples=eval_samples)
     metrics, _ = evaluate_run(config, dataset, model, guide, progress=progress)
-    return {"checkpoint": str(checkpoint), "epoch": state["epoch"], **metrics}
+    metrics = {"checkpoint": str(checkpoint), "epoch": state["epoch"], **metrics}
+    if out is not None:
+        write_json(out, metrics)
+    return metrics
 
 
 def sample_checkpoint(
     checkpoint: str | os.PathLike, num: int, out: str | os.PathLike, *, device: Optional[str] = None, seed: int = 0
 ) -> torch.Tensor:
     """Draw ``num`` samples from a saved model (no data needed) and write them as an image grid,
-    or as a scatter of the first two coordinates for non-image data (``pyrovae sample``).
+    or as a scatter of the first two coordinates for non-image data (``pyrovae sample``), as PNG or
+    JPEG by the suffix of ``out`` (:data:`IMAGE_FORMATS`).
 
     :return: the means of p(x|z) of the samples, ``(num, x_dim)``.
     """
     if num < 1:
-        raise ValueError(f"--num must be at least 1, got {num}")
+        raise ConfigError(f"num={num} samples: ask for at least 1", "num")
+    out = check_output_file(out)
+    image_format = IMAGE_FORMATS.get(out.suffix.lower())
+    if image_format is None:
+        raise ConfigError(
+            f"out={str(out)!r}: cannot write {out.suffix} images; name a "
+            f"{', '.join(s for s in IMAGE_FORMATS if s)} file", "out",
+        )
     config, state = load_run_checkpoint(checkpoint, device)
     config = config.resolved()
     info = state["dataset"]
@@ -444,7 +511,7 @@ def sample_checkpoint(
     pyro.set_rng_seed(seed)
     _, x_mean, x_sample = model.sample(num, device=config.device)
     if image_shape is not None:
-        plots.save_image_grid(x_mean.cpu(), out, image_shape)
+        plots.save_image_grid(x_mean.cpu(), out, image_shape, image_format=image_format)
     else:
-        plots.plot_2d_samples(x_sample.cpu(), x_sample.cpu(), out, title="model samples")
+        plots.plot_2d_samples(x_sample.cpu(), x_sample.cpu(), out, title="model samples", image_format=image_format)
     return x_mean
