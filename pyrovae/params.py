@@ -302,7 +302,8 @@ def param_entry(payload: Mapping[str, Any]) -> Mapping[str, Any]:
     # files) or nested under "params" (checkpoints of earlier pyrovae versions).
     params = payload.get("params")
     if isinstance(params, Mapping) and "params" in params and "constraints" in params:
-        return params
+        # fit's checkpoints keep the buffers beside the nested store state
+        return {**params, "buffers": params.get("buffers") or payload.get("buffers") or {}}
     if isinstance(params, Mapping) and "constraints" in payload:
         return payload
     raise ValueError(
