@@ -228,3 +228,41 @@ def test_a_loaded_weight_of_another_shape_is_refused_with_the_reason() -> None:
     params.load_state(saved)
     with pytest.raises(ValueError, match="another architecture"):
         wider(torch.zeros(2, X_DIM), torch.arange(2), N)
+
+
+def test_evaluation_binds_values_loaded_with_pyros_param_store_load_into_user_networks(tmp_path) -> None:
+    # A user's own pyro.module network after pyro.get_param_store().load: Pyro leaves its fresh
+    # weights in place unless update_module_params=True; pyrovae's evaluation binds them first.
+    from pyrovae import log_likelihood
+
+    x = _data()
+    index = torch.arange(N)
+
+    def user_pair(seed):
+        torch.manual_seed(seed)
+        dec, enc = nn.Linear(Z_DIM, X_DIM), nn.Linear(X_DIM, 2 * Z_DIM)
+
+        def model(x, index=None, num_data=None):
+            pyro.module("dec", dec)
+            with pyro.plate("data", num_data, subsample=index):
+                z = pyro.sample("z", dist.Normal(torch.zeros(len(index), Z_DIM), 1.0).to_event(1))
+                pyro.sample("x", dist.Bernoulli(logits=dec(z)).to_event(1), obs=x)
+
+        def guide(x, index=None, num_data=None):
+            pyro.module("enc", enc)
+            with pyro.plate("data", num_data, subsample=index):
+                loc, log_scale = enc(x).chunk(2, -1)
+                pyro.sample("z", dist.Normal(loc, log_scale.exp()).to_event(1))
+
+        return model, guide
+
+    model, guide = user_pair(0)
+    _train(model, guide, x, steps=20)
+    pyro.set_rng_seed(3)
+    expected = log_likelihood(model, guide, x, index, N, num_samples=50)
+    pyro.get_param_store().save(tmp_path / "store.pt")
+    pyro.clear_param_store()
+    model2, guide2 = user_pair(1)
+    pyro.get_param_store().load(tmp_path / "store.pt")
+    pyro.set_rng_seed(3)
+    torch.testing.assert_close(log_likelihood(model2, guide2, x, index, N, num_samples=50), expected, rtol=0, atol=0)
