@@ -56,7 +56,7 @@ def _capped(name: str, cap: int) -> tuple[str, Callable[[re.Match[str]], str]]:
 #: (pattern, replacement) applied in this order to every block before it runs; see the table above
 #: (load_mnist first: its pattern does not cross parentheses).
 SUBSTITUTIONS: list[tuple[str, Callable[[re.Match[str]], str]]] = [
-    (r"\bload_mnist\([^()]*\)", lambda m: f"_readme_subset({m.group(0)})"),
+    (r"(?<![\w.])((?:\w+\.)?load_mnist\([^()]*\))", lambda m: f"_readme_subset({m.group(1)})"),
     (r"""(["'])\.\./shared/data\1""", lambda m: repr(os.environ["PYROVAE_DATA"])),
     _capped("epochs", MAX_EPOCHS),
     _capped("num_samples", MAX_SAMPLES),
