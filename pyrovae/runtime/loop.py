@@ -174,12 +174,12 @@ class TimeBudget(Hook):
 
 
 class EvalSchedule(Hook):
-    """Call ``evaluate(state)`` at the start, after the steps ``steps`` selects (a predicate of the
-    run's step count), and at the end of the run if the last step was not evaluated already."""
+    """Call ``evaluate(state)`` at the start of the run, after every step for which ``when(state)``
+    holds, and at the end of the run unless its last step was just evaluated."""
 
-    def __init__(self, evaluate: Callable[[TrainState], Any], steps: Callable[[int], bool],
+    def __init__(self, evaluate: Callable[[TrainState], Any], when: Callable[[TrainState], bool],
                  at_start: bool = True, at_end: bool = True) -> None:
-        self.evaluate, self.steps, self.at_start, self.at_end = evaluate, steps, at_start, at_end
+        self.evaluate, self.when, self.at_start, self.at_end = evaluate, when, at_start, at_end
         self._last: Optional[int] = None
 
     def _run(self, state: TrainState) -> None:
@@ -191,7 +191,7 @@ class EvalSchedule(Hook):
             self._run(state)
 
     def on_step_end(self, trainer: "Trainer", state: TrainState, result: StepResult) -> None:
-        if self.steps(state.global_step):
+        if self.when(state):
             self._run(state)
 
     def on_end(self, trainer: "Trainer", state: TrainState) -> None:
