@@ -16,7 +16,7 @@ from torch import nn
 from pyrovae import fit, load_mnist, make_objective
 from pyrovae.data import Dataset, index_batches
 from pyrovae.runtime.checkpoint import load_checkpoint
-from pyrovae.runtime.loop import Hook
+from pyrovae.infer.loop import Hook
 
 X_DIM, Z_DIM, NUM_TRAIN = 6, 2, 48
 

@@ -8,7 +8,7 @@ import time
 import pytest
 import torch
 
-from pyrovae.runtime.loop import (
+from pyrovae.infer.loop import (
     EvalSchedule,
     Hook,
     ShuffledBatches,

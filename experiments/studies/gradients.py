@@ -52,7 +52,7 @@ from pyrovae.infer.weights import rng_preserved
 from pyrovae.models import VAE
 from pyrovae.models.linear_gaussian import linear_gaussian_posterior
 from pyrovae.nets import Decoder, GaussianEncoder
-from pyrovae.runtime.loop import EvalSchedule, Hook, StepBudget, StepResult, TimeBudget, Trainer, TrainState
+from pyrovae.infer.loop import EvalSchedule, Hook, StepBudget, StepResult, TimeBudget, Trainer, TrainState
 from pyrovae.train.step import GradientStep
 
 #: estimator name -> description
@@ -451,7 +451,7 @@ def train_for(
 ) -> dict[str, list]:
     """Adam on shuffled, dynamically binarized minibatches until ``seconds`` of training time
     (the clock runs during steps only, not during evaluations) or ``max_steps`` steps: a
-    :class:`~pyrovae.runtime.loop.Trainer` with a time or step budget and an evaluation schedule.
+    :class:`~pyrovae.infer.loop.Trainer` with a time or step budget and an evaluation schedule.
 
     ``clock="cpu"`` budgets the process's CPU time (on one thread, the wall-clock time the run
     would take on an idle core: fair between runs when other jobs share the machine);

@@ -41,7 +41,7 @@ from pyrovae.infer.objectives import IWAE
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.models import GaussianMixture
 from pyrovae.nets import MLP
-from pyrovae.runtime.loop import EvalSchedule, Hook, StepBudget, StepResult, Trainer, TrainState
+from pyrovae.infer.loop import EvalSchedule, Hook, StepBudget, StepResult, Trainer, TrainState
 from pyrovae.train.step import GradientStep
 
 MethodName = Literal["enumeration", "prior", "guide"]
@@ -281,7 +281,7 @@ def train_mixture(
     per step, from ``lr`` to ``lr * final_lr_factor`` at the last step.
 
     Pyro's argument validation is off inside the loop (it dominates the cost of these small steps).
-    A :class:`~pyrovae.runtime.loop.Trainer` with a step budget and an evaluation schedule.
+    A :class:`~pyrovae.infer.loop.Trainer` with a step budget and an evaluation schedule.
     """
     num_data = x_train.shape[0]
     batch_size = min(batch_size, num_data)

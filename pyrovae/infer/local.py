@@ -22,7 +22,7 @@ from pyrovae.guides import PerDatapointGuide
 from pyrovae.guides.semi_amortized import gaussian_elbo
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.infer.weights import guess_max_plate_nesting
-from pyrovae.runtime.loop import Hook, StepResult, Trainer, TrainState
+from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 
 
 @dataclass

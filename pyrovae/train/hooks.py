@@ -1,6 +1,6 @@
 """The hooks :func:`pyrovae.fit` is made of: the test bound per epoch, progress, stop signals,
 checkpoints. (Budgets and evaluation schedules, which any loop may use, are in
-:mod:`pyrovae.runtime.loop`.)"""
+:mod:`pyrovae.infer.loop`.)"""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from tqdm.auto import tqdm
 from pyrovae.runtime.checkpoint import save_checkpoint
 from pyrovae.runtime.distributed import World, all_reduce_sum_, barrier
 from pyrovae.runtime.interrupt import StopSignals
-from pyrovae.runtime.loop import Hook, StepResult, Trainer, TrainState
+from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 
 __all__ = ["Checkpoint", "EpochLog", "Progress", "StopOnSignal", "TestBound"]
 

@@ -19,7 +19,7 @@ from pyro.infer.util import torch_item
 from pyro.optim import PyroOptim
 
 from pyrovae.runtime.distributed import World, all_reduce_sum_
-from pyrovae.runtime.loop import StepResult
+from pyrovae.infer.loop import StepResult
 
 __all__ = ["GradientStep", "StepResult"]
 

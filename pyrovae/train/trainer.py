@@ -1,7 +1,7 @@
 """``fit``: SVI over shuffled index batches with checkpoints, exact resume, stop signals and data
 parallelism, as a :class:`~pyrovae.train.trainer.Trainer` with hooks.
 
-What ``fit`` knows about a model and guide comes from the param store (:mod:`pyrovae.runtime.params`):
+What ``fit`` knows about a model and guide comes from the param store (:mod:`pyrovae.params`):
 one dry run before training tells it every param the pair uses, which are per-datapoint rows and
 which networks sit behind ``pyro.module`` names, so the user's own Pyro functions and Pyro's
 autoguides train, checkpoint and resume like pyrovae's classes.
@@ -27,7 +27,7 @@ from pyrovae.data import Dataset, check_data
 from pyrovae.infer.local import frozen_params
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.protocols import LocalGuide, RefinableGuide, StatefulObjective
-from pyrovae.runtime import params
+from pyrovae import params
 from pyrovae.runtime.checkpoint import remove_stale_temporaries, rng_state, set_rng_state
 from pyrovae.runtime.distributed import (
     World,
@@ -40,7 +40,7 @@ from pyrovae.runtime.distributed import (
     shard,
 )
 from pyrovae.runtime.interrupt import StopSignals, TrainingInterrupted
-from pyrovae.runtime.loop import History, StepResult, Trainer, TrainState
+from pyrovae.infer.loop import History, StepResult, Trainer, TrainState
 from pyrovae.train import hooks as H
 from pyrovae.train.resume import data_fingerprint, read_resumable
 from pyrovae.train.step import GradientStep
@@ -79,7 +79,7 @@ def fit(
     loss by N/B. Adam (:class:`pyrovae.infer.optim.LazyAdam`, lazy for per-datapoint parameters so
     rows outside the batch never move) with a per-epoch learning-rate factor ``lr_decay``.
 
-    **Any Pyro model and guide.** One dry run before training (:func:`pyrovae.runtime.params.inspect`,
+    **Any Pyro model and guide.** One dry run before training (:func:`pyrovae.params.inspect`,
     on a batch prepared as training prepares it, without touching the training's random numbers)
     finds every param the pair uses: ``pyro.module`` networks, ``pyro.param`` values, autoguide
     parameters. Params inside the subsampled data plate (with ``event_dim``) are per-datapoint
@@ -259,14 +259,14 @@ def dry_run(
     generator of its own, so the training's random numbers are untouched): loads a checkpoint's
     params into the networks, creates missing params, and sets the objective's plate nesting."""
     if saved is not None:
-        params.load_state(saved.get("param_state") or saved["params"], device=data.device)
+        params.load_state({**saved["params"], "buffers": saved.get("buffers") or {}}, device=data.device)
     index = torch.arange(size, device=data.device)
     x = data.train[index]
     if data.batch is not None:
         x = data.batch(x, torch.Generator(device=data.device).manual_seed(seed))
     model_depth, guide_depth = _PlateDepth(), _PlateDepth()
     sites = params.inspect(model_depth(model), guide_depth(guide), (x, index, data.num_train))
-    if saved is not None and "param_state" not in saved:  # written by a pyrovae before the param store
+    if saved is not None and "buffers" not in saved:  # written before fit saved the whole param store
         _load_modules(sites.modules, saved["modules"])
     if objective.max_plate_nesting == float("inf"):
         dims = model_depth.dims + guide_depth.dims
@@ -394,13 +394,14 @@ def _contents(sites: params.ParamSites, optimizer: Any, objective: ELBO, world: 
     rank_states = all_gather_objects(_rank_state(objective), world)
     if not world.is_main:
         return {}
-    saved = params.state(sites.names)
+    saved = params.state(sites.names, modules=sites.modules)
     return {
         "config": config,
-        # Every param the run used (network weights, per-datapoint rows, globals) and the networks'
-        # buffers; "params" and "modules" keep the layout Pyro's param store and older readers use.
-        "param_state": saved,
+        # Every param the run used (network weights, per-datapoint rows, globals) in the layout of
+        # Pyro's ParamStoreDict.get_state, the networks' buffers beside it, and their state dicts
+        # (as readers of earlier checkpoints expect).
         "params": {"params": saved["params"], "constraints": saved["constraints"]},
+        "buffers": saved["buffers"],
         "modules": {name: module.state_dict() for name, module in sites.modules.items()},
         "optimizer": optimizer.get_state(),
         "rng": rank_states[0]["rng"],

@@ -7,8 +7,8 @@ which batches an epoch visits (shuffled index batches by default) and everything
 :class:`Hook` s. :func:`pyrovae.fit` (with the hooks of :mod:`pyrovae.train.hooks`), test-time
 inference (:func:`pyrovae.infer.local.optimize_local_guide`) and the studies' loops are uses of it.
 
-It knows nothing of Pyro, models or guides, so every layer that trains may use it (it sits below
-``infer``, as the rest of ``runtime`` does).
+It knows nothing of Pyro, models or guides; it sits in ``infer`` (beside the optimizer,
+:mod:`pyrovae.infer.optim`) so that test-time inference may use it, and ``train`` above it.
 """
 
 from __future__ import annotations
