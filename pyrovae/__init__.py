@@ -39,6 +39,7 @@ from pyrovae.infer.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_o
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
+from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit
 
 __version__ = "0.1.0"
@@ -81,9 +82,11 @@ __all__ = [
     "linear_gaussian",
     "load_dataset",
     "load_mnist",
+    "load_params",
     "log_likelihood",
     "make_objective",
     "make_pyro_optimizer",
     "optimize_local_guide",
     "posterior_means",
+    "save_params",
 ]

@@ -6,6 +6,8 @@ test_check_data_*), missing MNIST (test_data.py, test_cli.py test_missing_data_r
 unknown names and K < 1 through the CLI (test_cli.py test_bad_flags_are_clear_errors), truncated,
 garbage, foreign and malicious files given to load_checkpoint (test_checkpoint.py), resume with
 another config (test_train.py test_resume_refuses_a_different_config).
+That experiment sweeps (``experiments/studies/sweep.py``) skip a run another process holds is
+tested in experiments/tests/test_reliability_study.py.
 
 The fault tests run real subprocesses and send real signals: SIGKILL at random moments
 (tests/_kill_worker.py) and SIGINT mid-epoch.
@@ -13,7 +15,6 @@ The fault tests run real subprocesses and send real signals: SIGKILL at random m
 
 from __future__ import annotations
 
-import dataclasses
 import json
 import os
 import pathlib
@@ -28,7 +29,6 @@ import time
 import pyro
 import pytest
 import torch
-from studies.sweep import run_configs
 
 from pyrovae import (
     PerDatapointGuide,
@@ -40,7 +40,7 @@ from pyrovae import (
     make_objective,
 )
 from pyrovae.app.cli import main
-from pyrovae.app.run import RESULT_FILES, OutputBusyError, lock_output, prepare_output
+from pyrovae.app.run import RESULT_FILES, lock_output, prepare_output
 from pyrovae.data import DataNotFoundError, Dataset, check_data
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.runtime.checkpoint import (
@@ -204,19 +204,6 @@ def test_two_runs_into_one_folder_cannot_overlap(tmp_path, capsys):
     assert main(GMM + ["--epochs", "1", "--out", str(out)]) == 0
     with lock_output(out):  # the finished run let go of it
         pass
-
-
-@pytest.mark.skipif(sys.platform == "win32", reason="no flock on Windows")
-def test_sweep_processes_share_runs_without_touching_a_busy_one(tmp_path):
-    config = TrainConfig(dataset="gmm", batch_size=500, eval_samples=5, epochs=1)
-    configs = {"a": config, "b": dataclasses.replace(config, seed=1)}
-    with lock_output(tmp_path / "a"):  # another process "is training" a
-        with pytest.raises(OutputBusyError, match="another process is training into"):
-            run_configs(configs, tmp_path)
-        results = run_configs(configs, tmp_path, skip_busy=True)
-        assert set(results) == {"b"} and list((tmp_path / "a").iterdir()) == []
-    results = run_configs(configs, tmp_path, skip_busy=True)  # a is free now; b is finished and skipped
-    assert set(results) == {"a", "b"} and results["a"]["config"]["seed"] == 0
 
 
 # --------------------------------------------------------------------------------------------

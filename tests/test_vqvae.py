@@ -1,7 +1,8 @@
 """VQ-VAE as a Pyro model/guide pair: the Trace_ELBO loss is exactly reconstruction + codebook +
 commitment losses (+ the constant KL of the uniform prior); the codebook gets its gradient only from
 the codebook loss, the encoder the straight-through reconstruction gradient plus the commitment
-gradient; codes are the nearest codebook rows."""
+gradient; codes are the nearest codebook rows. The code priors fitted by the VQ study
+(``experiments/studies/vq.py``) are tested in ``experiments/tests/test_vqvae_study.py``."""
 
 from __future__ import annotations
 
@@ -136,22 +137,6 @@ def test_code_prior_is_autoregressive_and_normalised() -> None:
     assert samples.shape == (5, 2, 3) and samples.min() >= 0 and samples.max() < 3
 
 
-def test_code_prior_fits_with_fit(mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from studies import vq
-
-    from pyrovae.app.run import load_data
-
-    config = TrainConfig(model="vqvae", z_dim=4, num_codes=8, num_train=200, num_test=40)
-    data = load_data(config, str(mnist_root))
-    model, guide = build(config, data)
-    prior, history, codes = vq.fit_code_prior(model, guide, data, epochs=2, batch_size=50)
-    assert history.test_bound[-1] > history.test_bound[0]  # maximum likelihood improves the test codes
-    metrics = vq.prior_metrics(model, guide, prior, torch.bernoulli(data.test), codes.test)
-    assert metrics["log_prior_codes"] > metrics["uniform_log_prior_codes"]
-    grid, images = vq.sample_images(model, prior, 3)
-    assert grid.shape == (3, 7, 7) and images.shape == (3, 784)
-
-
 def test_vqvae2_loss_and_codebook_gradients() -> None:
     from pyrovae.models.vqvae import VQVAE2, VQ2Guide, VQ2Networks, quantize
 
@@ -199,25 +184,6 @@ def test_conditional_code_prior_is_normalised_for_each_condition() -> None:
     a = prior.condition_from(torch.zeros(1, 1, 1, dtype=torch.long))
     b = prior.condition_from(torch.ones(1, 1, 1, dtype=torch.long))
     assert not torch.allclose(prior.logits(grids[:1], a), prior.logits(grids[:1], b))  # it listens to the condition
-
-
-def test_cli_trains_a_vqvae2_and_its_priors(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
-    from studies import vq
-
-    from pyrovae.app.cli import main
-    from pyrovae.app.run import restore
-
-    out = tmp_path / "vq2"
-    assert main([
-        "train", "--model", "vqvae2", "--z-dim", "4", "--num-codes", "16", "--num-codes-top", "8", "--epochs", "1",
-        "--num-train", "200", "--num-test", "30", "--data-dir", str(mnist_root), "--out", str(out), "--no-progress",
-    ]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["num_codes_top"] == 8 and 1 <= metrics["perplexity_top"] <= 8
-    config, data, model, guide, _ = restore(out / "checkpoint.pt", data_dir=str(mnist_root))
-    priors = vq.fit_code_priors_2(model, guide, data, epochs=1, batch_size=50, channels=8, layers=1)
-    images = vq.sample_images_2(model, priors["top"], priors["bottom"], 3)
-    assert images.shape == (3, 784) and (images >= 0).all() and (images <= 1).all()
 
 
 def test_cli_refuses_a_bad_combination_before_writing(tmp_path, mnist_root, capsys) -> None:  # type: ignore[no-untyped-def]
@@ -276,6 +242,28 @@ def test_ema_codebook_is_debiased_online_k_means() -> None:
     with torch.no_grad():
         poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
     assert torch.equal(model.codebook, frozen)
+
+
+def test_ema_codebook_is_refused_in_data_parallel_training(monkeypatch) -> None:
+    # Each process would move its codebook by its own slice (buffers are not all-reduced), so under
+    # a process group of two the training step refuses; in one process, or without gradients
+    # (evaluation), nothing changes.
+    import torch.distributed
+    from pyro import poutine
+
+    model, guide = _ema_pair(0.9)
+    x = torch.bernoulli(torch.rand(5, 64, generator=torch.Generator().manual_seed(0)))
+    monkeypatch.setattr(torch.distributed, "is_available", lambda: True)
+    monkeypatch.setattr(torch.distributed, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 2)
+    with pytest.raises(ValueError, match="not supported in data-parallel training"):
+        poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    assert int(model.decoder.codebook_ema_steps) == 0
+    with torch.no_grad():
+        poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    monkeypatch.setattr(torch.distributed, "get_world_size", lambda group=None: 1)
+    poutine.trace(guide).get_trace(x, torch.arange(5), NUM_DATA)
+    assert int(model.decoder.codebook_ema_steps) == 1
 
 
 def test_ema_codebook_trains_from_the_cli_and_resumes_exactly(tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]

@@ -17,7 +17,7 @@ the same data and batch, the same optimiser (``torch.optim.Adam``), and the same
   closed-form KL, one draw per step, the reference for :func:`pyrovae.infer.local.optimize_local_guide`.
 
 Drawing ε with ``torch.randn`` in the order Pyro does (one ``(K, B, d)`` draw per step) makes the
-reference's loss equal pyrovae's for the same seed; ``tests/test_speed.py`` checks that, so the
+reference's loss equal pyrovae's for the same seed; ``experiments/tests/test_speed.py`` checks that, so the
 benchmark compares equal work.
 """
 

@@ -48,7 +48,7 @@ def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> N
     rows = {r["model"]: r for r in summary["rows"]}
     assert set(rows) == {"vqvae", "vqvae-ema", "vqvae2"}
     for row in rows.values():
-        # (That the fitted prior beats the uniform one is tested with adequate training in test_vqvae.py.)
+        # (That the fitted prior beats the uniform one is tested with adequate training in test_vqvae_study.py.)
         assert math.isfinite(row["log_prior_codes"]) and math.isfinite(row["bound_with_fitted_prior"])
         assert math.isclose(
             row["bound_uniform_prior"], row["test_reconstruction_log_lik"] - row["kl"], rel_tol=1e-6)

@@ -10,6 +10,7 @@ from torch import nn
 
 from pyrovae.distributions import diag_normal
 from pyrovae.handlers import data_plate, latent_scale
+from pyrovae.params import register
 
 
 class AmortizedGuide:
@@ -47,7 +48,7 @@ class AmortizedGuide:
     ) -> torch.Tensor:
         if x is None:
             raise ValueError("the amortized guide needs the data x: q(z|x) is a function of x")
-        pyro.module(self.name, self.encoder)
+        register(self.name, self.encoder)
         with data_plate(x, index, num_data):
             z_loc, z_scale = self.encoder(x)
             with latent_scale(self.beta):

@@ -11,6 +11,7 @@ import torch
 from torch import nn
 
 from pyrovae.handlers import batch_device, data_plate
+from pyrovae.params import register
 
 
 class MixturePriorGuide:
@@ -86,7 +87,7 @@ class CategoricalGuide:
     ) -> torch.Tensor:
         if x is None:
             raise ValueError("the categorical guide needs the data x: q(z|x) is a function of x")
-        pyro.module(self.name, self.encoder)
+        register(self.name, self.encoder)
         with data_plate(x, index, num_data):
             logits = self.encoder(x)
             if logits.shape[:-1] != x.shape[:-1]:

@@ -11,6 +11,7 @@ from pyrovae.distributions import diag_normal
 from pyrovae.handlers import data_plate, latent_scale
 from pyrovae.models.hierarchical import latent_site_names
 from pyrovae.nets import HierarchicalEncoder
+from pyrovae.params import register
 
 
 class HierarchicalGuide:
@@ -41,7 +42,7 @@ class HierarchicalGuide:
     ) -> torch.Tensor:
         if x is None:
             raise ValueError("the hierarchical guide needs the data x: q(z_1|x) is a function of x")
-        pyro.module(self.name, self.encoder)
+        register(self.name, self.encoder)
         h = x
         with data_plate(x, index, num_data):
             with latent_scale(self.beta):

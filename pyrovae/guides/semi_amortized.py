@@ -26,6 +26,7 @@ from torch.distributions import kl_divergence
 from pyrovae._typing import PyroFn
 from pyrovae.distributions import diag_normal
 from pyrovae.handlers import data_plate, latent_scale
+from pyrovae.params import register
 
 LATENT_SITE = "z"
 
@@ -223,7 +224,7 @@ class SemiAmortizedGuide:
     ) -> torch.Tensor:
         if x is None:
             raise ValueError("the semi-amortized guide needs the data x: q(z|x) is refined on x")
-        pyro.module(self.name, self.encoder)
+        register(self.name, self.encoder)
         z_loc, z_scale = self.refine(x)
         with data_plate(x, index, num_data):
             with latent_scale(self.beta):

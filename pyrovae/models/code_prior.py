@@ -28,6 +28,7 @@ from torch import nn
 from torch.nn import functional as F
 
 from pyrovae.handlers import data_plate
+from pyrovae.params import register
 
 __all__ = ["CodePrior", "ConditionalCodePrior", "MaskedConv2d", "empty_guide"]
 
@@ -100,7 +101,7 @@ class CodePrior:
 
     def __call__(self, x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
                  num_data: Optional[int] = None, condition: Optional[torch.Tensor] = None) -> Any:
-        pyro.module(self.name, self.net)
+        register(self.name, self.net)
         if x is None:
             raise ValueError("CodePrior scores code grids; use .sample(n) to draw new ones")
         codes = x.round().long().reshape(-1, *self.grid)

@@ -15,6 +15,7 @@ from torch.distributions import constraints
 from pyrovae.checks import check_data
 from pyrovae.distributions import BernoulliEvent
 from pyrovae.handlers import batch_device, data_plate, latent_scale
+from pyrovae.params import register
 
 Likelihood = Literal["bernoulli", "gaussian"]
 LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
@@ -113,7 +114,7 @@ class VAE:
         index: Optional[torch.Tensor] = None,
         num_data: Optional[int] = None,
     ) -> torch.Tensor:
-        pyro.module(self.name, self.decoder)
+        register(self.name, self.decoder)
         if x is not None and is_validation_enabled():
             check_data(x, self.likelihood)
         device = batch_device(x, index)

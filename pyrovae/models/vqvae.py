@@ -44,13 +44,14 @@ from typing import Optional, Sequence
 import pyro
 import pyro.distributions as dist
 import torch
+import torch.distributed
 from pyro.distributions import constraints
 from torch import nn
 
 from pyrovae.handlers import data_plate
 from pyrovae.models.vae import VAE, Likelihood
 from pyrovae.nets import _activation, _image_dims
-from pyrovae.runtime.distributed import current_world
+from pyrovae.params import register
 
 __all__ = [
     "CodebookUniform", "add_codebook", "ema_update_", "VQ2Guide", "VQ2Networks", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "VQVAE2",
@@ -138,14 +139,28 @@ def add_codebook(module: nn.Module, name: str, num_codes: int, code_dim: int, em
     module.ema_decay, module.ema_eps = float(ema_decay), float(ema_eps)
 
 
+def _one_of_several_processes() -> bool:
+    """Whether ``torch.distributed`` has joined this process to a group of more than one.
+
+    Asked of torch itself, the way the guides ask ``torch.is_grad_enabled()`` whether this is a
+    training step: a model sits below pyrovae's runtime layer and does not import it
+    (tests/test_layers.py)."""
+    group = torch.distributed
+    return group.is_available() and group.is_initialized() and group.get_world_size() > 1
+
+
 @torch.no_grad()
 def ema_update_(module: nn.Module, name: str, z_e: torch.Tensor, codes: torch.Tensor) -> None:
     """One EMA codebook update (module docstring) of the codebook ``name`` of ``module`` (made by
-    :func:`add_codebook` with ``ema_decay``) from encoder outputs ``z_e (..., D)`` and their codes."""
-    if current_world().is_distributed:
+    :func:`add_codebook` with ``ema_decay``) from encoder outputs ``z_e (..., D)`` and their codes.
+
+    Refused in data-parallel training: the update is buffer state, not a gradient, so the step's
+    all-reduce never sees it, and each process would move its codebook by its own slice's codes."""
+    if _one_of_several_processes():
         raise ValueError(
             "EMA codebook updates are not supported in data-parallel training (each process would average "
-            "its own slice); train in one process, or drop --codebook-ema to train the codebook by its loss"
+            "its own slice); train in one process, or build the model without ema_decay (--codebook-ema) to train "
+            "the codebook by its loss"
         )
     codebook = getattr(module, name)
     count, total = getattr(module, f"{name}_ema_count"), getattr(module, f"{name}_ema_sum")
@@ -282,8 +297,8 @@ class VQGuide:
                  num_data: Optional[int] = None) -> torch.Tensor:
         if x is None:
             raise ValueError("the VQ guide needs the data x")
-        pyro.module(self.name, self.encoder)
-        pyro.module(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
+        register(self.name, self.encoder)
+        register(self.model.name, self.model.decoder)  # the codebook lives in the decoder module
         ema = self.model.ema
         with data_plate(x, index, num_data):
             z_e = self.encoder(x)
@@ -474,7 +489,7 @@ class VQ2Guide:
                  num_data: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
         if x is None:
             raise ValueError("the VQ-VAE-2 guide needs the data x")
-        pyro.module(self.model.name, self.model.networks)
+        register(self.model.name, self.model.networks)
         with data_plate(x, index, num_data):
             z_bottom, z_top, _, _, loss = self._encode(x)
             pyro.factor("vq_loss", loss, has_rsample=True)

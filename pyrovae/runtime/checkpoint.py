@@ -20,20 +20,24 @@ import os
 import pathlib
 import random
 import tempfile
-from typing import Any, Union
+from typing import Any, Callable, Mapping, Optional, Union
 
 import numpy as np
 import pyro.distributions.constraints as pyro_constraints
 import torch
 from torch.distributions import constraints as torch_constraints
 
+from pyrovae import params
+
 __all__ = [
     "CHECKPOINT_FORMAT",
     "CHECKPOINT_VERSION",
     "load_checkpoint",
+    "load_params",
     "remove_stale_temporaries",
     "rng_state",
     "save_checkpoint",
+    "save_params",
     "set_rng_state",
 ]
 
@@ -285,3 +289,59 @@ def set_rng_state(state: dict[str, Any]) -> None:
     if state.get("cuda") is not None and torch.cuda.is_available():
         for device, cuda_state in zip(range(torch.cuda.device_count()), state["cuda"]):
             torch.cuda.set_rng_state(cuda_state.cpu(), device)
+
+
+def save_params(path: PathLike, extra: Optional[Mapping[str, Any]] = None) -> None:
+    """Save the whole param store (and the buffers of the networks behind it) atomically, with a
+    SHA-256 of the contents, readable with ``weights_only=True`` by :func:`load_params`.
+
+    :param extra: more entries to keep beside the params (numbers, strings, tensors, containers).
+    """
+    payload = dict(extra or {})
+    clash = {"params", "constraints", "buffers"} & set(payload)
+    if clash:
+        raise ValueError(f"extra uses the reserved key(s) {sorted(clash)}; rename them")
+    save_checkpoint(path, {**payload, **params.state()})
+
+
+def load_params(
+    path: PathLike,
+    model: Optional[Callable] = None,
+    guide: Optional[Callable] = None,
+    args: tuple = (),
+    kwargs: Optional[dict] = None,
+    map_location: Optional[Union[str, torch.device]] = "cpu",
+) -> dict[str, Any]:
+    """Load params saved by :func:`save_params`, by :func:`pyrovae.fit` (a checkpoint) or by Pyro's
+    ``pyro.get_param_store().save(path)`` into the param store.
+
+    With ``model`` and ``guide`` (and ``args``, e.g. ``(x[:1],)``) the pair is inspected at once,
+    so its networks hold the loaded weights before anything else runs; without them the networks
+    adopt the values the first time they are registered (pyrovae's models and guides do that on
+    every call; a user's own ``pyro.module`` network through :func:`pyrovae.params.inspect`, :func:`pyrovae.fit` or
+    the evaluation functions).
+
+    :return: the file's other entries (for a :func:`pyrovae.fit` checkpoint: config, epoch, history).
+    """
+    path = pathlib.Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"no file at {path.absolute()}; check the path")
+    try:
+        payload = load_checkpoint(path, map_location=map_location)
+    except ValueError as error:
+        if "not a pyrovae checkpoint" not in str(error):
+            raise
+        # A file of Pyro's ParamStoreDict.save: a plain torch file of {"params", "constraints"}.
+        with torch.serialization.safe_globals(_param_store_globals()):
+            payload = torch.load(path, map_location=map_location, weights_only=True)
+    params.load_state(payload, device=None)
+    if model is not None or guide is not None:
+        if model is None or guide is None:
+            raise ValueError("pass both model and guide (and args) to bind the loaded values now, or neither")
+        params.inspect(model, guide, args, kwargs)
+    return {k: v for k, v in payload.items() if k not in ("params", "constraints", "buffers", "format", "version")
+            and payload.get("format") == CHECKPOINT_FORMAT}
+
+
+def _param_store_globals() -> list[Any]:
+    return [*_safe_constraint_classes(), torch.nn.Parameter]
