@@ -129,16 +129,10 @@ def fit(
     :return: the :class:`History`, also stored in the checkpoint.
     """
     world = current_world()
-    _check_arguments(epochs, batch_size, lr, lr_decay, clip_norm)
+    _check_arguments(epochs, batch_size, lr, lr_decay, clip_norm, local_steps, local_lr)
     data = training_data(dataset, seed if test_bound else None)
-    _check_batch_size(batch_size, data.num_train, world)
-    _check_local_steps(guide, local_steps, local_lr, world)
-    _check_rows({"guide": guide.num_data} if isinstance(guide, LocalGuide) else {}, data.num_train)
-    saved = run_on_main(lambda: read_resumable(checkpoint_path, resume, config, data.train, epochs), world)
-    if resume and saved is None and world.is_main:
-        warnings.warn(f"resume=True: no checkpoint at {checkpoint_path}; starting from scratch")
-    if checkpoint_path is not None and world.is_main:
-        remove_stale_temporaries(checkpoint_path)
+    _check_fit(guide, data.num_train, batch_size, local_steps, world)
+    saved = _open_checkpoint(checkpoint_path, resume, config, data.train, epochs, world)
     if saved is None:
         pyro.set_rng_seed(rank_seed(seed, world.rank))
     sites = dry_run(model, guide, objective, data, min(batch_size, data.num_train), seed, saved)
@@ -330,7 +324,12 @@ class FitStep:
 # Checks
 
 
-def _check_arguments(epochs: int, batch_size: int, lr: float, lr_decay: float, clip_norm: Optional[float]) -> None:
+def _check_arguments(epochs: int, batch_size: int, lr: float, lr_decay: float, clip_norm: Optional[float],
+                     local_steps: int, local_lr: float) -> None:
+    if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 0:
+        raise ValueError(f"local_steps must be an integer >= 0, got {local_steps!r}")
+    if local_steps and not local_lr > 0:
+        raise ValueError(f"local_lr must be positive, got {local_lr}")
     for name, value in (("epochs", epochs), ("batch_size", batch_size)):
         if not isinstance(value, int) or isinstance(value, bool) or value < 1:
             raise ValueError(f"{name} must be an integer >= 1, got {value!r}")
@@ -353,23 +352,30 @@ def _check_batch_size(batch_size: int, num_data: int, world: World) -> None:
         )
 
 
-def _check_local_steps(guide: Callable, local_steps: int, local_lr: float, world: World) -> None:
-    if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 0:
-        raise ValueError(f"local_steps must be an integer >= 0, got {local_steps!r}")
-    if not local_steps:
-        return
-    if not local_lr > 0:
-        raise ValueError(f"local_lr must be positive, got {local_lr}")
-    if not isinstance(guide, RefinableGuide):
+def _check_fit(guide: Callable, num_data: int, batch_size: int, local_steps: int, world: World) -> None:
+    _check_batch_size(batch_size, num_data, world)
+    if local_steps and not isinstance(guide, RefinableGuide):
         raise ValueError(
             f"local_steps={local_steps} needs a per-datapoint guide with refine_rows (PerDatapointGuide, "
             f"--guide per-datapoint); {type(guide).__name__} has no rows to refine: use local_steps=0"
         )
-    if world.is_distributed:
+    if local_steps and world.is_distributed:
         raise ValueError(
             "local_steps is not supported in data-parallel training (each process would refine only its "
             "slice's rows); train in one process, or use local_steps=0"
         )
+    _check_rows({"guide": guide.num_data} if isinstance(guide, LocalGuide) else {}, num_data)
+
+
+def _open_checkpoint(path: Any, resume: bool, config: Optional[dict[str, Any]], x_train: torch.Tensor,
+                     epochs: int, world: World) -> Optional[dict[str, Any]]:
+    # Rank 0 reads the checkpoint and hands it to the others, so only it needs the file.
+    saved = run_on_main(lambda: read_resumable(path, resume, config, x_train, epochs), world)
+    if resume and saved is None and world.is_main:
+        warnings.warn(f"resume=True: no checkpoint at {path}; starting from scratch")
+    if path is not None and world.is_main:
+        remove_stale_temporaries(path)
+    return saved
 
 
 # ---------------------------------------------------------------------------------------------
