@@ -46,13 +46,21 @@ from torch.distributions import constraints
 from pyrovae.data import Dataset, linear_gaussian
 from pyrovae.guides import AmortizedGuide, PerDatapointGuide
 from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.loop import (
+    EvalSchedule,
+    Hook,
+    StepBudget,
+    StepResult,
+    TimeBudget,
+    Trainer,
+    TrainState,
+)
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.infer.weights import rng_preserved
 from pyrovae.models import VAE
 from pyrovae.models.linear_gaussian import linear_gaussian_posterior
 from pyrovae.nets import Decoder, GaussianEncoder
-from pyrovae.infer.loop import EvalSchedule, Hook, StepBudget, StepResult, TimeBudget, Trainer, TrainState
 from pyrovae.train.step import GradientStep
 
 #: estimator name -> description

@@ -37,11 +37,18 @@ from pyrovae.app import plots
 from pyrovae.data import Dataset, gaussian_mixture
 from pyrovae.guides import CategoricalGuide, MixturePriorGuide
 from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.loop import (
+    EvalSchedule,
+    Hook,
+    StepBudget,
+    StepResult,
+    Trainer,
+    TrainState,
+)
 from pyrovae.infer.objectives import IWAE
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.models import GaussianMixture
 from pyrovae.nets import MLP
-from pyrovae.infer.loop import EvalSchedule, Hook, StepBudget, StepResult, Trainer, TrainState
 from pyrovae.train.step import GradientStep
 
 MethodName = Literal["enumeration", "prior", "guide"]

@@ -20,9 +20,9 @@ from tqdm.auto import tqdm
 
 from pyrovae.guides import PerDatapointGuide
 from pyrovae.guides.semi_amortized import gaussian_elbo
+from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.infer.weights import guess_max_plate_nesting
-from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 
 
 @dataclass

@@ -12,10 +12,10 @@ from typing import IO, Any, Callable, Optional
 import torch
 from tqdm.auto import tqdm
 
+from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 from pyrovae.runtime.checkpoint import save_checkpoint
 from pyrovae.runtime.distributed import World, all_reduce_sum_, barrier
 from pyrovae.runtime.interrupt import StopSignals
-from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 
 __all__ = ["Checkpoint", "EpochLog", "Progress", "StopOnSignal", "TestBound"]
 

@@ -18,8 +18,8 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.optim import PyroOptim
 
-from pyrovae.runtime.distributed import World, all_reduce_sum_
 from pyrovae.infer.loop import StepResult
+from pyrovae.runtime.distributed import World, all_reduce_sum_
 
 __all__ = ["GradientStep", "StepResult"]
 

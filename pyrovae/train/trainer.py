@@ -23,12 +23,17 @@ from pyro.infer import ELBO
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
+from pyrovae import params
 from pyrovae.data import Dataset, check_data
 from pyrovae.infer.local import frozen_params
+from pyrovae.infer.loop import History, StepResult, Trainer, TrainState
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.protocols import LocalGuide, RefinableGuide, StatefulObjective
-from pyrovae import params
-from pyrovae.runtime.checkpoint import remove_stale_temporaries, rng_state, set_rng_state
+from pyrovae.runtime.checkpoint import (
+    remove_stale_temporaries,
+    rng_state,
+    set_rng_state,
+)
 from pyrovae.runtime.distributed import (
     World,
     all_gather_objects,
@@ -40,7 +45,6 @@ from pyrovae.runtime.distributed import (
     shard,
 )
 from pyrovae.runtime.interrupt import StopSignals, TrainingInterrupted
-from pyrovae.infer.loop import History, StepResult, Trainer, TrainState
 from pyrovae.train import hooks as H
 from pyrovae.train.resume import data_fingerprint, read_resumable
 from pyrovae.train.step import GradientStep
