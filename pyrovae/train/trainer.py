@@ -20,6 +20,7 @@ from typing import Any, Callable, Optional, Sequence
 import pyro
 import torch
 from pyro.infer import ELBO
+from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as DIVIDER
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
@@ -412,13 +413,26 @@ def _contents(sites: params.ParamSites, optimizer: Any, objective: ELBO, world: 
         # (as readers of earlier checkpoints expect).
         "params": {"params": saved["params"], "constraints": saved["constraints"]},
         "buffers": saved["buffers"],
-        "modules": {name: module.state_dict() for name, module in sites.modules.items()},
+        "modules": _state_dicts(saved),
         "optimizer": optimizer.get_state(),
         "rng": rank_states[0]["rng"],
         "rank_states": rank_states,
         "world_size": world.world_size,
         "dataset": data.record,
     }
+
+
+def _state_dicts(saved: dict[str, Any]) -> dict[str, dict[str, torch.Tensor]]:
+    # Each pyro.module network's state dict, read from the param store's "<name>$$$<param>" entries
+    # and its buffers (so also for a network inspect's forward hook did not see called as a whole).
+    modules: dict[str, dict[str, torch.Tensor]] = {}
+    for name, value in saved["params"].items():
+        if DIVIDER in name:
+            prefix, key = name.split(DIVIDER, 1)
+            modules.setdefault(prefix, {})[key] = value
+    for prefix, buffers in saved["buffers"].items():
+        modules.setdefault(prefix, {}).update(buffers)
+    return modules
 
 
 def _to_device(tree: Any, device: torch.device) -> Any:
