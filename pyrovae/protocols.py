@@ -22,6 +22,7 @@ import torch
 __all__ = [
     "ExactLikelihood",
     "Guide",
+    "LocalGuide",
     "Model",
     "RefinableGuide",
     "Reconstructs",
@@ -49,6 +50,19 @@ class Guide(Protocol):
     """A variational distribution q(z | x) as a Pyro function with the model's signature, sampling
     every latent site of the model (auxiliary sites, e.g. an autoguide's ``*_unconstrained``, are
     allowed)."""
+
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> Any: ...
+
+
+@runtime_checkable
+class LocalGuide(Protocol):
+    """A guide built for a data set of ``num_data`` points (per-datapoint parameters), so that
+    :func:`pyrovae.fit` can refuse other data before any call. Guides that do not say so (the
+    user's functions, Pyro's autoguides) are checked by the rows of their params instead."""
+
+    num_data: int
 
     def __call__(
         self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None

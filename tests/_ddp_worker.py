@@ -29,7 +29,7 @@ import pyro
 import pyro.distributions as dist
 import torch
 
-import pyrovae.train.trainer
+import pyrovae.train.hooks
 from pyrovae import VAE, Decoder, PerDatapointGuide, fit, make_objective
 from pyrovae.data import Dataset
 from pyrovae.handlers import data_plate
@@ -146,13 +146,13 @@ def main(out: pathlib.Path) -> None:
     report: dict[str, Any] = {"rank": rank, "world_size": world.world_size}
 
     saves: list[str] = []
-    save_checkpoint = pyrovae.train.trainer.save_checkpoint
+    save_checkpoint = pyrovae.train.hooks.save_checkpoint
 
     def counting_save(path: Any, state: dict[str, Any]) -> None:
         saves.append(str(path))
         save_checkpoint(path, state)
 
-    pyrovae.train.trainer.save_checkpoint = counting_save
+    pyrovae.train.hooks.save_checkpoint = counting_save
     for kind in ("per-datapoint", "amortized"):
         params = train_deterministic(kind, out / f"deterministic-{kind}.ckpt")
         torch.save(params, out / f"deterministic-{kind}_rank{rank}.pt")

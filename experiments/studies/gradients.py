@@ -39,19 +39,29 @@ import torch
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 from matplotlib.ticker import NullFormatter
-from pyro.infer import ELBO, SVI
+from pyro.infer import ELBO
 from torch import Tensor, nn
 from torch.distributions import constraints
 
-from pyrovae.data import Dataset, index_batches, linear_gaussian
+from pyrovae.data import Dataset, linear_gaussian
 from pyrovae.guides import AmortizedGuide, PerDatapointGuide
 from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.loop import (
+    EvalSchedule,
+    Hook,
+    StepBudget,
+    StepResult,
+    TimeBudget,
+    Trainer,
+    TrainState,
+)
 from pyrovae.infer.objectives import make_objective
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.infer.weights import rng_preserved
 from pyrovae.models import VAE
 from pyrovae.models.linear_gaussian import linear_gaussian_posterior
 from pyrovae.nets import Decoder, GaussianEncoder
+from pyrovae.train.step import GradientStep
 
 #: estimator name -> description
 ESTIMATORS: dict[str, str] = {
@@ -422,6 +432,16 @@ def heldout_elbo(model: VAE, guide: AmortizedGuide, x: Tensor, num_samples: int 
     return elbo.mean().item(), (elbo.std() / math.sqrt(len(elbo))).item()
 
 
+class _RunningBound(Hook):
+    # The mean per-point training bound of the steps since the last record.
+    def __init__(self, running: dict[str, Any], num_data: int) -> None:
+        self.running, self.num_data = running, num_data
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
+        self.running["total"] += -result.loss / self.num_data
+        self.running["count"] += 1
+
+
 def train_for(
     model: VAE,
     guide: AmortizedGuide,
@@ -438,7 +458,8 @@ def train_for(
     clock: str = "cpu",
 ) -> dict[str, list]:
     """Adam on shuffled, dynamically binarized minibatches until ``seconds`` of training time
-    (the clock runs during steps only, not during evaluations) or ``max_steps`` steps.
+    (the clock runs during steps only, not during evaluations) or ``max_steps`` steps: a
+    :class:`~pyrovae.infer.loop.Trainer` with a time or step budget and an evaluation schedule.
 
     ``clock="cpu"`` budgets the process's CPU time (on one thread, the wall-clock time the run
     would take on an idle core: fair between runs when other jobs share the machine);
@@ -457,51 +478,38 @@ def train_for(
     device = dataset.train.device
     num_data = dataset.num_train
     pyro.set_rng_seed(seed)
-    generator = torch.Generator(device=device).manual_seed(seed)
-    svi = SVI(model, guide, make_pyro_optimizer(lr), loss=objective)
+    step = GradientStep(model, guide, objective, make_pyro_optimizer(lr))
     history: dict[str, list] = {"seconds": [], "cpu_seconds": [], "steps": [], "train_bound": [], "test_elbo": []}
-    elapsed = cpu = 0.0
-    steps = 0
-    total, count = 0.0, 0
+    running = {"total": 0.0, "count": 0, "next": eval_every}
 
-    def record() -> None:
-        nonlocal total, count
-        history["seconds"].append(elapsed)
-        history["cpu_seconds"].append(cpu)
-        history["steps"].append(steps)
-        history["train_bound"].append(total / count if count else None)
+    def spent(state: TrainState) -> float:
+        return state.step_cpu_seconds if clock == "cpu" else state.step_seconds
+
+    def record(state: TrainState) -> None:
+        history["seconds"].append(state.step_seconds)
+        history["cpu_seconds"].append(state.step_cpu_seconds)
+        history["steps"].append(state.global_step)
+        history["train_bound"].append(running["total"] / running["count"] if running["count"] else None)
         # Evaluation draws come from a forked RNG, so the training trajectory does not depend on
         # when (on the clock) the evaluations happen.
         with pyro.validation_enabled(False), rng_preserved():
             history["test_elbo"].append(heldout_elbo(model, guide, x_test)[0])
-        total, count = 0.0, 0
+        running.update(total=0.0, count=0)
 
-    def spent() -> float:
-        return cpu if clock == "cpu" else elapsed
+    def due(state: TrainState) -> bool:
+        if state.stop is None and spent(state) < running["next"]:
+            return False
+        running["next"] += eval_every
+        return True
 
-    def done() -> bool:
-        return spent() >= seconds or (max_steps is not None and steps >= max_steps)
-
-    record()
-    next_record = eval_every
+    budgets = ([TimeBudget(seconds, clock)] if math.isfinite(seconds) else []) + (
+        [StepBudget(max_steps)] if max_steps is not None else [])
+    hooks = [*budgets, _RunningBound(running, num_data), EvalSchedule(record, due, at_end=False)]
+    trainer = Trainer(lambda x, index: step(x, index, num_data), dataset.train, batch_size=batch_size,
+                      prepare=dataset.batch, hooks=hooks,
+                      advice=f"Lower lr (now {lr}).")
     with pyro.validation_enabled(False):
-        while not done():
-            for index in index_batches(num_data, batch_size, generator=generator, device=device):
-                wall, proc = time.perf_counter(), time.process_time()
-                x = dataset.batch(dataset.train[index], generator)
-                loss = svi.step(x, index, num_data)
-                elapsed += time.perf_counter() - wall
-                cpu += time.process_time() - proc
-                steps += 1
-                if not math.isfinite(loss):
-                    raise FloatingPointError(f"the loss became {loss} after {steps} steps; lower lr (now {lr})")
-                total += -loss / num_data
-                count += 1
-                if done() or spent() >= next_record:
-                    record()
-                    next_record += eval_every
-                if done():
-                    break
+        trainer.run(TrainState(generator=torch.Generator(device=device).manual_seed(seed)))
     return history
 
 

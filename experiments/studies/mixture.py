@@ -31,16 +31,25 @@ from typing import Any, Callable, Literal, Optional, Sequence
 
 import pyro
 import torch
-from pyro.infer import SVI, TraceEnum_ELBO
+from pyro.infer import TraceEnum_ELBO
 
 from pyrovae.app import plots
-from pyrovae.data import Dataset, gaussian_mixture, index_batches
+from pyrovae.data import Dataset, gaussian_mixture
 from pyrovae.guides import CategoricalGuide, MixturePriorGuide
 from pyrovae.infer.evaluate import importance_sampling
+from pyrovae.infer.loop import (
+    EvalSchedule,
+    Hook,
+    StepBudget,
+    StepResult,
+    Trainer,
+    TrainState,
+)
 from pyrovae.infer.objectives import IWAE
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.models import GaussianMixture
 from pyrovae.nets import MLP
+from pyrovae.train.step import GradientStep
 
 MethodName = Literal["enumeration", "prior", "guide"]
 METHODS: tuple[str, ...] = ("enumeration", "prior", "guide")
@@ -248,6 +257,16 @@ class TrainResult:
     seconds: float = 0.0
 
 
+class _RunningLoss(Hook):
+    # The mean per-point training loss of the steps since the last evaluation.
+    def __init__(self, running: dict[str, Any], num_data: int) -> None:
+        self.running, self.num_data = running, num_data
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
+        self.running["loss"] += result.loss / self.num_data
+        self.running["count"] += 1
+
+
 def train_mixture(
     model: GaussianMixture,
     guide: Callable,
@@ -269,37 +288,32 @@ def train_mixture(
     per step, from ``lr`` to ``lr * final_lr_factor`` at the last step.
 
     Pyro's argument validation is off inside the loop (it dominates the cost of these small steps).
+    A :class:`~pyrovae.infer.loop.Trainer` with a step budget and an evaluation schedule.
     """
     num_data = x_train.shape[0]
     batch_size = min(batch_size, num_data)
-    svi = SVI(model, guide, make_pyro_optimizer(lr, final_lr_factor ** (1.0 / steps)), loss=objective)
-    generator = torch.Generator().manual_seed(seed)
+    step = GradientStep(model, guide, objective, make_pyro_optimizer(lr, final_lr_factor ** (1.0 / steps)))
     result = TrainResult()
     schedule = set(range(eval_every, steps + 1, eval_every)) | {steps}
     schedule |= {m * 10**e for e in range(8) for m in (1, 2, 5) if m * 10**e < eval_every}
+    running = {"loss": 0.0, "count": 0, "start": 0.0}
 
-    def evaluate(step: int) -> None:
+    def evaluate(state: TrainState) -> None:
+        if state.global_step > 0:
+            result.seconds += time.perf_counter() - running["start"]
         with torch.no_grad():
-            result.steps.append(step)
+            result.steps.append(state.global_step)
             result.test_log_likelihood.append(model.log_marginal(x_test).mean().item())
+        if state.global_step > 0:
+            result.train_loss.append(running["loss"] / running["count"])
+        running.update(loss=0.0, count=0, start=time.perf_counter())
 
-    def batches():  # type: ignore[no-untyped-def]
-        while True:
-            yield from index_batches(num_data, batch_size, generator=generator, device=x_train.device)
-
+    hooks = [StepBudget(steps), _RunningLoss(running, num_data),
+             EvalSchedule(evaluate, lambda state: state.global_step in schedule, at_end=False)]
+    trainer = Trainer(lambda x, index: step(x, index, num_data), x_train, batch_size=batch_size, hooks=hooks,
+                      advice=f"Lower the learning rate (now {lr}).")
     with pyro.validation_enabled(False):
-        evaluate(0)
-        running, count, start = 0.0, 0, time.perf_counter()
-        for step, index in zip(range(1, steps + 1), batches()):
-            loss = svi.step(x_train[index], index, num_data)
-            if not math.isfinite(loss):
-                raise FloatingPointError(f"the loss became {loss} at step {step}; lower the learning rate (now {lr})")
-            running, count = running + loss / num_data, count + 1
-            if step in schedule:
-                result.seconds += time.perf_counter() - start
-                evaluate(step)
-                result.train_loss.append(running / count)
-                running, count, start = 0.0, 0, time.perf_counter()
+        trainer.run(TrainState(generator=torch.Generator().manual_seed(seed)))
     return result
 
 

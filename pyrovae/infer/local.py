@@ -18,9 +18,9 @@ from pyro.infer import SVI
 from torch.distributions import constraints
 from tqdm.auto import tqdm
 
-from pyrovae.app.build import modules_of
 from pyrovae.guides import PerDatapointGuide
 from pyrovae.guides.semi_amortized import gaussian_elbo
+from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.infer.weights import guess_max_plate_nesting
 
@@ -118,6 +118,47 @@ def _frozen_modules(modules: Any) -> Iterator[None]:
             tensor.requires_grad_(True)
 
 
+@contextlib.contextmanager
+def _modules_called() -> Iterator[list[torch.nn.Module]]:
+    # The networks run inside the block, found by a forward hook (not by attribute names).
+    called: list[torch.nn.Module] = []
+    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: called.append(module))
+    try:
+        yield called
+    finally:
+        handle.remove()
+
+
+class _Checks(Hook):
+    # optimize_local_guide's bookkeeping after each step: the one-draw ELBO, the checks of the
+    # stopping rule every `check_every` steps, the progress bar; stops when every point has.
+    def __init__(self, check: Optional[Callable[[int], None]], history: LocalFitHistory, last: torch.Tensor,
+                 active: torch.Tensor, steps: int, check_every: int, progress: bool) -> None:
+        self.check, self.history, self.last, self.active = check, history, last, active
+        self.steps, self.check_every = steps, check_every
+        self.bar = tqdm(total=steps, desc="test-time inference", leave=False, disable=not progress)
+
+    def on_start(self, trainer: Trainer, state: TrainState) -> None:
+        if self.check is not None:
+            self.check(0)
+
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
+        step = state.global_step
+        self.bar.update()
+        if self.check is None:
+            return
+        frozen = self.last[~self.active].sum().item()
+        self.history.step_elbo.append((frozen - result.loss) / trainer.num_data)
+        if step % self.check_every == 0 or step == self.steps:
+            self.check(step)
+            self.bar.set_postfix(elbo=f"{self.history.elbo[-1]:.2f}", active=self.history.num_active[-1])
+            if not self.active.any():
+                state.request_stop("converged")
+
+    def on_end(self, trainer: Trainer, state: TrainState) -> None:
+        self.bar.close()
+
+
 def _unit_scale(fn: Callable) -> Callable:
     # Undo the data plate's N/B: each row's gradient is that of its own ELBO however many rows
     # are still active, so Adam's moment estimates do not jump when points stop.
@@ -204,8 +245,10 @@ def optimize_local_guide(
     local_model, local_guide = _unit_scale(poutine.block(model, hide_types=["param"])), _unit_scale(guide)
     index = torch.arange(num_data, device=x.device)
     # Pyro would guess the plate nesting by a dry run that draws random numbers; guessing it here
-    # without drawing keeps the optimisation's draws a function of the seed alone.
-    nesting = guess_max_plate_nesting(local_model, local_guide, (x[:1], index[:1], num_data), {})
+    # without drawing keeps the optimisation's draws a function of the seed alone. The same run
+    # shows which networks the model computes with (to freeze them).
+    with _modules_called() as networks:
+        nesting = guess_max_plate_nesting(local_model, local_guide, (x[:1], index[:1], num_data), {})
     loss = make_objective("elbo-analytic", num_particles, max_plate_nesting=nesting)
     svi = SVI(
         local_model, local_guide, make_pyro_optimizer(lr, lr_decay, lazy_params=guide.local_param_names), loss=loss
@@ -213,10 +256,10 @@ def optimize_local_guide(
     active = torch.ones(num_data, dtype=torch.bool, device=x.device)
     track = tol is not None or return_history
     history = LocalFitHistory()
+    last = torch.zeros(num_data, device=x.device)
     if track:
         noise = torch.randn(check_samples, num_data, z_dim, device=x.device)
         best = torch.full((num_data,), -math.inf, device=x.device)
-        last = torch.zeros(num_data, device=x.device)
         strikes = torch.zeros(num_data, dtype=torch.long, device=x.device)
         stopped_at = torch.full((num_data,), steps, dtype=torch.long, device=x.device)
     start = time.perf_counter()
@@ -241,22 +284,12 @@ def optimize_local_guide(
         history.seconds.append(time.perf_counter() - start)
 
     local_names = guide.local_param_names
+    checks = _Checks(check if track else None, history, last, active, steps, check_every, progress)
+    trainer = Trainer(lambda x_rows, rows: StepResult(svi.step(x_rows, rows, num_data)), x,
+                      batches=lambda state: (index[active] for _ in range(steps)), hooks=[checks])
     with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
-            _frozen_modules(modules_of(model).values()):
-        if track:
-            check(0)
-        bar = tqdm(range(1, steps + 1), desc="test-time inference", leave=False, disable=not progress)
-        for step in bar:
-            rows = index[active]
-            loss = svi.step(x[rows], rows, num_data)
-            if track:
-                frozen = last[~active].sum().item()
-                history.step_elbo.append((frozen - loss) / num_data)
-                if step % check_every == 0 or step == steps:
-                    check(step)
-                    bar.set_postfix(elbo=f"{history.elbo[-1]:.2f}", active=history.num_active[-1])
-                    if not active.any():
-                        break
+            _frozen_modules(networks):
+        trainer.run(TrainState(), epochs=1)
     if track:
         history.stopped_at = stopped_at.cpu()
         history.final_elbo = last.cpu()

@@ -10,7 +10,6 @@ step with the gap. In one process without clipping it makes exactly the update `
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from typing import Callable, Optional
 
 import torch
@@ -19,20 +18,10 @@ from pyro.infer import ELBO
 from pyro.infer.util import torch_item
 from pyro.optim import PyroOptim
 
+from pyrovae.infer.loop import StepResult
 from pyrovae.runtime.distributed import World, all_reduce_sum_
 
 __all__ = ["GradientStep", "StepResult"]
-
-
-@dataclass
-class StepResult:
-    """:ivar loss: the loss of the global batch (what one process with the whole batch reports).
-    :ivar stop: some process asked to stop (see :class:`pyrovae.runtime.interrupt.StopSignals`).
-    :ivar problem: why no update was made (a non-finite loss or gradient), else ``None``."""
-
-    loss: float
-    stop: bool = False
-    problem: Optional[str] = None
 
 
 class GradientStep:
