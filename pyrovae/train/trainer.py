@@ -25,6 +25,7 @@ from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae import params
+from pyrovae.infer.objectives.base import PerDatapointObjective
 from pyrovae.data import Dataset, check_data
 from pyrovae.infer.local import frozen_params
 from pyrovae.infer.loop import History, StepResult, Trainer, TrainState
@@ -270,7 +271,10 @@ def dry_run(
     if objective.max_plate_nesting == float("inf"):
         dims = model_depth.dims + guide_depth.dims
         objective.max_plate_nesting = -min(dims) if dims else 0
-        if getattr(objective, "vectorize_particles", False) and objective.num_particles > 1:
+        # Pyro's own vectorized particles take one more dim; pyrovae's per-data-point objectives
+        # put their particle plate left of max_plate_nesting themselves.
+        own_particles = isinstance(objective, PerDatapointObjective)
+        if objective.vectorize_particles and objective.num_particles > 1 and not own_particles:
             objective.max_plate_nesting += 1
     return sites
 
