@@ -170,7 +170,9 @@ class _BindMessenger(Messenger):
 
 
 @contextlib.contextmanager
-def _called_modules() -> Iterator[list[torch.nn.Module]]:
+def called_modules() -> Iterator[list[torch.nn.Module]]:
+    """The ``torch.nn.Module``s run inside the block, in call order (a global forward pre-hook):
+    how pyrovae finds the networks behind a function without reading attribute names."""
     called: list[torch.nn.Module] = []
     handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, _: called.append(module))
     try:
@@ -207,7 +209,7 @@ def inspect(model: Callable, guide: Callable, args: tuple = (), kwargs: Optional
     kwargs = kwargs or {}
     devices = [torch.cuda.current_device()] if torch.cuda.is_initialized() else []
     binder = _BindMessenger()
-    with torch.no_grad(), torch.random.fork_rng(devices=devices), _called_modules() as called, binder:
+    with torch.no_grad(), torch.random.fork_rng(devices=devices), called_modules() as called, binder:
         with poutine.block(hide_types=["sample"]):
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)

@@ -18,6 +18,7 @@ from pyro.infer import SVI
 from torch.distributions import constraints
 from tqdm.auto import tqdm
 
+from pyrovae import params
 from pyrovae.guides import PerDatapointGuide
 from pyrovae.guides.semi_amortized import gaussian_elbo
 from pyrovae.infer.loop import Hook, StepResult, Trainer, TrainState
@@ -116,17 +117,6 @@ def _frozen_modules(modules: Any) -> Iterator[None]:
     finally:
         for tensor in tensors:
             tensor.requires_grad_(True)
-
-
-@contextlib.contextmanager
-def _modules_called() -> Iterator[list[torch.nn.Module]]:
-    # The networks run inside the block, found by a forward hook (not by attribute names).
-    called: list[torch.nn.Module] = []
-    handle = torch.nn.modules.module.register_module_forward_pre_hook(lambda module, args: called.append(module))
-    try:
-        yield called
-    finally:
-        handle.remove()
 
 
 class _Checks(Hook):
@@ -247,7 +237,7 @@ def optimize_local_guide(
     # Pyro would guess the plate nesting by a dry run that draws random numbers; guessing it here
     # without drawing keeps the optimisation's draws a function of the seed alone. The same run
     # shows which networks the model computes with (to freeze them).
-    with _modules_called() as networks:
+    with params.called_modules() as networks:
         nesting = guess_max_plate_nesting(local_model, local_guide, (x[:1], index[:1], num_data), {})
     loss = make_objective("elbo-analytic", num_particles, max_plate_nesting=nesting)
     svi = SVI(
