@@ -7,6 +7,7 @@ and share their latent site names, so any guide swaps into any model; objectives
 
 from pyrovae.app.build import build
 from pyrovae.app.config import TrainConfig
+from pyrovae.app.run import Run, load_run
 from pyrovae.data import (
     DataNotFoundError,
     Dataset,
@@ -66,6 +67,7 @@ __all__ = [
     "OBJECTIVES",
     "PerDatapointGuide",
     "PriorGuide",
+    "Run",
     "ScoreFunctionELBO",
     "SemiAmortizedGuide",
     "TrainConfig",
@@ -83,6 +85,7 @@ __all__ = [
     "load_dataset",
     "load_mnist",
     "load_params",
+    "load_run",
     "log_likelihood",
     "make_objective",
     "make_pyro_optimizer",

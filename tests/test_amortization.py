@@ -18,7 +18,6 @@ import pytest
 import torch
 from pyro import poutine
 from pyro.infer import SVI
-from studies.importance import random_linear_gaussian
 from torch.distributions import MultivariateNormal, kl_divergence
 
 from pyrovae import (
@@ -67,7 +66,7 @@ def _blocked_elbo(model, x, z_loc, z_scale, blocks: int, per_block: int, generat
 
 
 def test_gaussian_elbo_matches_the_closed_form():
-    model, x = random_linear_gaussian(3, 6, num_points=8, seed=1)
+    model, x = LinearGaussian.random(3, 6, num_points=8, seed=1)
     z_loc = torch.randn(8, 3) * 0.5
     z_scale = torch.rand(8, 3) + 0.3
     replicates, _ = _blocked_elbo(model, x, z_loc, z_scale, blocks=40, per_block=100)
@@ -80,7 +79,7 @@ def test_gaussian_elbo_matches_the_closed_form():
 
 
 def test_gaussian_elbo_rejects_mismatched_shapes():
-    model, x = random_linear_gaussian(2, 4, num_points=5, seed=0)
+    model, x = LinearGaussian.random(2, 4, num_points=5, seed=0)
     with pytest.raises(ValueError, match="z_loc and z_scale"):
         gaussian_elbo(model, x, torch.zeros(5, 2), torch.ones(4, 2))
     with pytest.raises(ValueError, match="noise"):
@@ -146,7 +145,7 @@ def test_semi_amortized_svi_step_trains_encoder_and_decoder():
 
 
 def test_vectorised_rows_are_independent():
-    model, x = random_linear_gaussian(2, 5, num_points=6, seed=2)
+    model, x = LinearGaussian.random(2, 5, num_points=6, seed=2)
     x_other = x.clone()
     x_other[4] += 3.0
 
@@ -163,7 +162,7 @@ def test_vectorised_rows_are_independent():
 
 
 def test_vectorised_optimisation_matches_a_one_point_reference():
-    model, x = random_linear_gaussian(2, 5, num_points=6, seed=3)
+    model, x = LinearGaussian.random(2, 5, num_points=6, seed=3)
     settings = dict(steps=250, lr=5e-2, lr_decay=0.99, num_particles=8)
     pyro.set_rng_seed(0)
     optimize_local_guide(model, x, 2, prefix="all", **settings)
@@ -187,7 +186,7 @@ def test_vectorised_optimisation_matches_a_one_point_reference():
 
 
 def test_stopping_rule_freezes_points_where_they_stopped():
-    model, x = random_linear_gaussian(2, 5, num_points=12, seed=4)
+    model, x = LinearGaussian.random(2, 5, num_points=12, seed=4)
     settings = dict(lr=0.1, lr_decay=0.995, num_particles=2, tol=5e-3, check_every=10, patience=2,
                     return_history=True, prefix="s")
     pyro.set_rng_seed(5)
@@ -242,7 +241,7 @@ def test_pareto_khat_recovers_the_tail_index(tail):
 
 
 def test_importance_diagnostics_with_the_exact_posterior():
-    model, x = random_linear_gaussian(2, 5, num_points=7, seed=6)
+    model, x = LinearGaussian.random(2, 5, num_points=7, seed=6)
     diag = importance_diagnostics(model, ExactPosteriorGuide(model), x, num_samples=60, chunk_size=25, batch_size=3)
     log_px = model.log_marginal(x)
     assert diag.log_likelihood.shape == diag.elbo.shape == diag.ess.shape == diag.khat.shape == (7,)
@@ -254,7 +253,7 @@ def test_importance_diagnostics_with_the_exact_posterior():
 
 
 def test_inference_data_has_point_and_latent_coordinates(tmp_path):
-    model, x = random_linear_gaussian(3, 6, num_points=5, seed=7)
+    model, x = LinearGaussian.random(3, 6, num_points=5, seed=7)
     index = torch.tensor([1, 3])
     z, log_w = posterior_draws(model, ExactPosteriorGuide(model), x[index], index, 5, 40)
     assert z.shape == (40, 2, 3) and log_w.shape == (40, 2)

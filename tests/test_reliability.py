@@ -293,8 +293,11 @@ def test_every_bit_flip_is_refused_or_harmless(tmp_path):
 
 def test_checkpoint_of_another_model_or_config(tmp_path, capsys, trained):
     state = load_checkpoint(trained / "checkpoint.pt")
-    # Weights that do not fit the network the saved config describes (an edited file).
-    state["modules"]["decoder"] = {k: torch.zeros(3) for k in state["modules"]["decoder"]}
+    # Weights that do not fit the network the saved config describes (an edited file): the param
+    # store's entries are what a run reloads from.
+    saved = state["params"]["params"]
+    for name in [n for n in saved if n.startswith("decoder$$$")]:
+        saved[name] = torch.zeros(3)
     tampered = tmp_path / "tampered.pt"
     save_checkpoint(tampered, {k: v for k, v in state.items() if k not in ("format", "version")})
     for name in ("evaluate", "sample"):

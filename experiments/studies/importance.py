@@ -74,31 +74,8 @@ def random_linear_gaussian(
     noise_scale: float = 1.0,
     seed: int = 0,
 ) -> tuple[LinearGaussian, torch.Tensor]:
-    r"""A linear-Gaussian model x = W z + b + σ ε with W_ij ~ N(0, signal / x_dim), b_i ~ N(0, 1),
-    and ``num_points`` points drawn from it, all from one seeded generator.
-
-    The 1/x_dim variance keeps diag(WᵀW) ≈ ``signal``, so every latent coordinate is pinned down
-    about equally well whatever the dimensions (posterior precision ≈ 1 + signal/σ² per
-    coordinate); only the number of coordinates changes with ``z_dim``. With x_dim/z_dim fixed the
-    posterior correlations (off-diagonal of WᵀW, of order signal/√x_dim) stay comparable too.
-
-    :return: the model (parameters in the current default dtype) and ``x`` of shape
-        ``(num_points, x_dim)``.
-    """
-    for name, value in (("z_dim", z_dim), ("x_dim", x_dim), ("num_points", num_points)):
-        if not isinstance(value, int) or value < 1:
-            raise ValueError(f"{name} must be a positive integer, got {value!r}")
-    if not signal > 0 or not noise_scale > 0:
-        raise ValueError(f"signal and noise_scale must be positive, got {signal}, {noise_scale}")
-    generator = torch.Generator().manual_seed(seed)
-    dtype = torch.get_default_dtype()
-    weight = torch.randn(x_dim, z_dim, generator=generator, dtype=dtype) * math.sqrt(signal / x_dim)
-    bias = torch.randn(x_dim, generator=generator, dtype=dtype)
-    z = torch.randn(num_points, z_dim, generator=generator, dtype=dtype)
-    noise = torch.randn(num_points, x_dim, generator=generator, dtype=dtype)
-    x = z @ weight.T + bias + noise_scale * noise
-    model = LinearGaussian(x_dim, z_dim, noise_scale, weight=weight, bias=bias)
-    return model, x
+    """:meth:`pyrovae.models.LinearGaussian.random` (the studies' name for it)."""
+    return LinearGaussian.random(z_dim, x_dim, num_points, signal, noise_scale, seed)
 
 
 @dataclass(frozen=True)

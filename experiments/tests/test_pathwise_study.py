@@ -1,6 +1,6 @@
 """Smoke run of experiments/gradient_snr.py (``experiments/studies/snr.py``): the SNR of the IWAE,
 IWAE-STL and IWAE-DReG gradients for a briefly trained VAE, with tiny settings. The estimators
-themselves are tested in ``tests/test_pathwise.py``.
+themselves are tested in ``test_pathwise_estimators.py`` and ``tests/test_pathwise.py``.
 """
 
 from __future__ import annotations

@@ -13,7 +13,7 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Iterator, Optional
+from typing import Any, Iterator, NamedTuple, Optional
 
 try:
     import fcntl
@@ -24,7 +24,8 @@ import pyro
 import torch
 
 from pyrovae.app import plots
-from pyrovae.app.build import build, build_model, modules_of
+from pyrovae import params
+from pyrovae.app.build import build, build_model
 from pyrovae.app.config import ConfigError, TrainConfig, check_device_name
 from pyrovae.app.registry import guide_spec, model_spec
 from pyrovae.data import Dataset, load_dataset
@@ -341,14 +342,16 @@ def train_and_evaluate(
             held.enter_context(lock_output(out))
             return prepare_output(out, resume=resume, overwrite=overwrite)
 
-        out = distributed.run_on_main(claim, world)
         local = dataclasses.replace(config, device=device)
         if download and world.is_distributed:
             # One download per machine: local rank 0 fetches, the others then read what it wrote.
             if world.local_rank == 0:
                 load_data(local, data_dir, download)
             distributed.barrier(world)
+        # The data first: a data set that does not suit the config (too few points, not found) is
+        # refused before `out` is created or touched.
         dataset = load_data(local, data_dir, download and not world.is_distributed)
+        out = distributed.run_on_main(claim, world)
         pyro.clear_param_store()
         pyro.set_rng_seed(config.seed)
         model, guide = build(local, dataset)
@@ -415,36 +418,70 @@ def load_run_checkpoint(
     return config, state
 
 
-def _load_weights(module: torch.nn.Module, weights: Any, name: str, checkpoint: Any) -> None:
+class Run(NamedTuple):
+    """A training run reloaded by :func:`load_run`: its config, data, trained model and guide (their
+    params in Pyro's param store) and the checkpoint's other entries (epoch, history, ...)."""
+
+    config: TrainConfig
+    dataset: Dataset
+    model: Any
+    guide: Any
+    state: dict[str, Any]
+
+
+def _load_run_params(state: dict[str, Any], checkpoint: Any, device: Any, model: Any, guide: Any,
+                     args: tuple, exact: bool = True) -> None:
+    """Put the checkpoint's param store into Pyro's and bind it into the pair's networks (a dry run
+    through :func:`pyrovae.params.inspect`), refusing a file that lacks a param the pair reads or
+    (``exact``) holds one it does not: the config and the weights would not describe the same run."""
+    entry = params.param_entry(state)
     try:
-        module.load_state_dict(weights)
-    except (RuntimeError, TypeError, AttributeError) as error:
-        summary = " ".join(str(error).split())[:300]
+        params.load_state(entry, device=device)
+        sites = params.inspect(model, guide, args)
+    except ValueError as error:
+        raise ValueError(f"{checkpoint}: its params do not fit the model and guide its config describes: {error}") from None
+    missing = sorted(set(sites.names) - set(entry["params"]))
+    extra = sorted(set(entry["params"]) - set(sites.names)) if exact else []
+    if missing or extra:
         raise ValueError(
-            f"the {name!r} weights in {checkpoint} do not fit the network its config describes "
-            f"({summary}); the file was altered or written by another version"
-        ) from None
+            f"{checkpoint} does not hold the params its config's model and guide use (missing "
+            f"{missing[:5]}, unused {extra[:5]}); the file was altered or written by another version"
+        )
 
 
-def restore(
-    checkpoint: str | os.PathLike, data_dir: Optional[str] = None, download: bool = False, device: Optional[str] = None
-) -> tuple[TrainConfig, Dataset, Any, Any, dict[str, Any]]:
-    """Rebuild config, data set, model and guide from a checkpoint written by :func:`fit`."""
+def load_run(
+    path: str | os.PathLike, *, data_dir: Optional[str] = None, download: bool = False, device: Optional[str] = None
+) -> Run:
+    """Reload a run of ``pyrovae train`` (its output folder or its ``checkpoint.pt``) in a fresh
+    process: the data set, and the model and guide with the trained params in Pyro's param store,
+    ready for :func:`pyrovae.log_likelihood`, :func:`pyrovae.evaluate_dataset`, ``model.sample``,
+    ``pyro.infer.Predictive`` or more training.
+
+    The param store is cleared first. ``device`` moves the run (e.g. a GPU run to ``"cpu"``).
+
+    :raises FileNotFoundError: when there is no checkpoint at ``path``.
+    :raises ValueError: for a file that is not a ``pyrovae train`` checkpoint, or whose params do not
+        fit the model and guide its config describes.
+    """
+    path = pathlib.Path(path)
+    checkpoint = path / CHECKPOINT if path.is_dir() else path
     config, state = load_run_checkpoint(checkpoint, device)
     dataset = load_data(config, data_dir, download)
     pyro.clear_param_store()
     pyro.set_rng_seed(config.seed)
     model, guide = build(config, dataset)
-    modules = modules_of(model, guide)
-    if set(state["modules"]) != set(modules):
-        raise ValueError(
-            f"{checkpoint} holds networks {sorted(state['modules'])} but its config describes "
-            f"{sorted(modules)}; the file was altered or written by another version"
-        )
-    for name, module in modules.items():
-        _load_weights(module, state["modules"][name], name, checkpoint)
-    pyro.get_param_store().set_state(state["params"])
-    return config, dataset, model, guide, state
+    size = min(2, len(dataset.train))
+    index = torch.arange(size, device=dataset.train.device)
+    x = evaluation_data(dataset, "train", config.seed)[:size]
+    _load_run_params(state, checkpoint, config.device, model, guide, (x, index, len(dataset.train)))
+    return Run(config, dataset, model, guide, state)
+
+
+def restore(
+    checkpoint: str | os.PathLike, data_dir: Optional[str] = None, download: bool = False, device: Optional[str] = None
+) -> Run:
+    """:func:`load_run` with positional arguments (what the experiment scripts call)."""
+    return load_run(checkpoint, data_dir=data_dir, download=download, device=device)
 
 
 def evaluate_checkpoint(
@@ -471,6 +508,10 @@ def evaluate_checkpoint(
     if out is not None:
         write_json(out, metrics)
     return metrics
+
+
+def _no_latents(*args: Any, **kwargs: Any) -> None:
+    """A guide with no sites: the model's dry run draws its latents from the prior."""
 
 
 def sample_checkpoint(
@@ -504,10 +545,8 @@ def sample_checkpoint(
     )
     pyro.clear_param_store()
     model = build_model(config, stub)
-    if model.name not in state["modules"]:
-        raise ValueError(f"{checkpoint} holds no {model.name!r} weights; the file was altered or written by another version")
-    _load_weights(model.decoder, state["modules"][model.name], model.name, checkpoint)
-    pyro.get_param_store().set_state(state["params"])
+    _load_run_params(state, checkpoint, config.device, model, _no_latents, (None, torch.arange(1), 1),
+                     exact=False)
     pyro.set_rng_seed(seed)
     _, x_mean, x_sample = model.sample(num, device=config.device)
     if image_shape is not None:
