@@ -229,3 +229,164 @@ def test_loading_never_runs_code_from_the_file(tmp_path: pathlib.Path) -> None:
     # The payload really is live: a trusting loader would have run it.
     torch.load(path, weights_only=False)
     assert _EXECUTED == ["code in the checkpoint ran"]
+
+
+# --------------------------------------------------------------------------------------------
+# the checksum is required (format version 2); files without one are refused with the fix
+
+
+def _raw(path: pathlib.Path) -> dict:
+    """The file's payload as torch.load reads it, without load_checkpoint's checks."""
+    from pyrovae.runtime.checkpoint import _safe_constraint_classes
+
+    with torch.serialization.safe_globals(list(_safe_constraint_classes())):
+        return torch.load(path, weights_only=True)
+
+
+def _without_checksum(path: pathlib.Path, version: int = 1, edit=None) -> dict:
+    """Rewrite the checkpoint at ``path`` as a file without a checksum (as an older pyrovae, or
+    someone who deleted the entry, would leave it), optionally editing the raw payload first."""
+    payload = _raw(path)
+    del payload["checksum"]
+    payload["version"] = version
+    if edit is not None:
+        edit(payload)
+    torch.save(payload, path)
+    return payload
+
+
+def test_a_checkpoint_without_a_checksum_is_refused_with_the_fix(tmp_path: pathlib.Path) -> None:
+    assert CHECKPOINT_VERSION == 2
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, {"weights": torch.arange(4.0), "epoch": 3})
+    for version in (1, CHECKPOINT_VERSION):  # an old file, or a current one whose entry was removed
+        save_checkpoint(path, {"weights": torch.arange(4.0), "epoch": 3})
+        _without_checksum(path, version)
+        with pytest.raises(ValueError, match="no SHA-256 checksum") as info:
+            load_checkpoint(path)
+        message = str(info.value)
+        assert str(path) in message and f"version-{version} file" in message
+        # the fix, as a command to copy
+        assert f"from pyrovae.runtime.checkpoint import upgrade_checkpoint; upgrade_checkpoint({str(path)!r})" in message
+
+
+def test_a_changed_weight_with_the_checksum_removed_is_refused(tmp_path: pathlib.Path) -> None:
+    path = tmp_path / "c.pt"
+    save_checkpoint(path, {"weights": torch.arange(4.0), "epoch": 3})
+
+    def change_a_weight(payload):
+        payload["weights"][2] = 99.0
+
+    _without_checksum(path, CHECKPOINT_VERSION, change_a_weight)
+    assert _raw(path)["weights"][2] == 99.0  # torch.load alone takes it
+    with pytest.raises(ValueError, match="no SHA-256 checksum"):
+        load_checkpoint(path)
+    # with the checksum in place, the same change is refused as corruption
+    save_checkpoint(path, {"weights": torch.arange(4.0), "epoch": 3})
+    payload = _raw(path)
+    payload["weights"][2] = 99.0
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="do not match the SHA-256 checksum"):
+        load_checkpoint(path)
+
+
+def test_a_version_1_checkpoint_with_its_checksum_still_loads(tmp_path: pathlib.Path) -> None:
+    """pyrovae's version-1 files carried the digest (of contents that say version 1): they load."""
+    from pyrovae.runtime.checkpoint import _digest
+
+    path = tmp_path / "v1.pt"
+    payload = {"weights": torch.arange(4.0), "epoch": 3, "format": CHECKPOINT_FORMAT, "version": 1}
+    payload["checksum"] = _digest(payload)
+    torch.save(payload, path)
+    loaded = load_checkpoint(path)
+    assert loaded["version"] == 1 and torch.equal(loaded["weights"], torch.arange(4.0))
+
+
+def test_upgrade_checkpoint_re_saves_a_trusted_file_with_a_checksum(tmp_path: pathlib.Path) -> None:
+    from pyrovae.runtime.checkpoint import upgrade_checkpoint
+
+    state, _, _ = _training_state()
+    path = tmp_path / "old.pt"
+    save_checkpoint(path, state)
+    expected = load_checkpoint(path)
+    _without_checksum(path, 1)
+    with pytest.raises(ValueError, match="no SHA-256 checksum"):
+        load_checkpoint(path)
+
+    copy = upgrade_checkpoint(path, tmp_path / "sub" / "new.pt")  # to another file: the old one stays
+    assert copy == tmp_path / "sub" / "new.pt"
+    with pytest.raises(ValueError, match="no SHA-256 checksum"):
+        load_checkpoint(path)
+    assert upgrade_checkpoint(path) == path  # in place
+    for upgraded in (load_checkpoint(copy), load_checkpoint(path)):
+        assert upgraded["version"] == CHECKPOINT_VERSION and set(upgraded) == set(expected)
+        assert upgraded["step"] == 17 and upgraded["history"]["note"] == "epoch 2"
+        for name, value in expected["model"].items():
+            assert torch.equal(upgraded["model"][name], value), name
+        assert torch.equal(upgraded["param_store"]["params"]["z_loc"], expected["param_store"]["params"]["z_loc"])
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["old.pt", "sub"]  # no temporaries left
+    # the upgraded file is protected from now on: a changed weight is refused
+    payload = _raw(path)
+    payload["model"]["weight"][0, 0] += 1.0
+    torch.save(payload, path)
+    with pytest.raises(ValueError, match="do not match the SHA-256 checksum"):
+        load_checkpoint(path)
+    # ... and upgrade_checkpoint does not launder a file whose checksum does not match
+    with pytest.raises(ValueError, match="was not upgraded"):
+        upgrade_checkpoint(path)
+    with pytest.raises(ValueError, match="do not match the SHA-256 checksum"):
+        load_checkpoint(path)
+
+
+def test_upgrade_checkpoint_reads_weights_only(tmp_path: pathlib.Path) -> None:
+    from pyrovae.runtime.checkpoint import upgrade_checkpoint
+
+    path = tmp_path / "evil.pt"
+    torch.save({"format": CHECKPOINT_FORMAT, "version": 1, "payload": _Payload()}, path)
+    _EXECUTED.clear()
+    with pytest.raises(ValueError, match="not a readable pyrovae checkpoint"):
+        upgrade_checkpoint(path)
+    assert _EXECUTED == []
+    torch.save({"weight": torch.ones(2)}, path)
+    with pytest.raises(ValueError, match="not a pyrovae checkpoint"):
+        upgrade_checkpoint(path)
+
+
+def test_fit_resume_and_load_params_with_an_old_checkpoint(tmp_path: pathlib.Path) -> None:
+    """A `fit` checkpoint without a checksum: resume refuses it naming the fix; upgraded, it
+    resumes, and load_params reads it. Pyro's own param-store files (not pyrovae checkpoints,
+    no checksum) still load through load_params."""
+    from pyrovae import TrainConfig, build, fit, linear_gaussian, load_params, make_objective
+    from pyrovae.runtime.checkpoint import upgrade_checkpoint
+
+    dataset = linear_gaussian(num_train=20, num_test=5, x_dim=3, z_dim=1, seed=0)
+    config = TrainConfig(dataset="linear", batch_size=10).resolved()
+    path = tmp_path / "checkpoint.pt"
+
+    def train(epochs, resume):
+        pyro.clear_param_store()
+        model, guide = build(config, dataset)
+        fit(model, guide, dataset, make_objective("elbo"), epochs=epochs, batch_size=10, checkpoint_path=path,
+            resume=resume, config=config.to_dict(), test_bound=False, progress=False)
+        return model, guide
+
+    train(1, False)
+    _without_checksum(path, 1)
+    with pytest.raises(ValueError, match="upgrade_checkpoint"):
+        train(2, True)
+    upgrade_checkpoint(path)
+    model, guide = train(2, True)
+    assert load_checkpoint(path)["epoch"] == 2
+    trained = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+
+    pyro.clear_param_store()
+    extra = load_params(path)
+    assert extra["epoch"] == 2 and "checksum" not in extra
+    for name, value in trained.items():
+        assert torch.equal(pyro.param(name).detach(), value), name
+
+    pyro.get_param_store().save(tmp_path / "pyro_store.pt")
+    pyro.clear_param_store()
+    assert load_params(tmp_path / "pyro_store.pt") == {}
+    for name, value in trained.items():
+        assert torch.equal(pyro.param(name).detach(), value), name

@@ -16,9 +16,11 @@ The fault tests run real subprocesses and send real signals: SIGKILL at random m
 from __future__ import annotations
 
 import json
+import math
 import os
 import pathlib
 import pickle
+import re
 import shutil
 import signal
 import socket
@@ -46,6 +48,7 @@ from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.runtime.checkpoint import (
     CHECKPOINT_FORMAT,
     CHECKPOINT_VERSION,
+    _safe_constraint_classes,
     load_checkpoint,
     save_checkpoint,
 )
@@ -259,6 +262,14 @@ def test_broken_and_foreign_checkpoints_through_every_entry_point(tmp_path, caps
     save_checkpoint(other, {"step": 3})
     cases["pyrovae checkpoint of something else"] = (other.read_bytes(), "not one written by")
     cases["plain pickle"] = (pickle.dumps({"a": 1}), "not a readable pyrovae checkpoint")
+    # a real checkpoint without its checksum (an older pyrovae's, or the entry removed)
+    unchecked = tmp_path / "unchecked.pt"
+    unchecked.write_bytes(good)
+    with torch.serialization.safe_globals(list(_safe_constraint_classes())):
+        payload = torch.load(unchecked, weights_only=True)
+    del payload["checksum"]
+    torch.save(payload, unchecked)
+    cases["no checksum"] = (unchecked.read_bytes(), "upgrade_checkpoint(")
     for case, (data, message) in cases.items():
         path = tmp_path / f"{case.replace(' ', '_')}.pt"
         path.write_bytes(data)
@@ -387,14 +398,56 @@ def test_nan_loss_names_epoch_and_step_and_keeps_the_checkpoint(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
 
 
+class _NaNGradientModel(_PoisonedModel):
+    """The model, but its ``at``-th call adds the factor sqrt(0 · Σ decoder weight): its value is 0
+    (the loss stays finite) and its gradient is ∞ · 0 = NaN in every decoder weight. It records
+    the param store as it was just before that step."""
+
+    def __call__(self, *args, **kwargs):
+        self.calls += 1
+        out = self.model(*args, **kwargs)
+        if self.calls == self.at:
+            self.before = {name: value.detach().clone() for name, value in pyro.get_param_store().items()}
+            weight = next(self.decoder.parameters())
+            pyro.factor("poison", torch.sqrt(0.0 * weight.sum()))
+        return out
+
+
+def test_nan_gradient_with_a_finite_loss_stops_before_the_update(tmp_path):
+    dataset = linear_gaussian(num_train=40, num_test=5, x_dim=3, z_dim=1, seed=0)
+    model, guide = build(TrainConfig(dataset="linear", guide="per-datapoint").resolved(), dataset)
+    path = tmp_path / "checkpoint.pt"
+    poisoned = _NaNGradientModel(model, 8)  # epoch 2, step 3 of 4 (see the NaN-loss test above)
+    with pytest.raises(FloatingPointError) as info:
+        fit(poisoned, guide, dataset, make_objective("elbo"), epochs=3, batch_size=10,
+            checkpoint_path=path, test_bound=False, progress=False)
+    message = str(info.value)
+    found = re.search(r"the gradient of (\S+) became non-finite \(the loss was (\S+)\)", message)
+    assert found and found[1].startswith("decoder$$$") and math.isfinite(float(found[2])), message
+    assert "at epoch 2, step 3 of 4" in message and "this step was not applied" in message, message
+    assert f"{path} (epoch 1), is intact" in message, message
+    # No parameter moved in the bad step: the store is what it was when that step began.
+    after = dict(pyro.get_param_store().items())
+    assert poisoned.before.keys() == after.keys()
+    for name, value in poisoned.before.items():
+        assert torch.equal(after[name].detach(), value), name
+    state = load_checkpoint(path)
+    assert state["epoch"] == 1 and state["position"] is None
+    assert all(torch.isfinite(v).all() for v in state["params"]["params"].values())
+    assert [p.name for p in tmp_path.iterdir()] == ["checkpoint.pt"]
+
+
 def test_nan_through_the_cli(tmp_path, capsys):
     code, err = _cli_error(capsys, GMM + ["--lr", "1e30", "--epochs", "2", "--out", str(tmp_path / "o")])
     assert code == 2 and "became" in err and "at epoch 1, step" in err and "No checkpoint had been written yet" in err
 
 
 def test_gradient_clipping_bounds_the_norm_and_keeps_lazy_rows():
+    """Clipping bounds the global norm, and per-datapoint rows that *left* the batch, after Adam
+    built up momentum for them, stay put. Plain Adam (not lazy) moves those rows by their momentum:
+    the contrast that shows the test can fail."""
     dataset = linear_gaussian(num_train=50, num_test=5, x_dim=4, z_dim=2, seed=1)
-    model, guide = build(TrainConfig(dataset="linear", guide="per-datapoint").resolved(), dataset)
+    config = TrainConfig(dataset="linear", guide="per-datapoint").resolved()
     seen = []
 
     class Recording:
@@ -408,22 +461,45 @@ def test_gradient_clipping_bounds_the_norm_and_keeps_lazy_rows():
             seen.append(torch.linalg.vector_norm(torch.stack([p.grad.norm() for p in params])).item())
             self.optimizer(params)
 
-    def steps(clip_norm):
-        optimizer = Recording(make_pyro_optimizer(1e-2, lazy_params=guide.local_param_names))
-        step = GradientStep(model, guide, make_objective("elbo"), optimizer,
-                            local_params=guide.local_param_names, clip_norm=clip_norm)
-        for _ in range(3):
-            step(dataset.train[:10], torch.arange(10), 50)
+    first, second = torch.arange(10), torch.arange(10, 20)
 
-    before = pyro.param("local.z_loc").detach().clone() if "local.z_loc" in pyro.get_param_store() else None
-    steps(None)
+    def train(clip_norm, lazy=True):
+        """3 steps on points 0..9, then 3 on points 10..19 with the same optimizer: the rows'
+        values at the start, after the first batch and at the end."""
+        pyro.clear_param_store()
+        pyro.set_rng_seed(0)
+        model, guide = build(config, dataset)
+        names = guide.local_param_names
+        optimizer = make_pyro_optimizer(1e-2, lazy_params=names) if lazy else pyro.optim.Adam({"lr": 1e-2})
+        step = GradientStep(model, guide, make_objective("elbo"), Recording(optimizer), local_params=names,
+                            clip_norm=clip_norm)
+        with torch.no_grad():
+            guide(dataset.train[first], first, 50)  # creates the rows
+        rows = [pyro.param("local.z_loc").detach().clone()]
+        for index in (first, second):
+            for _ in range(3):
+                step(dataset.train[index], index, 50)
+            rows.append(pyro.param("local.z_loc").detach().clone())
+        return rows
+
+    def moved(a, b):
+        return (a != b).any(-1)
+
+    train(None)
     assert min(seen) > 1.0  # the raw gradient is large: clipping to 0.5 below does something
     seen.clear()
-    before = pyro.param("local.z_loc").detach().clone()
-    steps(0.5)
-    assert max(seen) <= 0.5 * (1 + 1e-5), seen
-    moved = (pyro.param("local.z_loc").detach() != before).any(-1)
-    assert moved[:10].all() and not moved[10:].any()  # rows outside the batch stay put
+    initial, after_first, final = train(0.5)
+    assert len(seen) == 6 and max(seen) <= 0.5 * (1 + 1e-5), seen
+    assert moved(initial, after_first)[:10].all() and not moved(initial, after_first)[10:].any()
+    change = moved(after_first, final)
+    assert change[10:20].all()
+    assert not change[:10].any(), "rows that left the batch moved by Adam's momentum"
+    assert not change[20:].any()
+
+    initial_plain, after_first_plain, final_plain = train(0.5, lazy=False)
+    assert torch.equal(initial_plain, initial) and not moved(initial_plain, after_first_plain)[10:].any()
+    assert moved(after_first_plain, final_plain)[:10].all()  # plain Adam: the rows drift
+    model, guide = build(config, dataset)
     with pytest.raises(ValueError, match="clip_norm"):
         GradientStep(model, guide, make_objective("elbo"), make_pyro_optimizer(1e-2), clip_norm=0.0)
 

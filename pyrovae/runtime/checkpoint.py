@@ -9,7 +9,16 @@ same rule before it replaces anything, so a checkpoint that was saved can always
 
 A torch file does not notice damage inside a tensor's bytes (a flipped bit in the weights loads
 as a different number), so every checkpoint also carries a SHA-256 digest of its contents, which
-:func:`load_checkpoint` recomputes.
+:func:`load_checkpoint` recomputes and requires. The digest detects *corruption*: a truncated
+file, flipped bits on disk or in transfer, a copy that stopped half way. It is not a signature and
+does not detect *tampering*: anyone who can rewrite the file can recompute the digest (a file
+edited and re-saved with :func:`save_checkpoint` loads). Trust a checkpoint as much as you trust
+whoever could write it; ``weights_only`` loading means that even an untrusted one runs no code.
+
+Format versions: version 1 (pyrovae before the checksum was required) wrote the digest but did
+not insist on it; version 2 refuses a file without one. A file without a checksum (an old one, or
+one whose entry was removed) is refused with the fix: :func:`upgrade_checkpoint` re-saves a file
+you trust with a checksum.
 """
 
 from __future__ import annotations
@@ -39,10 +48,12 @@ __all__ = [
     "save_checkpoint",
     "save_params",
     "set_rng_state",
+    "upgrade_checkpoint",
 ]
 
 CHECKPOINT_FORMAT = "pyrovae-checkpoint"
-CHECKPOINT_VERSION = 1
+#: 2: the SHA-256 checksum is required (version 1 files that carry one still load).
+CHECKPOINT_VERSION = 2
 
 PathLike = Union[str, os.PathLike]
 MapLocation = Union[str, torch.device, None]
@@ -83,7 +94,9 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
     checkpoint at ``path`` is left untouched. Missing folders are created.
 
     The saved dict gets three extra keys, ``"format": "pyrovae-checkpoint"``, ``"version"`` and
-    ``"checksum"`` (SHA-256 of the contents), which :func:`load_checkpoint` checks.
+    ``"checksum"`` (SHA-256 of the contents), which :func:`load_checkpoint` checks. The checksum
+    detects corruption (truncation, flipped bits), not deliberate edits: whoever can rewrite the
+    file can recompute it.
 
     :param path: where to write the checkpoint.
     :param state: tensors, numbers, strings, ``None`` and lists/tuples/dicts of them (e.g.
@@ -157,16 +170,69 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
 
     Loads with ``torch.load(weights_only=True)``, so a file that holds anything but tensors,
     containers, numbers, strings and distribution constraints is refused rather than executed.
+    Then recomputes the SHA-256 of the contents and refuses the file unless it matches the
+    ``"checksum"`` entry; a file without that entry is refused too (see
+    :func:`upgrade_checkpoint`). The checksum catches corruption (truncation, flipped bits), not a
+    file that someone rewrote on purpose and re-checksummed.
 
     :param path: the checkpoint file.
     :param map_location: where to put the tensors, as in :func:`torch.load`; ``"cpu"`` by default
         so a checkpoint written on a GPU opens anywhere.
-    :returns: the saved state, including the ``"format"`` and ``"version"`` keys.
+    :returns: the saved state, including the ``"format"`` and ``"version"`` keys (the
+        ``"checksum"`` entry is checked and removed).
     :raises FileNotFoundError: when there is no file at ``path``.
-    :raises ValueError: when the file is truncated or corrupt, is not a pyrovae checkpoint, or was
-        written by a newer version of pyrovae.
+    :raises ValueError: when the file is truncated or corrupt, is not a pyrovae checkpoint, has no
+        checksum, or was written by a newer version of pyrovae.
     """
     path = pathlib.Path(path)
+    payload = _read(path, map_location)
+    checksum = payload.pop("checksum", None)
+    if checksum is None:
+        raise ValueError(
+            f"{path} has no SHA-256 checksum, which pyrovae checkpoints need since format version "
+            f"{CHECKPOINT_VERSION} (it is a version-{payload['version']} file written by an older "
+            f"pyrovae, or its 'checksum' entry was removed), so damage to it could not be detected. "
+            f"If you trust the file, re-save it with a checksum: python -c \"from "
+            f"pyrovae.runtime.checkpoint import upgrade_checkpoint; upgrade_checkpoint({str(path)!r})\"."
+        )
+    if checksum != _digest(payload):
+        raise ValueError(
+            f"{path} is corrupt: its contents do not match the SHA-256 checksum written with them "
+            f"(damaged on disk or in transfer); point to another checkpoint or train again."
+        )
+    return payload
+
+
+def upgrade_checkpoint(path: PathLike, out: Optional[PathLike] = None) -> pathlib.Path:
+    """Re-save a pyrovae checkpoint in the current format, with a SHA-256 checksum.
+
+    For a file that :func:`load_checkpoint` refuses for lack of a checksum (written by an older
+    pyrovae) and that you trust: nothing can tell whether it was damaged before this call, so the
+    new checksum only protects it from now on. Reading uses ``torch.load(weights_only=True)`` as
+    :func:`load_checkpoint` does, so upgrading an untrusted file runs no code either; a file that
+    has a checksum that does not match is refused, not upgraded.
+
+    :param path: the checkpoint to upgrade.
+    :param out: where to write the upgraded checkpoint; ``None`` (default) replaces ``path``
+        atomically.
+    :returns: the path written.
+    :raises ValueError: as :func:`load_checkpoint`, except for a missing checksum.
+    """
+    path = pathlib.Path(path)
+    payload = _read(path, "cpu")
+    checksum = payload.pop("checksum", None)
+    if checksum is not None and checksum != _digest(payload):
+        raise ValueError(
+            f"{path} is corrupt: its contents do not match the SHA-256 checksum written with them; "
+            f"it was not upgraded. Point to another checkpoint or train again."
+        )
+    target = pathlib.Path(out) if out is not None else path
+    save_checkpoint(target, {k: v for k, v in payload.items() if k not in ("format", "version")})
+    return target
+
+
+def _read(path: pathlib.Path, map_location: MapLocation) -> dict[str, Any]:
+    """A pyrovae checkpoint's payload, read weights-only, with its format and version checked."""
     if not path.is_file():
         raise FileNotFoundError(
             f"No checkpoint at {path.absolute()}; check the path, or train first to write one."
@@ -188,18 +254,12 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
             f"{CHECKPOINT_FORMAT!r} entry); write checkpoints with pyrovae.runtime.checkpoint.save_checkpoint."
         )
     version = payload.get("version")
-    if not isinstance(version, int):
+    if not isinstance(version, int) or isinstance(version, bool):
         raise ValueError(f"{path} has no integer 'version' entry; it is not a valid pyrovae checkpoint.")
     if version > CHECKPOINT_VERSION:
         raise ValueError(
             f"{path} is a version-{version} checkpoint but this pyrovae reads up to version "
             f"{CHECKPOINT_VERSION}; upgrade pyrovae."
-        )
-    checksum = payload.pop("checksum", None)  # absent from checkpoints of earlier pyrovae versions
-    if checksum is not None and checksum != _digest(payload):
-        raise ValueError(
-            f"{path} is corrupt: its contents do not match the SHA-256 checksum written with them "
-            f"(damaged on disk or in transfer); point to another checkpoint or train again."
         )
     return payload
 
@@ -293,7 +353,8 @@ def set_rng_state(state: dict[str, Any]) -> None:
 
 def save_params(path: PathLike, extra: Optional[Mapping[str, Any]] = None) -> None:
     """Save the whole param store (and the buffers of the networks behind it) atomically, with a
-    SHA-256 of the contents, readable with ``weights_only=True`` by :func:`load_params`.
+    SHA-256 of the contents (which detects corruption, not deliberate edits), readable with
+    ``weights_only=True`` by :func:`load_params`.
 
     :param extra: more entries to keep beside the params (numbers, strings, tensors, containers).
     """
