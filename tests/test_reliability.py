@@ -10,7 +10,8 @@ That experiment sweeps (``experiments/studies/sweep.py``) skip a run another pro
 tested in experiments/tests/test_reliability_study.py.
 
 The fault tests run real subprocesses and send real signals: SIGKILL at random moments
-(tests/_kill_worker.py) and SIGINT mid-epoch.
+(tests/_kill_worker.py), SIGINT mid-epoch, and a second SIGINT more than 2 s after the first
+during a long step.
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ import pyro
 import pytest
 import torch
 
+import pyrovae
 from pyrovae import (
     PerDatapointGuide,
     TrainConfig,
@@ -570,6 +572,81 @@ def test_ctrl_c_saves_mid_epoch_and_resume_is_exact(tmp_path, capsys):
     for name, weights in uninterrupted["modules"]["decoder"].items():
         assert torch.equal(resumed["modules"]["decoder"][name], weights), name
     assert resumed["history"]["train_bound"] == uninterrupted["history"]["train_bound"]
+
+
+# `pyrovae train` whose 7th gradient step (epoch 2, step 3 of 4) takes up to 60 s: it touches
+# OUT/.slow when the step starts. A first SIGINT there asks to stop after that step.
+_SLOW_STEP_TRAIN = """
+import pathlib, sys, time
+import torch
+torch.set_num_threads(1)
+from pyrovae.app import cli
+from pyrovae.train.step import GradientStep
+
+out = pathlib.Path(sys.argv[1])
+step, calls = GradientStep.__call__, []
+
+def slow_step(self, *args, **kwargs):
+    calls.append(1)
+    if len(calls) == 7:
+        (out / ".slow").touch()
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline:
+            time.sleep(0.01)
+    return step(self, *args, **kwargs)
+
+GradientStep.__call__ = slow_step
+sys.exit(cli.main(sys.argv[2:] + ["--out", str(out)]))
+"""
+
+
+def test_a_second_sigint_after_2_seconds_stops_at_once_without_saving(tmp_path, capsys):
+    """A real process in a long step: the first SIGINT only asks to stop after the step; a
+    second one more than 2 s later (FORCE_AFTER_SECONDS) ends it at once: no 60 s wait, no
+    checkpoint written, the epoch-1 checkpoint left as it was, and --resume continues from it."""
+    from pyrovae.runtime.interrupt import FORCE_AFTER_SECONDS
+
+    args = ["train", "--dataset", "linear", "--num-train", "40", "--num-test", "8", "--batch-size", "10",
+            "--z-dim", "1", "--hidden-sizes", "4", "--epochs", "3", "--eval-samples", "2", "--no-progress"]
+    out = tmp_path / "run"
+    out.mkdir()
+    package_root = str(pathlib.Path(pyrovae.__file__).resolve().parents[1])
+    env = dict(os.environ, OMP_NUM_THREADS="1",
+               PYTHONPATH=os.pathsep.join(filter(None, [package_root, os.environ.get("PYTHONPATH")])))
+    process = subprocess.Popen([sys.executable, "-c", _SLOW_STEP_TRAIN, str(out), *args],
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    try:
+        deadline = time.monotonic() + 120
+        while not (out / ".slow").exists() and process.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert (out / ".slow").exists(), process.communicate(timeout=60)[1][-3000:]
+        checkpoint = (out / "checkpoint.pt").read_bytes()  # epoch 1's, written before the slow step
+        process.send_signal(signal.SIGINT)
+        time.sleep(FORCE_AFTER_SECONDS + 0.5)
+        assert process.poll() is None  # the first signal waits for the step to finish
+        second = time.monotonic()
+        process.send_signal(signal.SIGINT)
+        _, err = process.communicate(timeout=60)
+        stopped_after = time.monotonic() - second
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait(timeout=60)
+    assert stopped_after < 20, stopped_after  # at once, not after the 60 s step
+    assert process.returncode == 130, err
+    assert "Traceback" not in err and "pyrovae train: interrupted;" in err and "--resume" in err, err
+    assert "at epoch 2, step" not in err  # the message of a saved, graceful stop
+    assert (out / "checkpoint.pt").read_bytes() == checkpoint, "a checkpoint was written"
+    state = load_checkpoint(out / "checkpoint.pt")
+    assert state["epoch"] == 1 and state["position"] is None
+    assert sorted(p.name for p in out.iterdir()) == [".slow", "checkpoint.pt"]  # no temporaries, no metrics
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        assert main(args + ["--out", str(out), "--resume"]) == 0
+    finally:
+        torch.set_num_threads(threads)
+    assert load_checkpoint(out / "checkpoint.pt")["epoch"] == 3
 
 
 def test_resume_is_exact_for_the_score_function_moving_baseline(tmp_path):
