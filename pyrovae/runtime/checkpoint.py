@@ -190,8 +190,8 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
     if checksum is None:
         raise ValueError(
             f"{path} has no SHA-256 checksum, which pyrovae checkpoints need since format version "
-            f"{CHECKPOINT_VERSION} (it is a version-{payload['version']} file written by an older "
-            f"pyrovae, or its 'checksum' entry was removed), so damage to it could not be detected. "
+            f"{CHECKPOINT_VERSION} (a version-{payload['version']} file, written by an older pyrovae "
+            f"or with its 'checksum' entry removed), so damage to it could not be detected. "
             f"If you trust the file, re-save it with a checksum: python -c \"from "
             f"pyrovae.runtime.checkpoint import upgrade_checkpoint; upgrade_checkpoint({str(path)!r})\"."
         )
