@@ -283,12 +283,14 @@ class GuideConfig(_Group):
     """The guide q(z|x): its family and its options.
 
     :param guide: the guide family q(z|x), one of :func:`pyrovae.app.registry.guide_specs`
-        (``amortized``, ``per-datapoint``, ``prior``).
+        (``amortized``, ``per-datapoint``, ``prior``, ``full-cov``, ``iaf``, ``planar``, ``sylvester``,
+        ``spline``).
     :param reparameterized: sample the guide with pathwise gradients; off: score-function gradients only.
     :param commitment: vqvae/vqvae2: β of the commitment loss.
     :param local_steps: per-datapoint guide: Adam steps of each batch's rows on their own ELBO before
         every decoder step (10 trains MNIST well; 0, one joint step, leaves q near the prior).
     :param local_lr: per-datapoint guide: the step size of those local steps.
+    :param flow_layers: flow guides (iaf, planar, sylvester, spline): the number of flow layers.
     """
 
     guide: str = option("amortized", choices=_guide_choices)
@@ -296,6 +298,7 @@ class GuideConfig(_Group):
     commitment: float = option(0.25, check=NON_NEGATIVE)
     local_steps: int = option(0, check=at_least(0))
     local_lr: float = option(3e-2, check=POSITIVE, hint="e.g. 3e-2")
+    flow_layers: int = option(2, check=at_least(1))
 
 
 @dataclass(frozen=True)

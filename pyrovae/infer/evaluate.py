@@ -209,11 +209,11 @@ def posterior_means(
     """E_q[z|x] of each latent site in the data plate, per data point: a tensor whose first
     dimension is the plate's (the batch), the site's other dimensions after it.
 
-    The mean comes from the site's distribution where it has one (Gaussian guides). A site that
-    is a ``Delta`` at a transform of auxiliary draws (Pyro's ``AutoNormal``) has no mean of its
-    own there: its mean is the average of ``num_samples`` vectorized draws of the guide (Monte
-    Carlo). Auxiliary sites, sites outside the plate (no per-point mean) and distributions
-    without a mean are left out.
+    The mean comes from the site's distribution where it has one in closed form (Gaussian
+    guides). A site whose distribution has none (a normalizing flow) or that is a ``Delta`` at a
+    transform of auxiliary draws (Pyro's ``AutoNormal``) gets the average of ``num_samples``
+    vectorized draws of the guide (Monte Carlo). Auxiliary sites and sites outside the plate (no
+    per-point mean) are left out.
 
     :param args: the guide's arguments, e.g. ``(x, index, num_data)``.
     :param num_samples: draws for the Monte Carlo means.
@@ -233,7 +233,8 @@ def posterior_means(
             continue
         try:
             mean = site["fn"].mean
-        except NotImplementedError:
+        except NotImplementedError:  # e.g. a normalizing flow: the mean of its draws
+            by_sampling.append(name)
             continue
         means[name] = _data_plate_first(mean.expand(site["value"].shape), site, plate_name)
     if by_sampling:
