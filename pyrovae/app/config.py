@@ -236,7 +236,8 @@ class ModelConfig(_Group):
     :param model: the model family, one of :func:`pyrovae.app.registry.model_specs` (``vae``,
         ``hvae``, ``vqvae``, ``vqvae2``, ``linear``); default by data set.
     :param z_dim: latent dimension (default: 50 mnist, 2 gmm/linear; the code dimension D of a VQ-VAE).
-    :param hidden_sizes: hidden layer widths, e.g. 400 or 200 200 (default by data set).
+    :param hidden_sizes: hidden layer widths, e.g. 400 or 200 200 (default by data set); none (the flag
+        alone, or ()) makes the MLP encoder and decoder linear maps.
     :param upper_z_dims: hvae: sizes of the latent layers above z_dim, e.g. 50 (default z_dim/2).
     :param upper_hidden_sizes: hvae: hidden widths between latent layers, e.g. 100 100 (default half
         of hidden_sizes). Burda et al.'s two-layer model is z_dim 100, upper_z_dims 50, hidden_sizes
