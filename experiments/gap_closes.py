@@ -37,13 +37,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--hidden", type=int, nargs="*", default=[32], help="encoder widths of the flow guides (and banana)")
     parser.add_argument("--num-points", type=int, default=64, help="data points of each model")
     parser.add_argument("--train-epochs", type=int, default=300, help="(c): epochs of the pyrovae train run (0: skip it)")
+    parser.add_argument("--train-eval-samples", type=int, default=5000, help="(c): K of its test log p̂(x)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the banana data and every guide's init")
     return parser.parse_args(argv)
 
 
-def train_full_cov(out: Path, epochs: int) -> dict:
+def train_full_cov(out: Path, epochs: int, eval_samples: int) -> dict:
     argv = ["train", "--dataset", "linear", "--guide", "full-cov", "--hidden-sizes", "--objective", "elbo-stl",
             "--epochs", str(epochs), "--lr", "0.02", "--lr-decay", "0.985", "--batch-size", "200",
+            "--eval-samples", str(eval_samples),
             "--out", str(out), "--overwrite", "--no-progress"]
     code = pyrovae_main(argv)
     if code != 0:
@@ -69,7 +71,7 @@ def main(argv: list[str] | None = None) -> dict:
         torch.set_default_dtype(torch.float32)
     results = {"args": vars(args), "linear": linear, "banana": banana}
     if args.train_epochs > 0:
-        results["train_full_cov"] = train_full_cov(out / "train_full_cov", args.train_epochs)
+        results["train_full_cov"] = train_full_cov(out / "train_full_cov", args.train_epochs, args.train_eval_samples)
     torch.set_default_dtype(torch.float64)
     try:
         plot_gaps(linear, banana, out / "gaps.png")

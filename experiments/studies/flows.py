@@ -236,9 +236,8 @@ def plot_banana(model: Banana, x: torch.Tensor, guides: dict[str, Any], rows: li
     fig, axes = plt.subplots(1, len(guides), figsize=(2.6 * len(guides), 2.8), sharex=True, sharey=True)
     for ax, (kind, guide) in zip(axes, guides.items()):
         ax.contour(axis, axis, density.T, levels=6, colors="k", linewidths=0.7)
-        with torch.no_grad():
-            z = torch.stack([pyro.poutine.trace(guide).get_trace(xi, torch.arange(1), 1).nodes["z"]["value"][0]
-                             for _ in range(samples)])
+        with torch.no_grad(), pyro.plate("draws", samples, dim=-2):
+            z = pyro.poutine.trace(guide).get_trace(xi, torch.arange(1), 1).nodes["z"]["value"].reshape(samples, 2)
         ax.scatter(z[:, 0], z[:, 1], s=1, alpha=0.25, color="tab:blue")
         ax.set_title(f"{kind}\ngap {gaps[kind]['gap']:.3f} ± {gaps[kind]['gap_se']:.3f}", fontsize=8)
         ax.set_xlim(-4, 4)
