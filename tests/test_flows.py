@@ -20,7 +20,7 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import pytest
 import torch
-from pyro.infer import SVI, Trace_ELBO
+from pyro.infer import SVI
 
 from pyrovae import AmortizedGuide, GaussianEncoder, LinearGaussian, evaluate_dataset, fit, importance_sampling
 from pyrovae.app.cli import main
