@@ -83,6 +83,67 @@ class GaussianEncoder(nn.Module):
         return z_loc, F.softplus(z_scale_raw) + self.min_scale
 
 
+class FullCovEncoder(nn.Module):
+    """The amortized encoder of a full-covariance Gaussian q_φ(z|x) = N(z_loc(x), L(x) L(x)ᵀ).
+
+    ``forward(x)`` returns ``(z_loc, scale_tril)``: the lower-triangular Cholesky factor ``L`` has a
+    softplus diagonal (plus ``min_scale``) and free entries below it, ``z_dim (z_dim + 3) / 2``
+    outputs in all.
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden_sizes: Sequence[int] = (400,),
+        activation: str = "relu",
+        min_scale: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        self.z_dim = z_dim
+        self.min_scale = min_scale
+        self.num_off_diagonal = z_dim * (z_dim - 1) // 2
+        self.net = MLP(x_dim, hidden_sizes, 2 * z_dim + self.num_off_diagonal, activation)
+        rows, cols = torch.tril_indices(z_dim, z_dim, offset=-1)
+        self.register_buffer("_below", rows * z_dim + cols, persistent=False)  # flat positions under the diagonal
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        z_loc, diagonal, below = self.net(x).split([self.z_dim, self.z_dim, self.num_off_diagonal], dim=-1)
+        flat = below.new_zeros(*below.shape[:-1], self.z_dim * self.z_dim).index_copy(-1, self._below, below)
+        scale_tril = flat.unflatten(-1, (self.z_dim, self.z_dim)) + torch.diag_embed(F.softplus(diagonal) + self.min_scale)
+        return z_loc, scale_tril
+
+
+class ContextGaussianEncoder(nn.Module):
+    """The encoder of a flow guide: the base Gaussian's ``(z_loc, z_scale)`` and a context vector
+    ``h(x)`` that conditions the flow's layers, ``forward(x) -> (z_loc, z_scale, h)``.
+
+    :param context_dim: size of ``h`` (the flow's hypernetworks read it).
+    """
+
+    def __init__(
+        self,
+        x_dim: int,
+        z_dim: int,
+        hidden_sizes: Sequence[int] = (400,),
+        context_dim: int = 16,
+        activation: str = "relu",
+        min_scale: float = 1e-4,
+    ) -> None:
+        super().__init__()
+        if int(context_dim) < 1:
+            raise ValueError(f"context_dim must be a positive integer, got {context_dim}")
+        self.z_dim = z_dim
+        self.context_dim = int(context_dim)
+        self.min_scale = min_scale
+        self.net = MLP(x_dim, hidden_sizes, 2 * z_dim + self.context_dim, activation)
+        self.context_activation = _activation(activation)()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        z_loc, z_scale_raw, h = self.net(x).split([self.z_dim, self.z_dim, self.context_dim], dim=-1)
+        return z_loc, F.softplus(z_scale_raw) + self.min_scale, self.context_activation(h)
+
+
 class Decoder(MLP):
     """The decoder f_θ(z): Bernoulli logits or Gaussian means of p_θ(x|z)."""
 

@@ -77,7 +77,8 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             if kind is bool:
                 section.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **common)
             elif kind is tuple:
-                section.add_argument(flag_name(f), type=int, nargs="+", metavar="N", **common)
+                # nargs="*": no values is the empty tuple (e.g. --hidden-sizes alone: linear networks)
+                section.add_argument(flag_name(f), type=int, nargs="*", metavar="N", **common)
             else:
                 choices = field_choices(group, f) or None
                 section.add_argument(flag_name(f), type=kind, choices=choices, **common)

@@ -236,7 +236,8 @@ class ModelConfig(_Group):
     :param model: the model family, one of :func:`pyrovae.app.registry.model_specs` (``vae``,
         ``hvae``, ``vqvae``, ``vqvae2``, ``linear``); default by data set.
     :param z_dim: latent dimension (default: 50 mnist, 2 gmm/linear; the code dimension D of a VQ-VAE).
-    :param hidden_sizes: hidden layer widths, e.g. 400 or 200 200 (default by data set).
+    :param hidden_sizes: hidden layer widths, e.g. 400 or 200 200 (default by data set); none (the flag
+        alone, or ()) makes the MLP encoder and decoder linear maps.
     :param upper_z_dims: hvae: sizes of the latent layers above z_dim, e.g. 50 (default z_dim/2).
     :param upper_hidden_sizes: hvae: hidden widths between latent layers, e.g. 100 100 (default half
         of hidden_sizes). Burda et al.'s two-layer model is z_dim 100, upper_z_dims 50, hidden_sizes
@@ -283,12 +284,14 @@ class GuideConfig(_Group):
     """The guide q(z|x): its family and its options.
 
     :param guide: the guide family q(z|x), one of :func:`pyrovae.app.registry.guide_specs`
-        (``amortized``, ``per-datapoint``, ``prior``).
+        (``amortized``, ``per-datapoint``, ``prior``, ``full-cov``, ``iaf``, ``planar``, ``sylvester``,
+        ``spline``).
     :param reparameterized: sample the guide with pathwise gradients; off: score-function gradients only.
     :param commitment: vqvae/vqvae2: β of the commitment loss.
     :param local_steps: per-datapoint guide: Adam steps of each batch's rows on their own ELBO before
         every decoder step (10 trains MNIST well; 0, one joint step, leaves q near the prior).
     :param local_lr: per-datapoint guide: the step size of those local steps.
+    :param flow_layers: flow guides (iaf, planar, sylvester, spline): the number of flow layers.
     """
 
     guide: str = option("amortized", choices=_guide_choices)
@@ -296,6 +299,7 @@ class GuideConfig(_Group):
     commitment: float = option(0.25, check=NON_NEGATIVE)
     local_steps: int = option(0, check=at_least(0))
     local_lr: float = option(3e-2, check=POSITIVE, hint="e.g. 3e-2")
+    flow_layers: int = option(2, check=at_least(1))
 
 
 @dataclass(frozen=True)

@@ -47,6 +47,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "pyrovae.app.families.amortized",
     "pyrovae.app.families.per_datapoint",
     "pyrovae.app.families.prior",
+    "pyrovae.app.families.flows",
 )
 
 

@@ -266,7 +266,9 @@ def evaluate_run(
     summary = result.summary()
     metrics: dict[str, Any] = {
         "test_elbo": summary["elbo"],
+        "test_elbo_se": summary["elbo_se"],
         "test_log_likelihood": summary["log_likelihood"],
+        "test_log_likelihood_se": summary["log_likelihood_se"],
         "test_nll": summary["nll"],
         "test_gap": summary["gap"],
         "test_ess": summary["ess"],

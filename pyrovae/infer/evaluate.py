@@ -41,12 +41,21 @@ class ImportanceEstimate:
     :ivar elbo: (1/K) Σ_k log w_k, the Monte Carlo ELBO from the same draws.
     :ivar ess: effective sample size (Σ w)² / Σ w² of the normalised weights, in [1, K].
     :ivar num_samples: K.
+    :ivar elbo_se: the Monte Carlo standard error of ``elbo``, sd(log w) / √K (0 for K = 1).
     """
 
     log_likelihood: torch.Tensor
     elbo: torch.Tensor
     ess: torch.Tensor
     num_samples: int
+    elbo_se: Optional[torch.Tensor] = None
+
+    @property
+    def log_likelihood_se(self) -> torch.Tensor:
+        """The delta-method standard error of ``log_likelihood``: sd(w) / (√K mean w) =
+        √(1/ESS − 1/K). It is itself estimated from the weights, so it is optimistic when q misses
+        regions where p(z|x) has mass (then the ESS is overestimated too)."""
+        return (1 / self.ess - 1 / self.num_samples).clamp_min(0).sqrt()
 
     @property
     def gap(self) -> torch.Tensor:
@@ -98,7 +107,7 @@ def importance_sampling(
     params.inspect(model, guide, args, kwargs)
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    lse = lse_sq = total = None
+    lse = lse_sq = total = total_sq = shift = None
     done = 0
     while done < num_samples:
         k = min(chunk_size, num_samples - done)
@@ -108,20 +117,31 @@ def importance_sampling(
         log_w = per_datapoint_log_weights(
             model_trace, guide_trace, k, max_plate_nesting, plate_name, use_scale=False
         ).log_w
-        chunk = (torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), log_w.sum(0))
+        # Squares about the first chunk's mean, so the variance of log w does not cancel in float32.
+        if shift is None:
+            shift = log_w[0].detach()
+        chunk = (torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), log_w.sum(0), (log_w - shift).pow(2).sum(0))
         if lse is None:
-            lse, lse_sq, total = chunk
+            lse, lse_sq, total, total_sq = chunk
         else:
             lse = torch.logaddexp(lse, chunk[0])
             lse_sq = torch.logaddexp(lse_sq, chunk[1])
             total = total + chunk[2]
+            total_sq = total_sq + chunk[3]
         done += k
-    assert lse is not None and lse_sq is not None and total is not None
+    assert lse is not None and lse_sq is not None and total is not None and total_sq is not None
+    elbo = total / num_samples
+    if num_samples > 1:
+        variance = (total_sq / num_samples - (elbo - shift).pow(2)).clamp_min(0) * num_samples / (num_samples - 1)
+        elbo_se = (variance / num_samples).sqrt()
+    else:
+        elbo_se = torch.zeros_like(elbo)
     return ImportanceEstimate(
         log_likelihood=lse - math.log(num_samples),
-        elbo=total / num_samples,
+        elbo=elbo,
         ess=torch.exp(2 * lse - lse_sq),
         num_samples=num_samples,
+        elbo_se=elbo_se,
     )
 
 
@@ -209,11 +229,11 @@ def posterior_means(
     """E_q[z|x] of each latent site in the data plate, per data point: a tensor whose first
     dimension is the plate's (the batch), the site's other dimensions after it.
 
-    The mean comes from the site's distribution where it has one (Gaussian guides). A site that
-    is a ``Delta`` at a transform of auxiliary draws (Pyro's ``AutoNormal``) has no mean of its
-    own there: its mean is the average of ``num_samples`` vectorized draws of the guide (Monte
-    Carlo). Auxiliary sites, sites outside the plate (no per-point mean) and distributions
-    without a mean are left out.
+    The mean comes from the site's distribution where it has one in closed form (Gaussian
+    guides). A site whose distribution has none (a normalizing flow) or that is a ``Delta`` at a
+    transform of auxiliary draws (Pyro's ``AutoNormal``) gets the average of ``num_samples``
+    vectorized draws of the guide (Monte Carlo). Auxiliary sites and sites outside the plate (no
+    per-point mean) are left out.
 
     :param args: the guide's arguments, e.g. ``(x, index, num_data)``.
     :param num_samples: draws for the Monte Carlo means.
@@ -233,7 +253,8 @@ def posterior_means(
             continue
         try:
             mean = site["fn"].mean
-        except NotImplementedError:
+        except NotImplementedError:  # e.g. a normalizing flow: the mean of its draws
+            by_sampling.append(name)
             continue
         means[name] = _data_plate_first(mean.expand(site["value"].shape), site, plate_name)
     if by_sampling:
@@ -287,10 +308,22 @@ class DatasetEvaluation:
     kl: torch.Tensor
     active_units: dict[str, int]
     num_samples: int
+    elbo_se: Optional[torch.Tensor] = None
 
     @property
     def gap(self) -> torch.Tensor:
         return self.log_likelihood - self.elbo
+
+    def standard_errors(self) -> dict[str, float]:
+        """The Monte Carlo standard errors of the data-set means of the ELBO and of log p̂(x) (the
+        per-point errors combined as independent; see :attr:`ImportanceEstimate.log_likelihood_se`
+        for the caveat of the latter)."""
+        n = self.elbo.numel()
+        ll_se = (1 / self.ess - 1 / self.num_samples).clamp_min(0).sqrt()
+        out = {"log_likelihood_se": float(ll_se.pow(2).sum().sqrt() / n)}
+        if self.elbo_se is not None:
+            out["elbo_se"] = float(self.elbo_se.pow(2).sum().sqrt() / n)
+        return out
 
     def summary(self) -> dict[str, float | int | dict[str, int]]:
         """Averages in nats per data point."""
@@ -304,6 +337,7 @@ class DatasetEvaluation:
             "active_units": self.active_units,
             "num_samples": self.num_samples,
             "num_points": int(self.elbo.numel()),
+            **self.standard_errors(),
         }
 
 
@@ -337,7 +371,7 @@ def evaluate_dataset(
     index_all = torch.arange(num_data, device=x.device)
     args0 = (x[:1], index_all[:1], num_data)
     max_plate_nesting = guess_max_plate_nesting(model, guide, args0, {})
-    parts: dict[str, list[torch.Tensor]] = {"ll": [], "elbo": [], "ess": [], "kl": []}
+    parts: dict[str, list[torch.Tensor]] = {"ll": [], "elbo": [], "elbo_se": [], "ess": [], "kl": []}
     means: dict[str, list[torch.Tensor]] = {}
     starts = range(0, num_data, batch_size)
     if progress:
@@ -353,6 +387,8 @@ def evaluate_dataset(
         )
         parts["ll"].append(est.log_likelihood.cpu())
         parts["elbo"].append(est.elbo.cpu())
+        assert est.elbo_se is not None
+        parts["elbo_se"].append(est.elbo_se.cpu())
         parts["ess"].append(est.ess.cpu())
         parts["kl"].append(
             kl_to_prior(model, guide, *args, num_samples=kl_samples,
@@ -370,4 +406,5 @@ def evaluate_dataset(
         kl=torch.cat(parts["kl"]),
         active_units=units,
         num_samples=num_samples,
+        elbo_se=torch.cat(parts["elbo_se"]),
     )

@@ -49,6 +49,13 @@ def detach_params(fn: Any) -> Any:
     takes their ``arg_constraints`` by name (``Normal``, ``Laplace``, ``Gamma``, ...)."""
     if isinstance(fn, torch.distributions.Independent):
         return dist.Independent(detach_params(fn.base_dist), fn.reinterpreted_batch_ndims)
+    if isinstance(fn, torch.distributions.TransformedDistribution):
+        raise ValueError(
+            f"STL/DReG need log q at z with q's parameters detached; for a normalizing flow "
+            f"({type(fn).__name__} with {[type(t).__name__ for t in fn.transforms]}) that means inverting the "
+            "detached flow at z, which its layers' cache cannot do (planar and Sylvester layers have no "
+            "inverse): train flow guides with 'elbo' or 'iwae' (the full-covariance guide supports STL/DReG)"
+        )
     if isinstance(fn, torch.distributions.MultivariateNormal):
         return dist.MultivariateNormal(fn.loc.detach(), scale_tril=fn.scale_tril.detach())
     names = [name for name in fn.arg_constraints if name in fn.__dict__]
