@@ -50,3 +50,51 @@ def load_experiment():  # type: ignore[no-untyped-def]
         return module
 
     return load
+
+
+@pytest.fixture(scope="session")
+def check_reevaluation():  # type: ignore[no-untyped-def]
+    """``check(run_dir, metrics, data_dir=None, repeats=2)``: the test ELBO and log p̂ a ``pyrovae
+    train`` run reported agree with independent re-estimates of the reloaded run (same test points,
+    same K, fresh draws), within 5 Monte Carlo standard errors; returns the larger SE of one run's
+    mean (ELBO or log p̂).
+
+    The reported mean and each re-estimate's mean over the n test points are i.i.d. draws of one
+    estimator, so their difference has mean 0. Its SE comes from the re-estimates' per-point spread:
+    with R repeats, Var of a mean over points is Σ_i s_i² / n² (s_i² the per-point sample variance),
+    and the difference of the report and the mean of R repeats has (1 + 1/R) times that variance.
+    This replaces ``log p̂ ≥ ELBO`` from the same draws, which Jensen's inequality makes always true:
+    a report of the wrong K, guide, model or test points is many SEs off, and the check asserts it
+    can tell log p̂ from the ELBO (their gap exceeds the 5-SE tolerance)."""
+    import math
+
+    import torch
+
+    def check(run_dir, metrics, data_dir=None, repeats=2):  # type: ignore[no-untyped-def]
+        from pyrovae import importance_sampling, load_run
+        from pyrovae.app.run import test_guide
+        from pyrovae.train import evaluation_data
+
+        run = load_run(run_dir, data_dir=None if data_dir is None else str(data_dir))
+        x = evaluation_data(run.dataset, "test", run.config.seed)
+        n, num_samples = x.shape[0], metrics["eval_samples"]
+        assert metrics["num_test"] == n
+        guide = test_guide(run.config, run.model, run.guide, x)
+        estimates = []
+        for seed in range(1, repeats + 1):
+            pyro.set_rng_seed(1000 + seed)
+            estimates.append(importance_sampling(run.model, guide, x, torch.arange(n), n, num_samples=num_samples))
+        largest_se = 0.0
+        for key, field in (("test_elbo", "elbo"), ("test_log_likelihood", "log_likelihood")):
+            values = torch.stack([getattr(e, field) for e in estimates]).double()  # (R, n)
+            run_se = math.sqrt(values.var(0).sum().item() / n**2)
+            se = run_se * math.sqrt(1 + 1 / repeats)
+            assert abs(metrics[key] - values.mean().item()) < 5 * se, (key, metrics[key], values.mean().item(), se)
+            largest_se = max(largest_se, run_se)
+        # power: a report of the ELBO as log p̂ would be more than 5 SEs off
+        gap = metrics["test_log_likelihood"] - metrics["test_elbo"]
+        assert gap > 5 * largest_se * math.sqrt(1 + 1 / repeats), (gap, largest_se)
+        assert metrics["test_gap"] == pytest.approx(metrics["test_log_likelihood"] - metrics["test_elbo"], rel=1e-5, abs=1e-4)  # float32 means
+        return largest_se
+
+    return check

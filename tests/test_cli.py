@@ -4,6 +4,7 @@ is a clear error, never a traceback."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -30,7 +31,7 @@ def _check_outputs(out):
     return metrics
 
 
-def test_train_evaluate_sample_on_mnist(tmp_path, mnist_root, capsys):
+def test_train_evaluate_sample_on_mnist(tmp_path, mnist_root, capsys, check_reevaluation):
     out = tmp_path / "run"
     args = ["train", "--data-dir", str(mnist_root), "--out", str(out), "--epochs", "1",
             "--num-train", "500", "--num-test", "100", "--z-dim", "5", "--hidden-sizes", "64",
@@ -38,8 +39,9 @@ def test_train_evaluate_sample_on_mnist(tmp_path, mnist_root, capsys):
     assert main(args) == 0
     metrics = _check_outputs(out)
     assert len(metrics["train_elbo"]) == 1
-    # The importance-sampled log-likelihood is a tighter bound than the ELBO from the same draws.
-    assert metrics["test_log_likelihood"] >= metrics["test_elbo"]
+    # The test ELBO and log p̂ are those of the saved run on its test points (independent
+    # re-estimates agree within 5 SE), and log p̂ is not the ELBO.
+    check_reevaluation(out, metrics, mnist_root)
     assert 0 <= metrics["active_units"] <= 5
 
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", str(mnist_root),
@@ -57,12 +59,21 @@ def test_train_linear_gaussian_reports_the_exact_log_likelihood(tmp_path, guide)
     out = tmp_path / guide
     assert main(["train", "--dataset", "linear", "--guide", guide, "--objective", "iwae",
                  "--num-particles", "4", "--epochs", "2", "--batch-size", "200", "--lr", "0.01",
-                 "--eval-samples", "200", "--test-time-steps", "50", "--out", str(out),
+                 "--eval-samples", "5000", "--test-time-steps", "50", "--out", str(out),
                  "--no-progress"]) == 0
     metrics = _check_outputs(out)
-    assert "test_log_likelihood_exact" in metrics
-    # log p̂ is a stochastic lower bound of log p(x): it may not exceed the exact value by much.
-    assert metrics["test_log_likelihood"] <= metrics["test_log_likelihood_exact"] + 0.05
+    exact, estimate = metrics["test_log_likelihood_exact"], metrics["test_log_likelihood"]
+    # log p̂ (K draws per point, n test points) against the exact log p(x), two-sided. Delta method:
+    # Var[log p̂] ≈ (K/ESS - 1)/K per point and E[log p̂] ≈ log p(x) - Var/2. The mean ESS
+    # underestimates the mean of K/ESS (Jensen), and the weights of a 50-step test-time guide are
+    # heavy-tailed, hence 10 SEs and twice the bias (measured errors: |Δ| <= 0.0035 nats over seeds
+    # and guides, tolerance ~0.01-0.02). The ELBO, 1.4 nats or more below, fails it.
+    k, n = metrics["eval_samples"], metrics["num_test"]
+    relative_variance = k / metrics["test_ess"] - 1
+    se = math.sqrt(relative_variance / (k * n))
+    bias = relative_variance / (2 * k)
+    assert -(2 * bias + 10 * se) < estimate - exact < 10 * se, (estimate - exact, bias, se)
+    assert exact - metrics["test_elbo"] > 10 * (2 * bias + 10 * se), (exact - metrics["test_elbo"], bias, se)
 
 
 def test_resume_from_the_cli(tmp_path):
