@@ -98,3 +98,44 @@ def check_reevaluation():  # type: ignore[no-untyped-def]
         return largest_se
 
     return check
+
+
+@pytest.fixture(scope="session")
+def drawn():  # type: ignore[no-untyped-def]
+    """``drawn(path, data=True)``: ``path`` is a PNG that decodes to a picture that is not blank
+    (more than one shade) and, with ``data``, holds coloured pixels (matplotlib draws axes, text and
+    frames in greys and the data in its colour cycle, so an empty figure fails); returns the
+    decoded ``(H, W, C)`` array."""
+    import matplotlib.image
+    import numpy as np
+
+    def check(path, data=True):  # type: ignore[no-untyped-def]
+        path = Path(path)
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n", path
+        image = matplotlib.image.imread(path)
+        assert image.ndim in (2, 3) and min(image.shape[:2]) >= 16, (path, image.shape)
+        rgb = image[..., :3] if image.ndim == 3 else image[..., None]
+        assert float(np.ptp(rgb)) > 0.1, f"{path} is blank"
+        if data:
+            saturation = rgb.max(-1) - rgb.min(-1)
+            assert (saturation > 0.3).mean() > 1e-4, f"{path} has no coloured (data) pixels"
+        return image
+
+    return check
+
+
+@pytest.fixture(scope="session")
+def saved_json():  # type: ignore[no-untyped-def]
+    """``saved_json(path, value)``: the JSON file ``path`` holds exactly ``value`` (what the script
+    returned), compared as JSON text so NaNs compare equal."""
+    import json
+
+    def check(path, value):  # type: ignore[no-untyped-def]
+        def canonical(v):  # type: ignore[no-untyped-def]
+            return json.dumps(json.loads(json.dumps(v, sort_keys=True)), sort_keys=True)
+
+        saved = json.loads(Path(path).read_text())
+        assert canonical(saved) == canonical(value), path
+        return saved
+
+    return check
