@@ -307,6 +307,17 @@ def test_refine_rows_moves_only_the_batch_rows():
     in_batch[index] = True
     assert torch.equal(moved, in_batch)
     assert torch.equal(model.decoder.weight.detach(), weight) and model.decoder.weight.grad is None
+    # Rows refined earlier (no longer at their start) stay put while another batch is refined,
+    # and that batch's rows, some of them refined before, all move.
+    before = {name: pyro.param(name).detach().clone() for name in ("local.z_loc", "local.z_scale")}
+    other = torch.tensor([0, 1, 2, 3, 4, 5])  # 2, 3, 5 were in the first batch
+    guide.refine_rows(model, dataset.train[other], other, 3, 0.05)
+    in_other = torch.zeros(30, dtype=torch.bool)
+    in_other[other] = True
+    for name, value in before.items():
+        now = pyro.param(name).detach()
+        assert torch.equal(now[~in_other], value[~in_other]), name
+        assert (now[in_other] != value[in_other]).any(-1).all(), name
     with pytest.raises(ValueError, match="points 0..29 only"):
         guide.refine_rows(model, dataset.train[:2], torch.tensor([0, 30]), 1)
 
