@@ -96,10 +96,11 @@ def check_reevaluation():  # type: ignore[no-untyped-def]
         x = evaluation_data(run.dataset, "test", run.config.seed)
         n, num_samples = x.shape[0], metrics["eval_samples"]
         assert metrics["num_test"] == n
-        guide = test_guide(run.config, run.model, run.guide, x)
         estimates = []
         for seed in range(1, repeats + 1):
             pyro.set_rng_seed(1000 + seed)
+            # the evaluation's test guide (a per-datapoint one is refitted, as each evaluation does)
+            guide = test_guide(run.config, run.model, run.guide, x)
             estimates.append(importance_sampling(run.model, guide, x, torch.arange(n), n, num_samples=num_samples))
         largest_se = 0.0
         for key, field in (("test_elbo", "elbo"), ("test_log_likelihood", "log_likelihood")):
