@@ -175,10 +175,10 @@ def test_train_evaluate_restore_and_cli(tmp_path, mnist_root, check_reevaluation
     assert set(metrics["active_units_by_site"]) == {"z", "z2", "z3"}
     # Independent re-estimates of the reloaded run agree with the report within 5 SE, and tell
     # log p̂ from the ELBO (log p̂ >= ELBO from the same draws holds for any bug: Jensen).
-    se = check_reevaluation(out, metrics, mnist_root)
+    ses = check_reevaluation(out, metrics, mnist_root)
     again = evaluate_checkpoint(out / "checkpoint.pt", eval_samples=20, data_dir=str(mnist_root))
     # `pyrovae evaluate` of the checkpoint is the same estimator on the same points: fresh draws
     # within 5 SE of the difference of two runs.
     for key in ("test_elbo", "test_log_likelihood"):
-        assert abs(again[key] - metrics[key]) < 5 * math.sqrt(2) * se, (key, again[key], metrics[key], se)
+        assert abs(again[key] - metrics[key]) < 5 * math.sqrt(2) * ses[key], (key, again[key], metrics[key], ses)
     assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "4", "--out", str(tmp_path / "s.png")]) == 0
