@@ -4,6 +4,7 @@ is a clear error, never a traceback."""
 from __future__ import annotations
 
 import json
+import math
 import subprocess
 import sys
 
@@ -13,15 +14,14 @@ import torch
 from pyrovae.app.cli import main
 
 EXPECTED_FILES = ("metrics.json", "checkpoint.pt", "samples.png", "reconstructions.png", "curves.png")
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 
-def _check_outputs(out):
+def _check_outputs(out, drawn):
     for name in EXPECTED_FILES:
         path = out / name
         assert path.is_file() and path.stat().st_size > 0, name
         if name.endswith(".png"):
-            assert path.read_bytes()[:8] == PNG_SIGNATURE
+            drawn(path, data=name == "curves.png")  # samples and reconstructions are grey images
     metrics = json.loads((out / "metrics.json").read_text())
     for key in ("train_elbo", "test_elbo", "test_log_likelihood", "test_nll", "kl", "active_units",
                 "seconds", "config"):
@@ -30,39 +30,53 @@ def _check_outputs(out):
     return metrics
 
 
-def test_train_evaluate_sample_on_mnist(tmp_path, mnist_root, capsys):
+def test_train_evaluate_sample_on_mnist(tmp_path, mnist_root, capsys, check_reevaluation, drawn):
     out = tmp_path / "run"
     args = ["train", "--data-dir", str(mnist_root), "--out", str(out), "--epochs", "1",
             "--num-train", "500", "--num-test", "100", "--z-dim", "5", "--hidden-sizes", "64",
             "--batch-size", "50", "--eval-samples", "20", "--no-progress"]
     assert main(args) == 0
-    metrics = _check_outputs(out)
+    metrics = _check_outputs(out, drawn)
     assert len(metrics["train_elbo"]) == 1
-    # The importance-sampled log-likelihood is a tighter bound than the ELBO from the same draws.
-    assert metrics["test_log_likelihood"] >= metrics["test_elbo"]
+    # The test ELBO and log p̂ are those of the saved run on its test points (independent
+    # re-estimates agree within 5 SE), and log p̂ is not the ELBO.
+    ses = check_reevaluation(out, metrics, mnist_root)
     assert 0 <= metrics["active_units"] <= 5
 
     assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--data-dir", str(mnist_root),
                  "--eval-samples", "10", "--out", str(tmp_path / "eval.json"), "--no-progress"]) == 0
     evaluated = json.loads((tmp_path / "eval.json").read_text())
     assert evaluated["eval_samples"] == 10 and evaluated["epoch"] == 1
+    # `pyrovae evaluate` of the checkpoint: its ELBO (K = 10, unbiased like the K = 20 one, with
+    # twice the variance of a K = 20 mean) agrees with the training run's within 5 SE.
+    se = math.sqrt(3) * ses["test_elbo"]
+    assert abs(evaluated["test_elbo"] - metrics["test_elbo"]) < 5 * se, (evaluated["test_elbo"], metrics["test_elbo"], se)
 
     assert main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "16",
                  "--out", str(tmp_path / "s.png")]) == 0
-    assert (tmp_path / "s.png").read_bytes()[:8] == PNG_SIGNATURE
+    drawn(tmp_path / "s.png", data=False)
 
 
 @pytest.mark.parametrize("guide", ["per-datapoint", "prior"])
-def test_train_linear_gaussian_reports_the_exact_log_likelihood(tmp_path, guide):
+def test_train_linear_gaussian_reports_the_exact_log_likelihood(tmp_path, guide, drawn):
     out = tmp_path / guide
     assert main(["train", "--dataset", "linear", "--guide", guide, "--objective", "iwae",
                  "--num-particles", "4", "--epochs", "2", "--batch-size", "200", "--lr", "0.01",
-                 "--eval-samples", "200", "--test-time-steps", "50", "--out", str(out),
+                 "--eval-samples", "5000", "--test-time-steps", "50", "--out", str(out),
                  "--no-progress"]) == 0
-    metrics = _check_outputs(out)
-    assert "test_log_likelihood_exact" in metrics
-    # log p̂ is a stochastic lower bound of log p(x): it may not exceed the exact value by much.
-    assert metrics["test_log_likelihood"] <= metrics["test_log_likelihood_exact"] + 0.05
+    metrics = _check_outputs(out, drawn)
+    exact, estimate = metrics["test_log_likelihood_exact"], metrics["test_log_likelihood"]
+    # log p̂ (K draws per point, n test points) against the exact log p(x), two-sided. Delta method:
+    # Var[log p̂] ≈ (K/ESS - 1)/K per point and E[log p̂] ≈ log p(x) - Var/2. The mean ESS
+    # underestimates the mean of K/ESS (Jensen), and the weights of a 50-step test-time guide are
+    # heavy-tailed, hence 10 SEs and twice the bias (measured errors: |Δ| <= 0.0035 nats over seeds
+    # and guides, tolerance ~0.01-0.02). The ELBO, 1.4 nats or more below, fails it.
+    k, n = metrics["eval_samples"], metrics["num_test"]
+    relative_variance = k / metrics["test_ess"] - 1
+    se = math.sqrt(relative_variance / (k * n))
+    bias = relative_variance / (2 * k)
+    assert -(2 * bias + 10 * se) < estimate - exact < 10 * se, (estimate - exact, bias, se)
+    assert exact - metrics["test_elbo"] > 10 * (2 * bias + 10 * se), (exact - metrics["test_elbo"], bias, se)
 
 
 def test_resume_from_the_cli(tmp_path):

@@ -28,11 +28,9 @@ from pyrovae.models.linear_gaussian import (
 
 
 @pytest.fixture(scope="module")
-def mnist_dir() -> str:
-    root = os.environ.get("PYROVAE_DATA")
-    if not root:
-        pytest.skip("set PYROVAE_DATA to the folder that holds MNIST/raw to run the MNIST tests")
-    return root
+def mnist_dir(mnist_root) -> str:  # type: ignore[no-untyped-def]
+    # conftest's mnist_root: skips without MNIST, fails in CI
+    return str(mnist_root)
 
 
 @pytest.fixture(scope="module")
@@ -403,3 +401,35 @@ def test_dataset_to_moves_everything() -> None:
     assert moved is not data
     assert torch.equal(moved.train, data.train) and torch.equal(moved.truth["weight"], data.truth["weight"])
     assert moved.truth["noise_scale"] == data.truth["noise_scale"]
+
+
+def test_missing_mnist_fails_in_ci_and_skips_elsewhere(tmp_path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # The root conftest's mnist_root: with CI set a missing MNIST fails the test (a skip would hide
+    # that the MNIST tests never ran); without CI it skips; a real folder is returned either way.
+    # (Outcomes are caught here, so a skip where a failure is due fails this test, not skips it.)
+    from conftest import find_mnist_root
+
+    def outcome() -> tuple[str, str]:
+        try:
+            return "returned", str(find_mnist_root())
+        except pytest.fail.Exception as error:
+            return "failed", str(error)
+        except pytest.skip.Exception as error:
+            return "skipped", str(error)
+
+    monkeypatch.setenv("PYROVAE_DATA", str(tmp_path / "nowhere"))
+    for ci in ("true", "1"):
+        monkeypatch.setenv("CI", ci)
+        kind, message = outcome()
+        assert kind == "failed" and "CI is set" in message and "holds no MNIST/raw" in message, (ci, kind, message)
+    for ci in ("", "0", "false"):
+        monkeypatch.setenv("CI", ci)
+        kind, message = outcome()
+        assert kind == "skipped" and "holds no MNIST/raw" in message, (ci, kind, message)
+    monkeypatch.delenv("CI")
+    monkeypatch.delenv("PYROVAE_DATA")
+    assert outcome()[0] == "skipped" and "PYROVAE_DATA is not set" in outcome()[1]
+    (tmp_path / "data" / "MNIST" / "raw").mkdir(parents=True)
+    monkeypatch.setenv("PYROVAE_DATA", str(tmp_path / "data"))
+    monkeypatch.setenv("CI", "true")
+    assert outcome() == ("returned", str(tmp_path / "data"))

@@ -18,7 +18,8 @@ in the snippet                  becomes                                         
                                 ``NUM_TRAIN`` training and ``NUM_TEST`` test    points takes minutes
                                 points
 ``"../shared/data"``            the value of ``$PYROVAE_DATA`` (the test skips  where the tests' MNIST
-                                without it, as every MNIST test does)           is
+                                without it, as every MNIST test does, and       is
+                                fails in CI)
 ``epochs=N``                    ``epochs=min(N, MAX_EPOCHS)``                   time
 ``num_samples=N``               ``num_samples=min(N, MAX_SAMPLES)``             K = 5000 draws per
                                                                                 point take minutes

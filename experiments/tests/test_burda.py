@@ -56,7 +56,7 @@ def test_convergence_and_ordering() -> None:
 
 
 
-def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root: Path) -> None:
+def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root: Path, drawn) -> None:
     script = load_experiment("experiments/iwae_table.py")
     common = ["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--data-dir", str(mnist_root),
               "--num-train", "200", "--num-test", "30", "--eval-samples", "10", "--batch-size", "50", "--threads", "1"]
@@ -70,7 +70,7 @@ def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root
     assert set(two[("VAE", 1)]["active_units_by_site"]) == {"z", "z2"}
     assert summary["init"] == "paper" and summary["cells_with_another_init"] == []
     assert {r["init"] for r in summary["rows"] if "nll" in r} == {"paper"}
-    assert (tmp_path / "docs" / "curves.png").exists()
+    drawn(tmp_path / "docs" / "curves.png")
     table = (tmp_path / "docs" / "table.md").read_text()
     assert "| 1 | IWAE | 5 |" in table and "86.47" in table and "Missing cells" in table
     units = two[("VAE", 1)]["active_units_by_site"]  # a two-layer row counts each layer, not their sum
@@ -89,7 +89,7 @@ def test_iwae_table_smoke_and_resume(load_experiment, tmp_path: Path, mnist_root
     assert "not comparable" in (tmp_path / "docs" / "table.md").read_text()
 
 
-def test_init_study_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:
+def test_init_study_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn) -> None:
     script = load_experiment("experiments/init_study.py")
     summary = script.main(["--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"), "--data-dir",
                            str(mnist_root), "--num-train", "200", "--num-test", "30", "--eval-samples", "5",
@@ -103,4 +103,5 @@ def test_init_study_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> 
              for name in (f"{m}-{s}" for m, s in rows)}
     assert saved["two-layer-glorot+data-bias"]["weight_init"] == "glorot" and saved["two-layer-glorot+data-bias"]["data_bias"]
     assert saved["one-layer-data-bias"]["weight_init"] == "torch" and saved["one-layer-data-bias"]["data_bias"]
-    assert (tmp_path / "docs" / "curves.png").exists() and "| two-layer | glorot |" in (tmp_path / "docs" / "table.md").read_text()
+    drawn(tmp_path / "docs" / "curves.png")
+    assert "| two-layer | glorot |" in (tmp_path / "docs" / "table.md").read_text()

@@ -127,7 +127,7 @@ def test_gap_is_kl_and_iwae_closes_it():
         assert first["gap"] - last["gap"] > Z_MAX * math.hypot(first["gap_se"], last["gap_se"]), row["guide"]
 
 
-def test_why_importance_sampling_script_smoke(load_experiment, tmp_path):
+def test_why_importance_sampling_script_smoke(load_experiment, tmp_path, drawn):
     script = load_experiment("experiments/why_importance_sampling.py")
     args = script.parse_args([
         "--dims", "1", "3", "--num-points", "2", "--num-samples", "5", "--replicates", "10",
@@ -141,10 +141,10 @@ def test_why_importance_sampling_script_smoke(load_experiment, tmp_path):
         assert {"z_dim", "proposal", "one_sample", "k_sample", "weights_variance_finite"} <= set(row)
         assert {"log10_relvar", "log10_relvar_exact", "rmse_log", "ess_over_k"} <= set(row["k_sample"])
     assert results["exact_posterior_max_abs_log_error"] < 1e-8
-    assert (tmp_path / "why_importance_sampling.png").stat().st_size > 0
+    drawn(tmp_path / "why_importance_sampling.png")
 
 
-def test_gap_is_kl_script_smoke(load_experiment, tmp_path, mnist_root):
+def test_gap_is_kl_script_smoke(load_experiment, tmp_path, mnist_root, drawn):
     script = load_experiment("experiments/gap_is_kl.py")
     args = script.parse_args([
         "--z-dim", "2", "--x-dim", "4", "--num-points", "2", "--ks", "1", "5",
@@ -163,4 +163,4 @@ def test_gap_is_kl_script_smoke(load_experiment, tmp_path, mnist_root):
     for key in keys:
         assert key in mnist
     for name in ("gap_vs_k.png", "mnist_gap_histogram.png", "mnist_gap_vs_kl.png"):
-        assert (tmp_path / name).stat().st_size > 0
+        drawn(tmp_path / name)

@@ -7,7 +7,7 @@ import math
 from pathlib import Path
 
 
-def test_beta_vae_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:  # type: ignore[no-untyped-def]
+def test_beta_vae_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
     script = load_experiment("experiments/beta_vae.py")
     summary = script.main([
         "--betas", "1", "4", "--epochs", "1", "--z-dim", "4", "--hidden-sizes", "32", "--eval-samples", "10",
@@ -18,11 +18,16 @@ def test_beta_vae_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> No
     for row in summary["rows"]:
         assert row["rate"] > 0 and row["distortion"] > 0 and len(row["traversal_units"]) == 3
         assert math.isclose(row["test_elbo"], -(row["rate"] + row["distortion"]))
-    for name in ("rate_distortion.png", "traversals_beta_1.png", "traversals_beta_4.png", "results.json"):
-        assert (tmp_path / "docs" / name).exists(), name
+    saved_json(tmp_path / "docs" / "results.json", summary)
+    figure = drawn(tmp_path / "docs" / "rate_distortion.png")
+    # ... and it is the figure of these rows: drawing them again gives the same pixels.
+    script.plot_rate_distortion(summary["rows"], tmp_path / "again.png")
+    assert (drawn(tmp_path / "again.png") == figure).all()
+    for name in ("traversals_beta_1.png", "traversals_beta_4.png"):
+        drawn(tmp_path / "docs" / name, data=False)  # grey digits
 
 
-def test_gaussian_sigma_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:  # type: ignore[no-untyped-def]
+def test_gaussian_sigma_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
     script = load_experiment("experiments/gaussian_sigma.py")
     summary = script.main([
         "--fixed", "0.1", "1.0", "--epochs", "1", "--z-dim", "4", "--hidden-sizes", "32", "--eval-samples", "10",
@@ -33,11 +38,12 @@ def test_gaussian_sigma_smoke(load_experiment, tmp_path: Path, mnist_root: Path)
     assert set(rows) == {"fixed_0.1", "fixed_1", "learned_shared", "learned_pixel"}
     assert math.isclose(rows["fixed_0.1"]["sigma_mean"], 0.1, rel_tol=1e-6) and rows["fixed_0.1"]["sigma_min"] == rows["fixed_0.1"]["sigma_max"]
     assert rows["learned_pixel"]["sigma_min"] < rows["learned_pixel"]["sigma_max"]
-    for name in ("sigma.png", "sigma_map.png", "results.json"):
-        assert (tmp_path / "docs" / name).exists(), name
+    saved_json(tmp_path / "docs" / "results.json", summary)
+    drawn(tmp_path / "docs" / "sigma.png")
+    drawn(tmp_path / "docs" / "sigma_map.png", data=False)  # a grey map of σ per pixel
 
 
-def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:  # type: ignore[no-untyped-def]
+def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn) -> None:  # type: ignore[no-untyped-def]
     script = load_experiment("experiments/vq_models.py")
     argv = [
         "--epochs", "1", "--num-codes", "8", "--num-codes-top", "4", "--code-dim", "4", "--prior-epochs", "1",
@@ -52,7 +58,7 @@ def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> N
         assert math.isfinite(row["log_prior_codes"]) and math.isfinite(row["bound_with_fitted_prior"])
         assert math.isclose(
             row["bound_uniform_prior"], row["test_reconstruction_log_lik"] - row["kl"], rel_tol=1e-6)
-        assert (tmp_path / "docs" / f"{row['model']}_samples.png").exists()
+        drawn(tmp_path / "docs" / f"{row['model']}_samples.png", data=False)  # grey digits
     assert "perplexity_top" in rows["vqvae2"]
     again = script.main(argv)  # priors and runs are reused, not refitted
     assert again["rows"][0]["log_prior_codes"] == summary["rows"][0]["log_prior_codes"]

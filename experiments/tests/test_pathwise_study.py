@@ -9,7 +9,7 @@ import torch
 from studies import gradients as study
 
 
-def test_gradient_snr_experiment_smoke(load_experiment, tmp_path, mnist_root) -> None:  # type: ignore[no-untyped-def]
+def test_gradient_snr_experiment_smoke(load_experiment, tmp_path, mnist_root, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
     from pyrovae import TrainConfig
     from pyrovae.app.run import train_and_evaluate
 
@@ -21,7 +21,8 @@ def test_gradient_snr_experiment_smoke(load_experiment, tmp_path, mnist_root) ->
             "--checkpoint", str(tmp_path / "run" / "checkpoint.pt"), "--data-dir", str(mnist_root),
             "--out", str(tmp_path / "out"), "--ks", "1", "4", "--points", "3", "--replicates", "5",
         ])
-    assert (tmp_path / "out" / "snr.png").exists() and (tmp_path / "out" / "results.json").exists()
+    drawn(tmp_path / "out" / "snr.png")
+    saved_json(tmp_path / "out" / "results.json", results)
     assert {(r["estimator"], r["k"]) for r in results["rows"]} == {(e, k) for e in ("iwae", "iwae-stl", "iwae-dreg") for k in (1, 4)}
     for row in results["rows"]:
         assert row["encoder"]["snr"] >= 0 and row["decoder"]["variance"] > 0

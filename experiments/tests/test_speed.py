@@ -163,7 +163,7 @@ def test_count_macs() -> None:
 
 
 
-def test_benchmark_speed_smoke(load_experiment, tmp_path: Path, mnist_root: Path) -> None:
+def test_benchmark_speed_smoke(load_experiment, tmp_path: Path, mnist_root: Path, saved_json) -> None:
     script = load_experiment("experiments/benchmark_speed.py")
     results = script.main([
         "--out", str(tmp_path), "--data-dir", str(mnist_root), "--repeats", "2", "--step-seconds", "0.01",
@@ -171,7 +171,7 @@ def test_benchmark_speed_smoke(load_experiment, tmp_path: Path, mnist_root: Path
         "--eval-points", "8", "--eval-samples", "20", "--eval-repeats", "1", "--local-points", "16",
         "--local-steps", "2", "--threads", "1",
     ])
-    assert (tmp_path / "results.json").exists()
+    saved_json(tmp_path / "results.json", results)
     assert len(results["step"]) == 2 * 2 * 1
     for row in results["step"]:
         assert row["ratio_vs_bce"] > 0 and math.isfinite(row["pyrovae_gflops"])
