@@ -3,7 +3,6 @@ evaluation schedules, a stop inside an epoch that continues exactly, failures be
 
 from __future__ import annotations
 
-import time
 
 import pytest
 import torch
