@@ -3,6 +3,13 @@
 from pyrovae.guides.amortized import AmortizedGuide
 from pyrovae.guides.categorical import CategoricalGuide, MixturePriorGuide
 from pyrovae.guides.exact import ExactPosteriorGuide
+from pyrovae.guides.flows import (
+    FlowGuide,
+    FlowNet,
+    FullCovarianceGuide,
+    PerDatapointFlowGuide,
+    PerDatapointFullCovarianceGuide,
+)
 from pyrovae.guides.hierarchical import HierarchicalGuide
 from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.guides.prior import PriorGuide
@@ -16,8 +23,13 @@ __all__ = [
     "AmortizedGuide",
     "CategoricalGuide",
     "ExactPosteriorGuide",
+    "FlowGuide",
+    "FlowNet",
+    "FullCovarianceGuide",
     "HierarchicalGuide",
     "MixturePriorGuide",
+    "PerDatapointFlowGuide",
+    "PerDatapointFullCovarianceGuide",
     "PerDatapointGuide",
     "PriorGuide",
     "SemiAmortizedGuide",

@@ -48,22 +48,28 @@ import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
 from pyro.distributions.conditional import ConditionalTransformModule
+from pyro.distributions.transforms.planar import ConditionedPlanar
 from pyro.nn import DenseNN
 from torch import nn
 from torch.distributions import constraints
 
 from pyrovae.distributions import non_reparameterized
+from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.handlers import data_plate, latent_scale
 from pyrovae.nets import ContextGaussianEncoder, FullCovEncoder
 from pyrovae.params import register
 
 __all__ = [
     "FLOW_KINDS",
+    "LOCAL_FLOW_KINDS",
     "ConditionalSylvester",
     "FlowGuide",
     "FlowNet",
     "FullCovarianceGuide",
+    "PerDatapointFlowGuide",
+    "PerDatapointFullCovarianceGuide",
     "flow_layers",
+    "sylvester_matrices",
 ]
 
 
@@ -136,6 +142,26 @@ class _ConditionedSylvester(T.Transform):
         return self._cached_log_det
 
 
+def sylvester_matrices(raw: Sequence[torch.Tensor], input_dim: int, count_householder: int) -> tuple[torch.Tensor, ...]:
+    """``(Q, R, S, b)`` of a Sylvester layer from unconstrained ``(u, r_dense, r_diag, s_dense,
+    s_diag, b)`` (sizes :meth:`ConditionalSylvester.param_dims`, any batch shape in front): Q the
+    product of the Householder reflections of the rows of u, R and S upper triangular with tanh
+    diagonals."""
+    d, m = input_dim, count_householder
+    u, r_dense, r_diag, s_dense, s_diag, b = raw
+    batch = u.shape[:-1]
+    u = u.reshape(*batch, m, d)
+    u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
+    q = torch.eye(d, dtype=u.dtype, device=u.device).expand(*batch, d, d)
+    for k in range(m):
+        uk = u[..., k, :]
+        q = q - 2 * (q @ uk.unsqueeze(-1)) @ uk.unsqueeze(-2)  # q H_k
+    upper = torch.triu(torch.ones(d, d, dtype=u.dtype, device=u.device), diagonal=1)
+    r = r_dense.reshape(*batch, d, d) * upper + torch.diag_embed(torch.tanh(r_diag))
+    s = s_dense.reshape(*batch, d, d) * upper + torch.diag_embed(torch.tanh(s_diag))
+    return q, r, s, b
+
+
 class ConditionalSylvester(ConditionalTransformModule):
     """A Sylvester flow layer (van den Berg et al. 2018, Householder variety) whose parameters are
     a function of a context (amortized over x). ``nn(context)`` returns ``(u, r_dense, r_diag,
@@ -155,7 +181,6 @@ class ConditionalSylvester(ConditionalTransformModule):
         self.input_dim = input_dim
         self.count_householder = count_householder
         self.nn = nn
-        self.register_buffer("_upper", torch.triu(torch.ones(input_dim, input_dim), diagonal=1), persistent=False)
 
     @staticmethod
     def param_dims(input_dim: int, count_householder: int) -> list[int]:
@@ -163,19 +188,7 @@ class ConditionalSylvester(ConditionalTransformModule):
                 input_dim]
 
     def _params(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
-        d, m = self.input_dim, self.count_householder
-        u, r_dense, r_diag, s_dense, s_diag, b = self.nn(context)
-        batch = u.shape[:-1]
-        u = u.reshape(*batch, m, d)
-        u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-        eye = torch.eye(d, dtype=u.dtype, device=u.device)
-        q = eye.expand(*batch, d, d)
-        for k in range(m):
-            uk = u[..., k, :]
-            q = q - 2 * (q @ uk.unsqueeze(-1)) @ uk.unsqueeze(-2)  # q H_k
-        r = r_dense.reshape(*batch, d, d) * self._upper + torch.diag_embed(torch.tanh(r_diag))
-        s = s_dense.reshape(*batch, d, d) * self._upper + torch.diag_embed(torch.tanh(s_diag))
-        return q, r, s, b
+        return sylvester_matrices(self.nn(context), self.input_dim, self.count_householder)
 
     def condition(self, context: torch.Tensor) -> T.Transform:
         return _ConditionedSylvester(partial(self._params, context))
@@ -291,3 +304,112 @@ def full_covariance_guide(x_dim: int, z_dim: int, hidden_sizes: Sequence[int] = 
                           **kwargs: Any) -> FullCovarianceGuide:
     """``FullCovarianceGuide(FullCovEncoder(x_dim, z_dim, hidden_sizes, activation), **kwargs)``."""
     return FullCovarianceGuide(FullCovEncoder(x_dim, z_dim, hidden_sizes, activation), **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Per-datapoint (non-amortized) versions: every parameter a row per data point
+
+
+class PerDatapointFullCovarianceGuide(PerDatapointGuide):
+    """q_i(z) = N(loc_i, L_i L_iᵀ), one full-covariance Gaussian per data point i = 0..N-1.
+
+    The params ``"<prefix>.z_loc"`` ``(N, z_dim)`` and ``"<prefix>.z_scale_tril"``
+    ``(N, z_dim, z_dim)`` (``constraints.lower_cholesky``) live inside the subsampled plate
+    (``event_dim`` 1 and 2), so a batch reads and updates its own rows only, and :func:`pyrovae.fit`
+    gives them lazy Adam updates. Other arguments as :class:`~pyrovae.PerDatapointGuide`.
+    """
+
+    @property
+    def local_param_names(self) -> frozenset[str]:
+        return frozenset({f"{self.prefix}.z_loc", f"{self.prefix}.z_scale_tril"})
+
+    def distribution(self, device: torch.device) -> dist.TorchDistribution:
+        n, d = self.num_data, self.z_dim
+        z_loc = pyro.param(f"{self.prefix}.z_loc", lambda: torch.full((n, d), self.init_loc, device=device),
+                           event_dim=1)
+        tril = pyro.param(
+            f"{self.prefix}.z_scale_tril",
+            lambda: self.init_scale * torch.eye(d, device=device).expand(n, d, d).contiguous(),
+            constraint=constraints.lower_cholesky, event_dim=2,
+        )
+        fn = dist.MultivariateNormal(z_loc, scale_tril=tril)
+        return fn if self.reparameterized else non_reparameterized(fn)
+
+    def refine_rows(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "local_steps refine diagonal-Gaussian rows (PerDatapointGuide) only; train a "
+            "PerDatapointFullCovarianceGuide with local_steps=0"
+        )
+
+
+#: The flows :class:`PerDatapointFlowGuide` holds per-point parameters for (vectors per layer).
+LOCAL_FLOW_KINDS = ("planar", "sylvester")
+
+
+class PerDatapointFlowGuide(PerDatapointGuide):
+    """q_i(z): a planar or Sylvester flow with its own parameters for every data point i, on a
+    per-point diagonal Gaussian base: the non-amortized flow q* of Cremer, Li & Duvenaud (2018).
+
+    Each layer's parameters are rows ``(N, ·)`` of params ``"<prefix>.flow<k>.<name>"`` inside the
+    subsampled plate (lazy Adam under :func:`pyrovae.fit`), started from a seeded draw (Pyro's
+    ``Planar`` initialisation U(±1/√D) for planar; ±0.01 for Sylvester, near the identity).
+
+    :param kind: ``"planar"`` or ``"sylvester"``.
+    :param num_layers: flow layers.
+    :param seed: seed of the initial flow parameters.
+    Other arguments as :class:`~pyrovae.PerDatapointGuide`.
+    """
+
+    def __init__(self, num_data: int, z_dim: int, kind: str = "planar", num_layers: int = 2, seed: int = 0,
+                 **kwargs: Any) -> None:
+        if kind not in LOCAL_FLOW_KINDS:
+            raise ValueError(f"per-datapoint flows are {list(LOCAL_FLOW_KINDS)}; got {kind!r}")
+        if int(num_layers) < 1:
+            raise ValueError(f"num_layers must be at least 1, got {num_layers}")
+        if kwargs.get("reparameterized") is False:
+            raise ValueError("a flow guide is pathwise: reparameterized=False is not available for it")
+        super().__init__(num_data, z_dim, **kwargs)
+        self.kind = kind
+        self.num_layers = int(num_layers)
+        self.seed = int(seed)
+        self.count_householder = z_dim // 2 + 1
+
+    def _layer_shapes(self) -> dict[str, int]:
+        d = self.z_dim
+        if self.kind == "planar":
+            return {"b": 1, "u": d, "w": d}
+        m = self.count_householder
+        return dict(zip(("u", "r_dense", "r_diag", "s_dense", "s_diag", "b"), ConditionalSylvester.param_dims(d, m)))
+
+    @property
+    def local_param_names(self) -> frozenset[str]:
+        names = {f"{self.prefix}.z_loc", f"{self.prefix}.z_scale"}
+        for k in range(self.num_layers):
+            names |= {f"{self.prefix}.flow{k}.{name}" for name in self._layer_shapes()}
+        return frozenset(names)
+
+    def _initial(self, k: int, name: str, size: int, device: torch.device) -> torch.Tensor:
+        generator = torch.Generator().manual_seed(self.seed * 1000 + k * 10 + sorted(self._layer_shapes()).index(name))
+        bound = 1 / self.z_dim ** 0.5 if self.kind == "planar" else 0.01
+        value = (torch.rand(self.num_data, size, generator=generator) * 2 - 1) * bound
+        return value.to(device=device, dtype=torch.get_default_dtype())
+
+    def distribution(self, device: torch.device) -> dist.TorchDistribution:
+        z_loc, z_scale = self._params(device)
+        transforms: list[T.Transform] = []
+        for k in range(self.num_layers):
+            rows = [pyro.param(f"{self.prefix}.flow{k}.{name}",
+                               lambda k=k, name=name, size=size: self._initial(k, name, size, device), event_dim=1)
+                    for name, size in self._layer_shapes().items()]
+            if self.kind == "planar":
+                transforms.append(ConditionedPlanar(tuple(rows)))
+            else:
+                matrices = sylvester_matrices(rows, self.z_dim, self.count_householder)
+                transforms.append(_ConditionedSylvester(lambda matrices=matrices: matrices))
+        return dist.TransformedDistribution(dist.Normal(z_loc, z_scale).to_event(1), transforms)
+
+    def refine_rows(self, *args: Any, **kwargs: Any) -> None:
+        raise ValueError(
+            "local_steps refine diagonal-Gaussian rows (PerDatapointGuide) only; train a "
+            "PerDatapointFlowGuide with local_steps=0"
+        )

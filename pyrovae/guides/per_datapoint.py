@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Optional
 
 import pyro
+import pyro.distributions as dist
 import torch
 from pyro.infer.util import is_validation_enabled
 from torch.distributions import constraints
@@ -136,6 +137,12 @@ class PerDatapointGuide:
             self._check_index(index)
         device = (x if x is not None else index).device  # type: ignore[union-attr]
         with data_plate(x, index, self.num_data):
-            z_loc, z_scale = self._params(device)
+            fn = self.distribution(device)
             with latent_scale(self.beta):
-                return pyro.sample("z", diag_normal(z_loc, z_scale, self.reparameterized))
+                return pyro.sample("z", fn)
+
+    def distribution(self, device: torch.device) -> dist.TorchDistribution:
+        """q_i(z) for the rows of the enclosing data plate (call it inside the plate): batch shape
+        ``(B,)``, event shape ``(z_dim,)``. Subclasses with other families override this."""
+        z_loc, z_scale = self._params(device)
+        return diag_normal(z_loc, z_scale, self.reparameterized)
