@@ -18,6 +18,10 @@ What a new family touches
   (GuideSpec(...),)``, and its name in :data:`FAMILY_MODULES`.
 - **A new objective**: its constructor in ``pyrovae/infer/objectives/`` and one entry in
   :data:`pyrovae.infer.objectives.OBJECTIVES`; the config's choices and ``--objective`` read that dict.
+  An option of its own (as ``num_groups`` of ``miwae``/``piwae``, ``ciwae_beta`` of ``ciwae``) is a
+  field of :class:`pyrovae.app.config.ObjectiveConfig` named as its constructor's parameter: the run
+  passes it by that name (:func:`pyrovae.app.config.objective_options`), and a value away from its
+  default for an objective whose constructor does not take it is refused.
 - A family defined outside pyrovae (a user's own) registers at run time with :func:`register`.
 
 No file has an ``isinstance`` switch on a family: a model family that needs its own encoder gives
