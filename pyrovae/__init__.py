@@ -41,7 +41,7 @@ from pyrovae.infer.evaluate import (
     posterior_means,
 )
 from pyrovae.infer.local import LocalFitHistory, optimize_local_guide
-from pyrovae.infer.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
+from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
@@ -53,6 +53,7 @@ __version__ = "0.1.0"
 __all__ = [
     "AmortizedGuide",
     "CategoricalGuide",
+    "CIWAE",
     "DataNotFoundError",
     "Dataset",
     "Decoder",
@@ -70,12 +71,14 @@ __all__ = [
     "LazyAdam",
     "LocalFitHistory",
     "LinearGaussian",
+    "MIWAE",
     "MixturePriorGuide",
     "MLP",
     "OBJECTIVES",
     "PerDatapointFlowGuide",
     "PerDatapointFullCovarianceGuide",
     "PerDatapointGuide",
+    "PIWAE",
     "PriorGuide",
     "Run",
     "ScoreFunctionELBO",

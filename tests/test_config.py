@@ -45,7 +45,7 @@ FLAT_FIELDS_BEFORE_GROUPS = (
     "local_steps local_lr extra"
 ).split()
 #: Options added since, each with its own flag (the flat view keeps every old name above).
-NEW_FIELDS = ["flow_layers"]
+NEW_FIELDS = ["flow_layers", "num_groups", "ciwae_beta"]
 
 #: The train flags the README lists (and their spellings before the flags were generated).
 README_TRAIN_FLAGS = (

@@ -89,6 +89,7 @@ POSITIVE = Check(lambda v: v > 0, "positive")
 NON_NEGATIVE = Check(lambda v: v >= 0, ">= 0")
 OPEN_UNIT = Check(lambda v: 0 < v < 1, "in (0, 1)")
 HALF_OPEN_UNIT = Check(lambda v: 0 < v <= 1, "in (0, 1]")
+UNIT_INTERVAL = Check(lambda v: 0 <= v <= 1, "in [0, 1]")
 POSITIVE_ENTRIES = Check(lambda v: all(h >= 1 for h in v), "positive integers")
 DEVICE = Check(lambda v: re.fullmatch(r"(cpu|cuda)(:\d+)?", v) is not None, "'cpu', 'cuda' or 'cuda:N'")
 
@@ -307,14 +308,41 @@ class ObjectiveConfig(_Group):
     """The training objective.
 
     :param objective: the training objective, one of :data:`pyrovae.infer.objectives.OBJECTIVES`
-        (``elbo``, ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``, ``iwae-dreg``, ``score``).
-    :param num_particles: K samples per data point in the objective.
+        (``elbo``, ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``, ``iwae-dreg``, ``score``,
+        ``miwae``, ``piwae``, ``ciwae``).
+    :param num_particles: K samples per data point in the objective (per group for miwae and piwae,
+        which draw num_groups × K).
     :param beta: the KL weight of the β-VAE; 1 is the plain VAE.
+    :param num_groups: miwae/piwae: M, the number of independent IWAE estimates of K samples each
+        (miwae averages them; piwae's encoder does, its decoder uses IWAE with all M × K samples).
+    :param ciwae_beta: ciwae: the ELBO's weight β in β ELBO + (1 - β) IWAE (1: the ELBO, 0: IWAE);
+        not the KL weight beta.
     """
 
     objective: str = option("elbo", choices=_objective_choices)
     num_particles: int = option(1, check=at_least(1))
     beta: float = option(1.0, check=POSITIVE, hint="the KL weight of the β-VAE; 1 is the plain VAE")
+    num_groups: int = option(1, check=at_least(1))
+    ciwae_beta: float = option(0.5, check=UNIT_INTERVAL, hint="the ELBO's weight in CIWAE, e.g. 0.5")
+
+
+def objective_options(config: Any) -> dict[str, Any]:
+    """The options of ``config`` (a :class:`TrainConfig` or an :class:`ObjectiveConfig`) that its
+    objective's constructor takes (``num_groups`` for miwae, ...), by name, for
+    :func:`pyrovae.infer.objectives.make_objective`."""
+    from pyrovae.infer.objectives import objective_parameters
+
+    accepted = objective_parameters(config.objective) or frozenset()
+    return {name: getattr(config, name) for name in objective_option_names() if name in accepted}
+
+
+def objective_option_names() -> tuple[str, ...]:
+    """The fields of :class:`ObjectiveConfig` that are parameters of some objective's constructor."""
+    from pyrovae.infer.objectives import OBJECTIVES, objective_parameters
+
+    taken = set().union(*(objective_parameters(name) or () for name in OBJECTIVES))
+    return tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
+                 if f.name not in ("objective", "num_particles") and f.name in taken)
 
 
 @dataclass(frozen=True)

@@ -18,6 +18,10 @@ What a new family touches
   (GuideSpec(...),)``, and its name in :data:`FAMILY_MODULES`.
 - **A new objective**: its constructor in ``pyrovae/infer/objectives/`` and one entry in
   :data:`pyrovae.infer.objectives.OBJECTIVES`; the config's choices and ``--objective`` read that dict.
+  An option of its own (as ``num_groups`` of ``miwae``/``piwae``, ``ciwae_beta`` of ``ciwae``) is a
+  field of :class:`pyrovae.app.config.ObjectiveConfig` named as its constructor's parameter: the run
+  passes it by that name (:func:`pyrovae.app.config.objective_options`), and a value away from its
+  default for an objective whose constructor does not take it is refused.
 - A family defined outside pyrovae (a user's own) registers at run time with :func:`register`.
 
 No file has an ``isinstance`` switch on a family: a model family that needs its own encoder gives
@@ -26,6 +30,7 @@ No file has an ``isinstance`` switch on a family: a model family that needs its 
 
 from __future__ import annotations
 
+import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -194,6 +199,26 @@ def _check_options_are_read(config: "TrainConfig", resolved: "TrainConfig", mode
         )
 
 
+def _check_objective_options(config: "TrainConfig") -> None:
+    """An objective's own option (``num_groups``, ``ciwae_beta``) set away from its default for an
+    objective that does not take it is refused: it would be ignored silently."""
+    from pyrovae.app.config import ObjectiveConfig, objective_option_names
+    from pyrovae.infer.objectives import objective_parameters, objectives_taking
+
+    defaults = {f.name: f.default for f in dataclasses.fields(ObjectiveConfig)}
+    accepted = objective_parameters(config.objective) or frozenset()
+    for name in objective_option_names():
+        value = getattr(config, name)
+        if name in accepted or value == defaults[name]:
+            continue
+        takers = objectives_taking(name)
+        raise ConfigError(
+            f"{name}={value!r} is an option of objective {' or '.join(repr(n) for n in takers)}; "
+            f"objective={config.objective!r} has none: drop it, or choose {_either('objective', takers)}",
+            name, "objective",
+        )
+
+
 def check_combination(config: "TrainConfig") -> None:
     """Refuse options that do not go together, with what to use instead. The one place such checks
     are made (no data needed, so the command line checks before it writes anything); every
@@ -207,6 +232,7 @@ def check_combination(config: "TrainConfig") -> None:
     model = model_spec(resolved.model)
     guide = guide_spec(resolved.guide)
     _check_options_are_read(config, resolved, model, guide)
+    _check_objective_options(config)
     if model.guides is not None and resolved.guide not in model.guides:
         raise ConfigError(
             f"model={model.name!r} is trained with {_either('guide', list(model.guides))} only; "

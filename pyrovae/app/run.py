@@ -26,7 +26,7 @@ import torch
 from pyrovae.app import plots
 from pyrovae import params
 from pyrovae.app.build import build, build_model
-from pyrovae.app.config import ConfigError, TrainConfig, check_device_name
+from pyrovae.app.config import ConfigError, TrainConfig, check_device_name, objective_options
 from pyrovae.app.registry import guide_spec, model_spec
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.infer.evaluate import evaluate_dataset, posterior_means
@@ -357,7 +357,9 @@ def train_and_evaluate(
         pyro.clear_param_store()
         pyro.set_rng_seed(config.seed)
         model, guide = build(local, dataset)
-        objective = make_objective(config.objective, num_particles=config.num_particles)
+        objective = make_objective(
+            config.objective, num_particles=config.num_particles, **objective_options(config)
+        )
         history = fit(
             model, guide, dataset, objective,
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,

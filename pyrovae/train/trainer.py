@@ -501,6 +501,9 @@ def _interrupted(signals: StopSignals, state: TrainState, path: Any, steps_per_e
 
 def bound_name(objective: ELBO) -> str:
     """A human-readable name of the bound an objective optimises, e.g. ``"IWAE (K=5)"``."""
+    own = getattr(objective, "bound_name", None)
+    if isinstance(own, str):  # objectives that name their bound (MIWAE, PIWAE, CIWAE)
+        return own
     name = type(objective).__name__
     k = objective.num_particles
     if name == "IWAE":

@@ -52,22 +52,28 @@ class PerDatapointObjective(ELBO):
     def _guess_max_plate_nesting(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> None:
         self.max_plate_nesting = guess_max_plate_nesting(model, self.wrap_guide(guide), args, kwargs)
 
+    @property
+    def num_draws(self) -> int:
+        """Samples drawn per data point in one evaluation: K here; objectives that draw several
+        groups of K (MIWAE, PIWAE) draw more."""
+        return self.num_particles
+
     def wrap_guide(self, guide: Callable) -> Callable:
         """Hook for objectives that change how the guide samples (e.g. cut pathwise gradients)."""
         return guide
 
     def log_weights(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> LogWeights:
-        """Draw K vectorized particles and reduce them to per-data-point log-weights."""
+        """Draw :attr:`num_draws` vectorized particles and reduce them to per-data-point log-weights."""
         guide = self.wrap_guide(guide)
         if self.max_plate_nesting == float("inf"):
             self.max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
 
         model_trace, guide_trace = vectorized_traces(
-            model, guide, args, kwargs, self.num_particles, int(self.max_plate_nesting)
+            model, guide, args, kwargs, self.num_draws, int(self.max_plate_nesting)
         )
         finish = self.prepare_traces(model_trace, guide_trace)
         weights = per_datapoint_log_weights(
-            model_trace, guide_trace, self.num_particles, int(self.max_plate_nesting), self.plate_name
+            model_trace, guide_trace, self.num_draws, int(self.max_plate_nesting), self.plate_name
         )
         if finish is not None:
             finish(weights)

@@ -39,6 +39,22 @@ def vimco_learning_signal(log_w: torch.Tensor) -> torch.Tensor:
     return signal
 
 
+def iwae_value_and_score_term(weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
+    """The IWAE bound (N/B) Σ_b log (1/K) Σ_k w_kb of ``(K, B)`` log-weights, and its score-function
+    surrogate: VIMCO's leave-one-out signal for K >= 2, the bound itself (no baseline) for K = 1."""
+    log_w = weights.log_w
+    bound = log_mean_exp(log_w)
+    assert bound.shape == log_w.shape[-1:]
+    value = weights.plate_scale * bound.sum()
+    if weights.score_log_q is None:
+        return value, torch.zeros((), device=log_w.device)
+    if log_w.shape[0] == 1:
+        signal = bound.detach().unsqueeze(0)
+    else:
+        signal = vimco_learning_signal(log_w)
+    return value, weights.plate_scale * (signal * weights.score_log_q).sum()
+
+
 class IWAE(PerDatapointObjective):
     r"""The importance-weighted autoencoder bound with K samples,
 
@@ -104,17 +120,7 @@ class IWAE(PerDatapointObjective):
         return weight_the_sample_gradients
 
     def value_and_score_term(self, weights: LogWeights) -> tuple[torch.Tensor, torch.Tensor]:
-        log_w = weights.log_w
-        bound = log_mean_exp(log_w)
-        assert bound.shape == log_w.shape[-1:]
-        value = weights.plate_scale * bound.sum()
-        if weights.score_log_q is None:
-            return value, torch.zeros((), device=log_w.device)
-        if self.num_particles == 1:
-            signal = bound.detach().unsqueeze(0)
-        else:
-            signal = vimco_learning_signal(log_w)
-        return value, weights.plate_scale * (signal * weights.score_log_q).sum()
+        return iwae_value_and_score_term(weights)
 
 
 class STLELBO(PerDatapointObjective):
