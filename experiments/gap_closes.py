@@ -30,7 +30,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--out", type=str, default="docs/gap_closes", help="output folder")
     parser.add_argument("--guides", nargs="+", default=list(GUIDES), choices=list(GUIDES), help="guides compared")
     parser.add_argument("--steps", type=int, default=3000, help="Adam steps per guide (full batch)")
-    parser.add_argument("--lr", type=float, default=0.03, help="initial step size (decays to 1 %% of it)")
+    parser.add_argument("--lrs", type=float, nargs="+", default=[0.03, 0.01],
+                        help="initial step sizes tried per guide (each decays to 1 %% of itself); the best ELBO is kept")
     parser.add_argument("--particles", type=int, default=8, help="draws per point in the training ELBO")
     parser.add_argument("--draws", type=int, default=4000, help="draws per point in the reported ELBO")
     parser.add_argument("--flow-layers", type=int, default=4, help="layers of each flow")
@@ -63,7 +64,7 @@ def main(argv: list[str] | None = None) -> dict:
     out.mkdir(parents=True, exist_ok=True)
     torch.set_default_dtype(torch.float64)
     try:
-        settings = StudySettings(steps=args.steps, lr=args.lr, particles=args.particles, draws=args.draws,
+        settings = StudySettings(steps=args.steps, lrs=tuple(args.lrs), particles=args.particles, draws=args.draws,
                                  flow_layers=args.flow_layers, hidden=tuple(args.hidden))
         linear = linear_study(settings, num_points=args.num_points, guides=args.guides)
         banana, trained = banana_study(settings, num_points=args.num_points, seed=args.seed, guides=args.guides)
