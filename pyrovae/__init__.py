@@ -38,7 +38,7 @@ from pyrovae.infer.evaluate import (
 from pyrovae.infer.local import LocalFitHistory, optimize_local_guide
 from pyrovae.infer.objectives import IWAE, OBJECTIVES, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
-from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
+from pyrovae.models import VAE, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit
@@ -52,6 +52,7 @@ __all__ = [
     "Dataset",
     "Decoder",
     "ExactPosteriorGuide",
+    "FlowPrior",
     "HierarchicalGuide",
     "HierarchicalVAE",
     "GaussianEncoder",
@@ -62,6 +63,7 @@ __all__ = [
     "LazyAdam",
     "LocalFitHistory",
     "LinearGaussian",
+    "MixturePrior",
     "MixturePriorGuide",
     "MLP",
     "OBJECTIVES",
@@ -72,6 +74,7 @@ __all__ = [
     "SemiAmortizedGuide",
     "TrainConfig",
     "VAE",
+    "VampPrior",
     "active_units",
     "build",
     "evaluate_dataset",
