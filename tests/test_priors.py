@@ -26,7 +26,7 @@ from pyrovae.handlers import data_plate
 from pyrovae.infer.evaluate import importance_sampling, kl_to_prior
 from pyrovae.infer.objectives import make_objective
 from pyrovae.models import VAE
-from pyrovae.models.priors import FlowPrior, MixturePrior, VampPrior
+from pyrovae.models.priors import DiagonalMixture, FlowPrior, MixturePrior, VampPrior, diagonal_mixture
 from pyrovae.nets import Decoder, GaussianEncoder
 from pyrovae.train import fit
 
@@ -90,6 +90,22 @@ def test_mixture_log_density_is_the_weighted_sum_of_its_gaussians():
     z_drawn, _, _ = model.sample(500)
     assert torch.allclose(z_drawn.mean(0), torch.full((z_dim,), 5.0), atol=0.03)
     assert torch.allclose(z_drawn.std(0), torch.full((z_dim,), 0.1), atol=0.02)
+
+
+def test_the_grouped_mixture_density_is_pyros_mixture_same_family(monkeypatch):
+    loc, scale, logits = torch.randn(7, 3), torch.rand(7, 3) + 0.2, torch.randn(7)
+    loc.requires_grad_(True)
+    ours = diagonal_mixture(loc, scale, logits).expand([4])
+    pyros = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1)).expand([4])
+    monkeypatch.setattr(DiagonalMixture, "max_elements", 13)  # groups of one component
+    z = torch.randn(5, 4, 3)
+    for fn in (ours, ours.expand([5, 4])):
+        assert isinstance(fn, DiagonalMixture)
+        assert torch.allclose(fn.log_prob(z), pyros.log_prob(z), atol=1e-6)
+    grad_ours, = torch.autograd.grad(ours.log_prob(z).sum(), loc)
+    grad_pyros, = torch.autograd.grad(pyros.log_prob(z).sum(), loc)
+    assert torch.allclose(grad_ours, grad_pyros, atol=1e-6)
+    assert ours.log_prob(z[0, 0]).shape == (4,)
 
 
 @pytest.mark.parametrize("kind", ["affine", "spline"])

@@ -48,6 +48,7 @@ draw), and :func:`pyrovae.kl_to_prior` does the same.
 
 from __future__ import annotations
 
+import math
 from typing import Optional, Sequence
 
 import pyro.distributions as dist
@@ -59,11 +60,13 @@ from torch.nn import functional as F
 from pyrovae.params import register
 
 __all__ = [
+    "DiagonalMixture",
     "FLOW_PRIOR_KINDS",
     "FlowPrior",
     "MixturePrior",
     "StandardNormalPrior",
     "VampPrior",
+    "diagonal_mixture",
     "paper_pseudo_inputs",
     "pseudo_inputs_from_data",
 ]
@@ -85,6 +88,58 @@ class StandardNormalPrior:
     def __call__(self, batch_size: int, device: torch.device | str) -> dist.TorchDistribution:
         zeros = torch.zeros(batch_size, self.z_dim, device=device)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
+
+
+class DiagonalMixture(dist.MixtureSameFamily):
+    """Pyro's ``MixtureSameFamily`` of diagonal Gaussians (components ``Normal(loc, scale).to_event(1)``)
+    whose ``log_prob`` scores the components a group at a time with Pyro's ``Normal.log_prob`` on the
+    parameters as given (not on their copies expanded over particles and points). Importance sampling
+    of a VampPrior on MNIST asks for 100 particles × 100 points × K = 500 components × 50 latent
+    dimensions at once: 1 GB per intermediate (5.5 GB at the peak, measured) for
+    ``MixtureSameFamily.log_prob``; here one group's ``(..., group, z_dim)`` tensor stays under
+    :attr:`max_elements`. The value is ``MixtureSameFamily.log_prob``'s:
+    logsumexp_k [log π_k + log N(z; μ_k, diag σ_k²)].
+
+    Build it with :func:`diagonal_mixture`.
+    """
+
+    #: The most elements of one group's ``(..., group, z_dim)`` log-density tensor.
+    max_elements = 1 << 22
+    _loc: Optional[torch.Tensor] = None
+    _scale: Optional[torch.Tensor] = None
+
+    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+        new = super().expand(batch_shape, _instance)
+        new._loc, new._scale = self._loc, self._scale
+        return new
+
+    def log_prob(self, value: torch.Tensor) -> torch.Tensor:
+        if self._validate_args:
+            self._validate_sample(value)
+        if self._loc is None or self._scale is None:
+            normal = self.component_distribution.base_dist
+            loc, scale = normal.loc, normal.scale
+        else:
+            loc, scale = self._loc, self._scale  # (..., K, z_dim), broadcastable to the batch
+        value = value.unsqueeze(-2)  # (..., 1, z_dim)
+        batch = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
+        group = max(1, self.max_elements // max(1, math.prod(batch) * loc.shape[-1]))
+        num = loc.shape[-2]
+        log_prob_z = torch.cat([
+            dist.Normal(loc[..., start:start + group, :], scale[..., start:start + group, :]).log_prob(value).sum(-1)
+            for start in range(0, num, group)
+        ], dim=-1)
+        log_weights = torch.log_softmax(self.mixture_distribution.logits, dim=-1)
+        out = torch.logsumexp(log_prob_z + log_weights, dim=-1)
+        return out.expand(torch.broadcast_shapes(out.shape, batch))
+
+
+def diagonal_mixture(loc: torch.Tensor, scale: torch.Tensor, logits: torch.Tensor) -> DiagonalMixture:
+    """Σ_k softmax(logits)_k N(loc_k, diag scale_k²) over the last dimension (:class:`DiagonalMixture`):
+    ``loc`` and ``scale`` of shape ``(..., K, z_dim)``, ``logits`` ``(..., K)``."""
+    mixture = DiagonalMixture(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
+    mixture._loc, mixture._scale = loc, scale
+    return mixture
 
 
 class _MixtureParams(nn.Module):
@@ -142,8 +197,7 @@ class MixturePrior:
     def __call__(self, batch_size: int, device: torch.device | str) -> dist.TorchDistribution:
         register(self.name, self.module)
         loc, scale, logits = self.components()
-        mixture = dist.MixtureSameFamily(dist.Categorical(logits=logits), dist.Normal(loc, scale).to_event(1))
-        return mixture.expand([batch_size])
+        return diagonal_mixture(loc, scale, logits).expand([batch_size])
 
 
 def paper_pseudo_inputs(num: int, x_dim: int, mean: float = 0.05, std: float = 0.01) -> torch.Tensor:
@@ -234,8 +288,8 @@ class VampPrior:
         register(self.encoder_name, self.encoder)  # the guide's name: one store entry per tensor
         register(self.name, self.module)
         loc, scale = self.components()
-        uniform = dist.Categorical(logits=torch.zeros(self.num_pseudo_inputs, device=loc.device, dtype=loc.dtype))
-        return dist.MixtureSameFamily(uniform, dist.Normal(loc, scale).to_event(1)).expand([batch_size])
+        uniform = torch.zeros(self.num_pseudo_inputs, device=loc.device, dtype=loc.dtype)
+        return diagonal_mixture(loc, scale, uniform).expand([batch_size])
 
 
 #: The layers :class:`FlowPrior` stacks: Pyro's autoregressive transforms, used in their fast
