@@ -125,7 +125,7 @@ def check_prior(config: Any) -> None:
         raise ConfigError(
             f"prior='vamp' is a mixture of the amortized Gaussian encoder's posteriors and shares that encoder "
             f"with the guide; guide={config.guide!r} has no such encoder: use guide='amortized', or prior='mog' "
-            "or 'flow'", "prior", "guide",
+            "or prior='flow'", "prior", "guide",
         )
     if config.prior != "normal" and config.guide == "prior":
         raise ConfigError(
