@@ -23,7 +23,7 @@ from pyrovae.app.config import ConfigError, TrainConfig
 from pyrovae.data import gaussian_mixture
 from pyrovae.guides import AmortizedGuide
 from pyrovae.handlers import data_plate
-from pyrovae.infer.evaluate import importance_sampling, kl_to_prior
+from pyrovae.infer.evaluate import evaluate_dataset, importance_sampling, kl_to_prior, log_likelihood
 from pyrovae.infer.objectives import make_objective
 from pyrovae.models import VAE
 from pyrovae.models.priors import DiagonalMixture, FlowPrior, MixturePrior, VampPrior, diagonal_mixture
@@ -233,6 +233,10 @@ def test_importance_sampled_log_px_of_a_linear_decoder_under_a_mixture_prior_is_
     assert torch.allclose(est.log_likelihood.double(), truth, atol=2e-4)
     assert torch.allclose(est.elbo.double(), truth, atol=2e-4)
     assert float(est.elbo_se.max()) < 1e-3
+    assert torch.allclose(log_likelihood(model, exact, *args, num_samples=16).double(), truth, atol=2e-4)
+    report = evaluate_dataset(model, exact, x, num_samples=16, batch_size=4, kl_samples=2000)
+    assert torch.allclose(report.log_likelihood.double(), truth, atol=2e-4)
+    assert torch.allclose(report.gap.double(), torch.zeros(n, dtype=torch.float64), atol=2e-4)
     # a broad proposal converges to it within its standard error
     est = importance_sampling(model, _broad_proposal, *args, num_samples=20000, chunk_size=5000)
     error = (est.log_likelihood.double() - truth).abs()
