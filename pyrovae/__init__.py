@@ -43,7 +43,7 @@ from pyrovae.infer.evaluate import (
 from pyrovae.infer.local import LocalFitHistory, optimize_local_guide
 from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
-from pyrovae.models import VAE, GaussianMixture, HierarchicalVAE, LinearGaussian
+from pyrovae.models import VAE, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit
@@ -60,6 +60,7 @@ __all__ = [
     "ExactPosteriorGuide",
     "FlowGuide",
     "FlowNet",
+    "FlowPrior",
     "FullCovarianceGuide",
     "HierarchicalGuide",
     "HierarchicalVAE",
@@ -72,6 +73,7 @@ __all__ = [
     "LocalFitHistory",
     "LinearGaussian",
     "MIWAE",
+    "MixturePrior",
     "MixturePriorGuide",
     "MLP",
     "OBJECTIVES",
@@ -85,6 +87,7 @@ __all__ = [
     "SemiAmortizedGuide",
     "TrainConfig",
     "VAE",
+    "VampPrior",
     "active_units",
     "build",
     "evaluate_dataset",

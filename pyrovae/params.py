@@ -24,7 +24,9 @@ seen registered (a weak set of such parameters, so networks that are garbage-col
 and reports what the pair touches: every param name, which params are per-datapoint rows
 (``pyro.param(..., event_dim=...)`` inside a subsampled plate: lazy Adam and data-parallel row
 reduction need them), and the networks behind the ``pyro.module`` names (found with a forward
-hook, for their buffers). :func:`state` / :func:`load_state` move that into and out of a
+hook, for their buffers); it refuses a pair that holds one tensor under two names (a network the
+model and guide share, registered under two ``pyro.module`` names: the optimizer would step it
+twice). :func:`state` / :func:`load_state` move that into and out of a
 checkpoint; :func:`pyrovae.save_params` / :func:`pyrovae.load_params`
 (:mod:`pyrovae.runtime.checkpoint`) are the public file versions.
 
@@ -215,14 +217,24 @@ def inspect(model: Callable, guide: Callable, args: tuple = (), kwargs: Optional
             model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(*args, **kwargs)
     names: set[str] = set()
     local: dict[str, int] = {}
+    holders: dict[int, set[str]] = {}
     for trace in (guide_trace, model_trace):
         for name, site in trace.nodes.items():
             if site["type"] != "param":
                 continue
             names.add(name)
+            holders.setdefault(id(site["value"].unconstrained()), set()).add(name)
             rows = _local_rows(name, site)
             if rows is not None:
                 local[name] = rows
+    shared = sorted(sorted(held) for held in holders.values() if len(held) > 1)
+    if shared:
+        raise ValueError(
+            f"the model and guide hold one tensor under several param names ({', '.join(map(repr, shared[0]))}"
+            f"{f' and {len(shared) - 1} more' if len(shared) > 1 else ''}): the optimizer steps every name, so "
+            "that tensor would be stepped more than once per step; register a network that the model and the "
+            "guide share (e.g. a VampPrior's encoder) under one pyro.module name, the guide's"
+        )
     modules = _match_modules(binder.weights, called)
     for prefix, module in modules.items():
         _MODULES[prefix] = module

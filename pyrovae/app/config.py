@@ -45,6 +45,9 @@ ActivationName = Literal["relu", "tanh", "softplus", "elu", "gelu"]
 NetworkName = Literal["mlp", "conv"]
 XScaleShape = Literal["shared", "pixel"]
 WeightInit = Literal["torch", "glorot"]
+PriorName = Literal["normal", "vamp", "mog", "flow"]
+PseudoInputInit = Literal["random", "data"]
+FlowPriorName = Literal["affine", "spline"]
 
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -260,6 +263,16 @@ class ModelConfig(_Group):
     :param num_codes_top: vqvae2: the top level's codebook size (default num_codes).
     :param codebook_ema: vqvae/vqvae2: update the codebook by moving averages with this decay γ (e.g.
         0.99) instead of the codebook loss.
+    :param prior: vae: the prior p(z): normal (N(0, I)), vamp (VampPrior, Tomczak & Welling 2018: a
+        mixture of the amortized encoder's posteriors at learned pseudo-inputs; guide amortized), mog (a
+        learned mixture of diagonal Gaussians) or flow (N(0, I) through a learned autoregressive flow).
+    :param num_pseudo_inputs: prior vamp: the number K of pseudo-inputs (500 in the paper).
+    :param pseudo_input_init: prior vamp: random (every pixel N(0.05, 0.01²), the paper code's default)
+        or data (random training points plus N(0, 0.01²) noise, the paper code's use_training_data_init).
+    :param prior_components: prior mog: the number of mixture components.
+    :param prior_flow: prior flow: affine (masked autoregressive flow, Pyro's affine_autoregressive) or
+        spline (Pyro's spline_autoregressive) layers.
+    :param prior_flow_layers: prior flow: the number of flow layers.
     """
 
     model: Optional[str] = option(None, choices=_model_choices)
@@ -278,6 +291,12 @@ class ModelConfig(_Group):
     num_codes: int = option(64, check=at_least(2))
     num_codes_top: Optional[int] = option(None, check=at_least(2), hint="or None: as num_codes")
     codebook_ema: Optional[float] = option(None, check=OPEN_UNIT, hint="e.g. 0.99")
+    prior: PriorName = option("normal")
+    num_pseudo_inputs: int = option(500, check=at_least(1))
+    pseudo_input_init: PseudoInputInit = option("random")
+    prior_components: int = option(10, check=at_least(1))
+    prior_flow: FlowPriorName = option("affine")
+    prior_flow_layers: int = option(2, check=at_least(1))
 
 
 @dataclass(frozen=True)

@@ -3,6 +3,18 @@
 from pyrovae.models.hierarchical import HierarchicalVAE, latent_site_names
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.mixture import GaussianMixture
+from pyrovae.models.priors import FlowPrior, MixturePrior, StandardNormalPrior, VampPrior
 from pyrovae.models.vae import LIKELIHOODS, VAE
 
-__all__ = ["GaussianMixture", "HierarchicalVAE", "LIKELIHOODS", "LinearGaussian", "VAE", "latent_site_names"]
+__all__ = [
+    "FlowPrior",
+    "GaussianMixture",
+    "HierarchicalVAE",
+    "LIKELIHOODS",
+    "LinearGaussian",
+    "MixturePrior",
+    "StandardNormalPrior",
+    "VAE",
+    "VampPrior",
+    "latent_site_names",
+]

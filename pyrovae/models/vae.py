@@ -1,8 +1,9 @@
-"""The standard VAE model p(z) p_θ(x|z) with a N(0, I) prior."""
+"""The standard VAE model p(z) p_θ(x|z), with a N(0, I) prior or a learned one
+(:mod:`pyrovae.models.priors`)."""
 
 from __future__ import annotations
 
-from typing import Literal, Optional
+from typing import Any, Literal, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -24,7 +25,7 @@ LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 class VAE:
     r"""The generative model of a VAE, as a Pyro function.
 
-    .. math:: z \sim \mathcal N(0, I), \qquad x \mid z \sim \mathrm{Bernoulli}(\sigma(f_θ(z)))
+    .. math:: z \sim p(z) = \mathcal N(0, I)\ \text{(or a learned prior)}, \qquad x \mid z \sim \mathrm{Bernoulli}(\sigma(f_θ(z)))
        \ \text{or}\ \mathcal N(f_θ(z), \sigma_x^2 I).
 
     Calling ``model(x, index, num_data)`` runs the model inside the plate ``data`` (rightmost batch
@@ -40,6 +41,11 @@ class VAE:
     :param x_scale_shape: ``"shared"`` (one σ_x) or ``"pixel"`` (one learned σ per pixel).
     :param beta: weight of the KL term (β-VAE); 1 is the plain VAE.
     :param name: name under which the decoder is registered with ``pyro.module``.
+    :param prior: a learned prior p(z) (:mod:`pyrovae.models.priors`: :class:`~pyrovae.models.priors.VampPrior`,
+        :class:`~pyrovae.models.priors.MixturePrior`, :class:`~pyrovae.models.priors.FlowPrior`),
+        any callable ``prior(batch_size, device) -> distribution`` of batch shape ``(batch_size,)`` and
+        event shape ``(z_dim,)``; ``None`` is N(0, I). Sampling, the ELBO and importance sampling
+        all use it (it is the :meth:`prior` hook).
 
     **References**
 
@@ -58,6 +64,7 @@ class VAE:
         beta: float = 1.0,
         name: str = "decoder",
         x_scale_shape: str = "shared",
+        prior: Optional[Any] = None,
     ) -> None:
         if x_scale_shape not in ("shared", "pixel"):
             raise ValueError(f"x_scale_shape must be 'shared' or 'pixel', got {x_scale_shape!r}")
@@ -79,6 +86,9 @@ class VAE:
         self.x_scale_shape = x_scale_shape
         self.beta = float(beta)
         self.name = name
+        if prior is not None and getattr(prior, "z_dim", self.z_dim) != self.z_dim:
+            raise ValueError(f"the prior is over {prior.z_dim} latent dimensions but z_dim={self.z_dim}")
+        self.latent_prior = prior
 
     def x_scale(self, device: torch.device, dtype: Optional[torch.dtype] = None, x_dim: Optional[int] = None) -> torch.Tensor:
         """σ_x of the Gaussian likelihood (the Pyro param ``"x_scale"`` when learned: a scalar, or
@@ -104,7 +114,9 @@ class VAE:
         return dist.Normal(out, self.x_scale(out.device, out.dtype, out.shape[-1])).to_event(1)
 
     def prior(self, batch_size: int, device: torch.device) -> dist.TorchDistribution:
-        """p(z) = N(0, I) for a batch."""
+        """p(z) for a batch: N(0, I), or the learned prior given as ``prior``."""
+        if self.latent_prior is not None:
+            return self.latent_prior(batch_size, device)
         zeros = torch.zeros(batch_size, self.z_dim, device=device)
         return dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
 

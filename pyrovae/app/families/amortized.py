@@ -9,8 +9,8 @@ from typing import Any
 from pyrovae.app.registry import GuideSpec, image_shape, model_spec
 
 
-def gaussian_encoder_guide(config: Any, dataset: Any, model: Any) -> Any:
-    from pyrovae.guides import AmortizedGuide
+def gaussian_encoder(config: Any, dataset: Any) -> Any:
+    """The MLP or convolutional Gaussian encoder the config describes, on ``config.device``."""
     from pyrovae.nets import ConvGaussianEncoder, GaussianEncoder, _conv_width
 
     shape = image_shape(config, dataset)
@@ -18,7 +18,13 @@ def gaussian_encoder_guide(config: Any, dataset: Any, model: Any) -> Any:
         GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation) if shape is None
         else ConvGaussianEncoder(shape, config.z_dim, _conv_width(config.hidden_sizes), activation=config.activation)
     )
-    return AmortizedGuide(encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized)
+    return encoder.to(config.device)
+
+
+def gaussian_encoder_guide(config: Any, dataset: Any, model: Any) -> Any:
+    from pyrovae.guides import AmortizedGuide
+
+    return AmortizedGuide(gaussian_encoder(config, dataset), beta=config.beta, reparameterized=config.reparameterized)
 
 
 def build_amortized(config: Any, dataset: Any, model: Any) -> Any:
