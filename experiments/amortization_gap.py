@@ -26,6 +26,7 @@ from pathlib import Path
 import pyro
 import torch
 from studies import amortization as study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import load_data, restore, write_json
 from pyrovae.train import evaluation_data
@@ -201,6 +202,7 @@ def run_part(args: argparse.Namespace, part: str) -> None:
     summary["torch_threads"] = torch.get_num_threads()
     summary["args"] = vars(args)
     write_json(out / f"part_{part}.json", summary)
+    write_run_record(out, args, part=part)
     torch.save({k: v.float() for k, v in per_point.items()}, out / f"part_{part}.pt")
     log(f"[{part}] done in {summary['seconds']:.0f} s")
 
@@ -214,6 +216,8 @@ def report(args: argparse.Namespace) -> dict:
         raise FileNotFoundError(f"no part_<name>.json under {out}: run some --parts first")
     results = {"parts": parts, "reference_cremer_2018": CREMER_2018}
     write_json(out / "results.json", results)
+    if args.report_only:
+        write_run_record(out, args, part="report")
     labels = {p: LABELS[p].replace(" trained with ", "\ntrained with ") for p in parts}
     study.plot_gaps({labels[p]: parts[p] for p in parts}, out / "gaps.png", reference=CREMER_2018)
     study.plot_khat({LABELS[p]: per_point[p] for p in parts}, out / "khat.png")

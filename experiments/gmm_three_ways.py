@@ -19,6 +19,7 @@ from typing import Optional, Sequence
 
 import torch
 from studies.mixture import ThreeWaysConfig, run_three_ways, save_figures
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import write_json
 
@@ -70,6 +71,7 @@ def main(args: argparse.Namespace) -> dict:
     results["figures"] = save_figures(results, fitted, dataset, out, seed=config.seed)
     results["total_seconds"] = time.perf_counter() - start
     write_json(out / "results.json", results)
+    write_run_record(out, args, configs=config, device=args.device)
     print(f"truth: held-out log-lik {results['truth_test_log_likelihood']:.4f} nats/point")
     for method, r in results["methods"].items():
         e = r["parameter_errors"]

@@ -32,6 +32,7 @@ from typing import Any, Optional
 import pyro
 import torch
 from studies import gradients as study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import write_json
 from pyrovae.data import Dataset, load_mnist
@@ -241,6 +242,7 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
     }
     write_json(out / "results.json", results)
+    write_run_record(out, args, device=args.device)
     save_figures(results, out)
     log(f"wrote {out} in {results['seconds']:.0f}s")
     return results

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyro
 import torch
 from studies import snr as study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import restore, write_json
 from pyrovae.runtime.perf import tune_malloc
@@ -73,6 +74,7 @@ def main(argv: list[str] | None = None) -> dict:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
+    write_run_record(out, args, configs=config.to_dict(), device=str(config.device))
     study.plot_snr(rows, out / "snr.png", f"IWAE gradient SNR vs K ({args.points} test images, {args.replicates} draws)")
     print("log-log slope of the encoder SNR against K:", json.dumps(slopes))
     return results

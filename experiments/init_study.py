@@ -24,10 +24,10 @@ from pathlib import Path
 from typing import Any
 
 from studies import burda
+from studies.provenance import write_run_record
 from studies.sweep import add_common_args, run_configs, setup
 
 from pyrovae.app.run import write_json
-from pyrovae.runtime.perf import machine_info
 
 #: start -> (weight_init, data_bias)
 STARTS: dict[str, tuple[str, bool]] = {
@@ -121,10 +121,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
                           after=lambda name, m: logging.info("%s: test ELBO %.2f", name, m["test_elbo"]))
     rows = summarize(results)
     summary = {"epochs": args.epochs, "study_epochs": args.study_epochs, "eval_samples": args.eval_samples,
-               "rows": rows, "machine": machine_info(args.device)}
+               "rows": rows}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_json(docs / "results.json", summary)
+    write_run_record(docs, args, configs={k: v.to_dict() for k, v in runs.items()}, device=args.device)
     table = markdown_table(rows, args.epochs, args.eval_samples)
     (docs / "table.md").write_text(table)
     plot(rows, docs / "curves.png")

@@ -10,7 +10,8 @@ its own --cells, or start the same command twice (a cell that another process is
 skipped, so each takes the next free one).
 
 Writes --docs/results.json (our table beside the paper's, the orderings, convergence of each cell,
-the budget and the machine) and --docs/curves.png (test bound per epoch).
+the budget), --docs/run.json (the command, the cells' configs, the commit and the machine of this
+run) and --docs/curves.png (test bound per epoch).
 
 Example (the committed run, two processes):
     python experiments/iwae_table.py --cells iwae-k50 k1 iwae-k5 &
@@ -26,11 +27,12 @@ from pathlib import Path
 
 import torch
 from studies import burda
+from studies.provenance import write_run_record
 from studies.sweep import run_configs
 
 from pyrovae.app.run import write_json
 from pyrovae.runtime.interrupt import TrainingInterrupted
-from pyrovae.runtime.perf import machine_info, tune_malloc
+from pyrovae.runtime.perf import tune_malloc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -86,13 +88,16 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
         "rows": rows,
         "ordering": burda.ordering_checks(rows),
         "estimators": burda.estimator_rows(results),
-        "machine": machine_info(args.device),
         "cells_missing": sorted(set(burda.TABLE_CELLS) - set(results)),
         "num_test": {cell: m["num_test"] for cell, m in results.items()},
     }
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_json(docs / "results.json", summary)
+    # The cells were trained by earlier commands (their own run folders); this run only collected them.
+    write_run_record(docs, args, device=args.device, role="report" if args.report_only else "train and report",
+                     configs={cell: m["config"] for cell, m in results.items()},
+                     cells_trained_here=[] if args.report_only else list(args.cells))
     if results:
         plot_curves(results, docs / "curves.png")
     table = markdown_table(summary)

@@ -17,6 +17,7 @@ import argparse
 import time
 
 from studies.importance import PROPOSALS, dimension_study, plot_dimension_study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import write_json
 
@@ -79,6 +80,7 @@ def main(args: argparse.Namespace) -> dict:
             f"K {k['rmse_log']:8.3f}  ESS/K {k['ess_over_k']:.3g}"
         )
     write_json(f"{args.out}/results.json", results)
+    write_run_record(args.out, args)
     plot_dimension_study(results, f"{args.out}/why_importance_sampling.png")
     return results
 
