@@ -5,7 +5,8 @@ in ``docs/*.md`` and in the ``## Results`` section of ``README.md`` must appear,
 precision, among the numbers of the JSON files of its page:
 
 - ``docs/X.md`` ↔ every ``*.json`` under ``docs/X/`` (recursively, so ``docs/iwae_table/**``), its
-  ``run.json`` (the command, the resolved arguments and the machine) included;
+  ``run.json`` (the command, the resolved arguments and the machine) included, and the JSONs of the
+  other results pages it links to (a page citing another page's number links to it);
 - a ``### `` subsection of README's ``## Results`` ↔ the JSONs of every ``docs/`` page or folder that
   subsection links to.
 
@@ -13,8 +14,10 @@ precision, among the numbers of the JSON files of its page:
 ``|x − 88.6| ≤ 0.05`` (so ``88.5499`` does not match ``88.6``; a number rounded twice fails). The sign
 is not compared (pages write ``NLL 93.57`` for ``log p̂ = −93.57``, and ``−`` is also the range dash).
 A mantissa with a power of ten (``6.6·10³²``, ``1.2 × 10⁻³``) is compared at the mantissa's precision.
-Units that change the scale of a JSON value are the only conversions: a number followed by ``%``
-may be a JSON fraction × 100, one followed by ``ms`` a JSON value in seconds × 1000.
+The only conversions: a number followed by ``%`` (alone or after a slash-separated group,
+``0.50 / 0.31 %``) may be a JSON fraction × 100, one followed by ``ms`` a JSON value in seconds ×
+1000, and a JSON value under a key named ``log10_*`` also counts as 10 to its power. Lists of more
+than ``RAW_LIST`` numbers (per-point raw data) are not searched.
 
 **Exemptions, narrowly:**
 
@@ -45,28 +48,31 @@ DOCS = ROOT / "docs"
 SUPERSCRIPT = str.maketrans("⁰¹²³⁴⁵⁶⁷⁸⁹⁻", "0123456789-")
 NUMBER = re.compile(
     r"(?<![\w.])(\d+(?:\.\d+)+)"  # digits with one or more decimal parts
-    r"(?:\s*[·×]\s*10([⁻]?[⁰¹²³⁴⁵⁶⁷⁸⁹]+))?"  # an optional power of ten
+    r"(?:\s*[·×]\s*10([⁻]?[⁰¹²³⁴⁵⁶⁷⁸⁹]+)|e([+-]?\d+)\b)?"  # an optional power of ten (6.6·10³², 1.45e6)
     r"(\s*(?:%|ms\b))?"  # an optional unit that changes the scale
 )
 GROUP = re.compile(r"((?:\d+(?:\.\d+)?\s*/\s*)+\d+(?:\.\d+)?)\s*(%|ms\b)")
 QUOTED = re.compile(r"<!--\s*quoted:([^>]*)-->")
 LINK = re.compile(r"\(((?:\.\./)?docs/([\w]+)(?:[./][^)]*)?)\)")
+PAGE_LINK = re.compile(r"\((?:\./)?([a-z_]+)(?:\.md|/)[^)]*\)")
 
 
 RAW_LIST = 1000  # a list of more numbers than this is per-point raw data, not a result a page may quote
 
 
-def _numbers(value: object) -> list[float]:
+def _numbers(value: object, log10: bool = False) -> list[float]:
     if isinstance(value, bool):
         return []
     if isinstance(value, (int, float)):
+        if log10 and abs(value) < 300:
+            return [abs(float(value)), 10.0 ** value]
         return [abs(float(value))]
     if isinstance(value, dict):
-        return [x for v in value.values() for x in _numbers(v)]
+        return [x for k, v in value.items() for x in _numbers(v, log10 or str(k).startswith("log10_"))]
     if isinstance(value, list):
         if len(value) > RAW_LIST and all(isinstance(v, (int, float)) for v in value):
             return []
-        return [x for v in value for x in _numbers(v)]
+        return [x for v in value for x in _numbers(v, log10)]
     return []
 
 
@@ -102,13 +108,14 @@ def printed_numbers(line: str) -> list[tuple[str, float, float, float]]:
             group_unit[g.start(1) + m.start()] = g.group(2)
     found = []
     for m in NUMBER.finditer(line):
-        text, exponent, unit = m.group(1), m.group(2), (m.group(3) or group_unit.get(m.start(), "")).strip()
+        text, unit = m.group(1), (m.group(4) or group_unit.get(m.start(), "")).strip()
+        exponent = m.group(2).translate(SUPERSCRIPT) if m.group(2) else m.group(3)
         if text.count(".") > 1 or text in quoted:
             continue
         decimals = len(text.split(".")[1])
-        power = 10.0 ** int(exponent.translate(SUPERSCRIPT)) if exponent else 1.0
+        power = 10.0 ** int(exponent) if exponent else 1.0
         scale = {"%": 100.0, "ms": 1000.0}.get(unit, 1.0)
-        found.append((m.group(0).strip() + ("" if m.group(3) or not unit else f" [{unit}]"), float(text),
+        found.append((m.group(0).strip() + ("" if m.group(4) or not unit else f" [{unit}]"), float(text),
                       0.5 * 10.0 ** -decimals, power / scale))
     return found
 
@@ -130,7 +137,10 @@ def pages() -> list[tuple[str, list[tuple[int, str]], list[Path]]]:
     for page in sorted(DOCS.glob("*.md")):
         if page.name == "REPRODUCE.md":
             continue
-        out.append((f"docs/{page.name}", strip_code(page.read_text()), [DOCS / page.stem]))
+        lines = strip_code(page.read_text())
+        linked = {m.group(1) for _, line in lines for m in PAGE_LINK.finditer(line)}
+        folders = [DOCS / page.stem] + sorted(DOCS / name for name in linked - {page.stem} if (DOCS / name).is_dir())
+        out.append((f"docs/{page.name}", lines, folders))
     readme = strip_code((ROOT / "README.md").read_text())
     section: list[tuple[int, str]] | None = None
     subsections: list[list[tuple[int, str]]] = []
