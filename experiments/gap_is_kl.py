@@ -64,8 +64,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0, help="seed of models, data and samples")
     parser.add_argument("--out", type=str, default="runs/gap_is_kl", help="output folder")
     parser.add_argument("--relabel", action="store_true",
-                        help="compute nothing new: add the per-label breakdown and the coloured scatter to "
-                             "--out/results.json from its stored per-point gaps and the MNIST test labels")
+                        help="compute nothing new: add the per-label breakdown, the quantiles of gap / KL and the coloured "
+                             "scatter to --out/results.json from its stored per-point results and the MNIST test labels")
     return parser.parse_args(argv)
 
 
@@ -125,9 +125,16 @@ def run_mnist(args: argparse.Namespace) -> dict:
                          title=f"Gap per point ({label})")
     plot_gap_vs_kl(per_point, f"{args.out}/mnist_gap_vs_kl.png",
                    title=f"Gap against KL(q ‖ p(z)) per point ({label})", labels=labels)
+    summary["gap_over_kl_prior_quantiles"] = ratio_quantiles(per_point)
     summary["per_point_gap"] = [round(v, 5) for v in per_point["gap"].tolist()]
     summary["per_point_kl_prior"] = [round(v, 5) for v in per_point["kl_prior"].tolist()]
     return summary
+
+
+def ratio_quantiles(per_point: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Quantiles over points of the per-point gap / KL(q ‖ p(z))."""
+    ratio = (per_point["gap"].double() / per_point["kl_prior"].double())
+    return {str(q): float(torch.quantile(ratio, q)) for q in (0.05, 0.5, 0.95)}
 
 
 def relabel(args: argparse.Namespace) -> dict:
@@ -139,6 +146,7 @@ def relabel(args: argparse.Namespace) -> dict:
     per_point = {"gap": torch.tensor(mnist["per_point_gap"]), "kl_prior": torch.tensor(mnist["per_point_kl_prior"])}
     labels = load_mnist(args.data_dir, binarize="none").test_labels[: mnist["num_points"]].cpu()
     mnist["by_label"] = summarize_by_label(per_point["gap"], per_point["kl_prior"], labels)
+    mnist["gap_over_kl_prior_quantiles"] = ratio_quantiles(per_point)
     plot_gap_vs_kl(per_point, f"{args.out}/mnist_gap_vs_kl.png", labels=labels,
                    title=f"Gap against KL(q ‖ p(z)) per point ({mnist['num_points']} MNIST test points, "
                          f"K = {mnist['num_samples']})")

@@ -178,10 +178,10 @@ PAGES = pages()
 
 
 def test_readme_has_results_sections() -> None:
-    readme_pages = [name for name, _, _ in PAGES if name.startswith("README")]
-    assert len(readme_pages) >= 4, readme_pages
-    assert all(folders for name, _, folders in PAGES if name.startswith("README (###") is False and
-               name.startswith("README") and "Results" not in name) or True
+    readme = [(name, folders) for name, _, folders in PAGES if name.startswith("README")]
+    assert len(readme) >= 5, [name for name, _ in readme]
+    assert sum(bool(folders) for _, folders in readme) >= 5  # each results subsection links its page
+    assert len([name for name, _, _ in PAGES if name.startswith("docs/")]) >= 12
 
 
 @pytest.mark.parametrize("name, lines, folders", PAGES, ids=[p[0] for p in PAGES])
@@ -195,18 +195,30 @@ def test_every_number_is_in_the_page_json(name: str, lines: list[tuple[int, str]
 
 
 def test_the_checker_catches_a_changed_digit() -> None:
-    folder = DOCS / "gmm_three_ways"
-    values = json_numbers(folder)
-    assert not unmatched([(1, "held-out log p(x): −3.4116")], [folder]) or not values
-    assert unmatched([(1, "held-out log p(x): −3.4126")], [folder])
-    assert unmatched([(1, "rounded twice: 88.6")], [DOCS / "beta_vae"]) == [] or True
+    """Break a page on purpose: one digit of a published number changed fails, the original passes."""
+    name, lines, folders = next(p for p in PAGES if p[0] == "docs/gmm_three_ways.md")
+    assert not unmatched(lines, folders)
+    (number, line), = [(n, text) for n, text in lines if "| true parameters | **−3.4085** |" in text]
+    broken = [(number, line.replace("3.4085", "3.4095"))]
+    assert unmatched(broken, folders) == [f"line {number}: 3.4095"]
+    # A number rounded twice (88.549 printed as 88.6, the old README's β = 2 distortion) fails.
+    assert unmatched([(1, "distortion 88.6")], [DOCS / "beta_vae"]) == ["line 1: 88.6"]
+    assert not unmatched([(1, "distortion 88.5")], [DOCS / "beta_vae"])
 
 
 def test_marker_and_exemptions() -> None:
     assert printed_numbers("paper 86.76 <!-- quoted: 86.76 -->") == []
+    assert [t for t, *_ in printed_numbers("paper 86.76, ours 91.10 <!-- quoted: 86.76 -->")] == ["91.10"]
     assert [t for t, *_ in printed_numbers("torch 2.14.1, ratio 0.85")] == ["0.85"]
     (text, value, half, power), = printed_numbers("6.6·10³² at d=64")
     assert (value, half, power) == (6.6, 0.05, 1e32)
-    assert printed_numbers("`--lr 1.5`") != [] and strip_code("a `--lr 1.5` b")[0][1] == "a  b"
+    (_, value, half, power), = printed_numbers("variance 4.25e5")
+    assert (value, half, power) == (4.25, 0.005, 1e5)
+    assert [t for t, *_ in printed_numbers("3.32 / 3.57 ms")] == ["3.32 [ms]", "3.57 ms"]
+    assert strip_code("a `--lr 1.5` b")[0][1] == "a  b"
+    assert strip_code("```\nx = 1.5\n```\nafter 2.5") == [(4, "after 2.5")]
     assert not appears([88.5499], 88.6, 0.05, 1.0, False)
     assert appears([88.5501], 88.6, 0.05, 1.0, False)
+    assert appears([0.00332], 3.32, 0.005, 1e-3, True) and not appears([0.00332], 3.32, 0.005, 1.0, False)
+    assert _numbers({"log10_relvar": 2.0, "n": 3}) == [2.0, 100.0, 3.0]
+    assert _numbers({"per_point": list(range(RAW_LIST + 1))}) == []
