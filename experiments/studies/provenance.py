@@ -38,7 +38,7 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
     """The commit checked out in ``repo`` and the files that differ from it (``None`` outside git)."""
     def git(*cmd: str) -> str | None:
         try:
-            done = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True, timeout=30)
+            done = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True, timeout=30, check=False)
         except (OSError, subprocess.SubprocessError):
             return None
         return done.stdout.strip() if done.returncode == 0 else None

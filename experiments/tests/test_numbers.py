@@ -161,8 +161,6 @@ def pages() -> list[tuple[str, list[Chunk]]]:
     """
     out = []
     for page in sorted(DOCS.glob("*.md")):
-        if page.name == "REPRODUCE.md":
-            continue
         chunks = []
         for paragraph in paragraphs(strip_code(page.read_text())):
             linked = {m.group(1) for _, line in paragraph for m in PAGE_LINK.finditer(line)} - {page.stem}
@@ -231,7 +229,7 @@ def test_every_number_is_in_the_page_json(name: str, chunks: list[Chunk]) -> Non
 
 def test_the_checker_catches_a_changed_digit() -> None:
     """Break a page on purpose: one digit of a published number changed fails, the original passes."""
-    name, chunks = next(p for p in PAGES if p[0] == "docs/gmm_three_ways.md")
+    _, chunks = next(p for p in PAGES if p[0] == "docs/gmm_three_ways.md")
     assert not unmatched_page(chunks)
     (number, line, folders), = [(n, text, f) for lines, f in chunks for n, text in lines
                                 if "| true parameters | **−3.4085** |" in text]
@@ -245,7 +243,7 @@ def test_marker_and_exemptions() -> None:
     assert printed_numbers("paper 86.76 <!-- quoted: 86.76 -->") == []
     assert [t for t, *_ in printed_numbers("paper 86.76, ours 91.10 <!-- quoted: 86.76 -->")] == ["91.10"]
     assert [t for t, *_ in printed_numbers("torch 2.14.1, ratio 0.85")] == ["0.85"]
-    (text, value, half, power), = printed_numbers("6.6·10³² at d=64")
+    (_, value, half, power), = printed_numbers("6.6·10³² at d=64")
     assert (value, half, power) == (6.6, 0.05, 1e32)
     (_, value, half, power), = printed_numbers("variance 4.25e5")
     assert (value, half, power) == (4.25, 0.005, 1e5)
