@@ -26,6 +26,7 @@ from pathlib import Path
 import pyro
 import torch
 from studies import amortization as study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import load_data, restore, write_json
 from pyrovae.train import evaluation_data
@@ -201,8 +202,39 @@ def run_part(args: argparse.Namespace, part: str) -> None:
     summary["torch_threads"] = torch.get_num_threads()
     summary["args"] = vars(args)
     write_json(out / f"part_{part}.json", summary)
+    write_run_record(out, args, part=part)
     torch.save({k: v.float() for k, v in per_point.items()}, out / f"part_{part}.pt")
     log(f"[{part}] done in {summary['seconds']:.0f} s")
+
+
+def derived(part: dict, per_point: dict[str, torch.Tensor]) -> dict:
+    """What the page computes from a part: the share of the amortization gap q_SA closes, how far
+    each convergence curve is below its last value, the stopping rule's shortfall, and the values of
+    the points kept for the ArviZ figures."""
+    elbo = part["elbo"]
+    out: dict = {}
+    if "semi-amortized" in elbo and "encoder" in elbo:
+        closed = elbo["semi-amortized"] - elbo["encoder"]
+        out["closed_by_semi_amortized"] = closed
+        out["closed_by_semi_amortized_fraction"] = closed / (elbo["optimised"] - elbo["encoder"])
+        out["semi_amortized_below_optimised"] = elbo["optimised"] - elbo["semi-amortized"]
+    if "encoder" in elbo:
+        out["encoder_below_optimised"] = elbo["optimised"] - elbo["encoder"]
+    curves = part.get("curves")
+    if curves:
+        out["curves_below_last"] = {
+            start: {str(step): curve["elbo"][-1] - value for step, value in zip(curve["step"], curve["elbo"])
+                    if step in (10, 20, 50, 100, 200, 500, 1000)}
+            for start, curve in curves.items() if isinstance(curve, dict) and "elbo" in curve}
+        if "from_encoder" in curves:
+            out["stopping_rule_shortfall"] = curves["from_encoder"]["elbo"][-1] - curves["reference"]["optimised"]
+        if "from_encoder" in curves and "from_prior" in curves:
+            out["from_prior_below_from_encoder_at_last_step"] = (curves["from_encoder"]["elbo"][-1]
+                                                                 - curves["from_prior"]["elbo"][-1])
+    points = part.get("inference_data_points") or []
+    out["inference_data_points"] = {
+        str(i): {key: float(value[i]) for key, value in per_point.items() if value.ndim == 1} for i in points}
+    return out
 
 
 def report(args: argparse.Namespace) -> dict:
@@ -212,8 +244,11 @@ def report(args: argparse.Namespace) -> dict:
     per_point = {p: torch.load(out / f"part_{p}.pt") for p in parts}
     if not parts:
         raise FileNotFoundError(f"no part_<name>.json under {out}: run some --parts first")
-    results = {"parts": parts, "reference_cremer_2018": CREMER_2018}
+    results = {"parts": parts, "reference_cremer_2018": CREMER_2018,
+               "derived": {p: derived(parts[p], per_point[p]) for p in parts}}
     write_json(out / "results.json", results)
+    if args.report_only:
+        write_run_record(out, args, part="report")
     labels = {p: LABELS[p].replace(" trained with ", "\ntrained with ") for p in parts}
     study.plot_gaps({labels[p]: parts[p] for p in parts}, out / "gaps.png", reference=CREMER_2018)
     study.plot_khat({LABELS[p]: per_point[p] for p in parts}, out / "khat.png")
@@ -228,7 +263,10 @@ def report(args: argparse.Namespace) -> dict:
         az = _arviz()
         idata = az.from_netcdf(str(nc))
         study.plot_marginals(idata, out / "marginals.png")
-        az.summary(idata, kind="stats").to_csv(out / "az_summary.csv", float_format="%.4f")
+        table = az.summary(idata, kind="stats")
+        table.to_csv(out / "az_summary.csv", float_format="%.4f")
+        write_json(out / "az_summary.json", {row: {k: float(v) for k, v in values.items()}
+                                             for row, values in table.to_dict(orient="index").items()})
     return results
 
 

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import torch
 from studies.sweep import add_common_args, run_configs, setup
+from studies.provenance import write_run_record
 
 from pyrovae.app.config import TrainConfig
 from pyrovae.app.plots import save_image_grid
@@ -125,6 +126,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot_rate_distortion(rows, docs / "rate_distortion.png")
     summary = {"rows": rows, "config": {k: v.to_dict() for k, v in configs.items()}, "eval_samples": args.eval_samples}
     write_json(docs / "results.json", summary)
+    write_run_record(docs, args, configs=summary["config"], device=args.device)
     return summary
 
 

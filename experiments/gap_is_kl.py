@@ -14,7 +14,9 @@ Writes results.json, gap_vs_k.png, mnist_gap_histogram.png and mnist_gap_vs_kl.p
 from __future__ import annotations
 
 import argparse
+import json
 import time
+from pathlib import Path
 
 import torch
 from studies.gap import (
@@ -25,9 +27,11 @@ from studies.gap import (
     summarize_by_label,
     train_small_vae,
 )
+from studies.provenance import write_run_record
 
 from pyrovae.app import plots
 from pyrovae.app.run import restore, test_guide, write_json
+from pyrovae.data import load_mnist
 from pyrovae.train import evaluation_data
 
 
@@ -59,6 +63,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--device", type=str, default="cpu", help="device of the MNIST part")
     parser.add_argument("--seed", type=int, default=0, help="seed of models, data and samples")
     parser.add_argument("--out", type=str, default="runs/gap_is_kl", help="output folder")
+    parser.add_argument("--relabel", action="store_true",
+                        help="compute nothing new: add the per-label breakdown, the quantiles of gap / KL and the coloured "
+                             "scatter to --out/results.json from its stored per-point results and the MNIST test labels")
     return parser.parse_args(argv)
 
 
@@ -118,17 +125,45 @@ def run_mnist(args: argparse.Namespace) -> dict:
                          title=f"Gap per point ({label})")
     plot_gap_vs_kl(per_point, f"{args.out}/mnist_gap_vs_kl.png",
                    title=f"Gap against KL(q ‖ p(z)) per point ({label})", labels=labels)
+    summary["gap_over_kl_prior_quantiles"] = ratio_quantiles(per_point)
     summary["per_point_gap"] = [round(v, 5) for v in per_point["gap"].tolist()]
     summary["per_point_kl_prior"] = [round(v, 5) for v in per_point["kl_prior"].tolist()]
     return summary
 
 
+def ratio_quantiles(per_point: dict[str, torch.Tensor]) -> dict[str, float]:
+    """Quantiles over points of the per-point gap / KL(q ‖ p(z))."""
+    ratio = (per_point["gap"].double() / per_point["kl_prior"].double())
+    return {str(q): float(torch.quantile(ratio, q)) for q in (0.05, 0.5, 0.95)}
+
+
+def relabel(args: argparse.Namespace) -> dict:
+    """Re-aggregate a finished run: ``by_label`` and ``mnist_gap_vs_kl.png`` from ``results.json``'s
+    ``per_point_gap`` / ``per_point_kl_prior`` and the labels of the first ``num_points`` test images."""
+    path = Path(args.out) / "results.json"
+    results = json.loads(path.read_text())
+    mnist = results["mnist"]
+    per_point = {"gap": torch.tensor(mnist["per_point_gap"]), "kl_prior": torch.tensor(mnist["per_point_kl_prior"])}
+    labels = load_mnist(args.data_dir, binarize="none").test_labels[: mnist["num_points"]].cpu()
+    mnist["by_label"] = summarize_by_label(per_point["gap"], per_point["kl_prior"], labels)
+    mnist["gap_over_kl_prior_quantiles"] = ratio_quantiles(per_point)
+    plot_gap_vs_kl(per_point, f"{args.out}/mnist_gap_vs_kl.png", labels=labels,
+                   title=f"Gap against KL(q ‖ p(z)) per point ({mnist['num_points']} MNIST test points, "
+                         f"K = {mnist['num_samples']})")
+    write_json(path, results)
+    write_run_record(args.out, args, role="relabel: re-aggregation of the stored per-point results")
+    return results
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.relabel:
+        return relabel(args)
     start = time.perf_counter()
     results = {"linear_gaussian": run_linear(args), "mnist": run_mnist(args)}
     results["seconds"] = time.perf_counter() - start
     results["args"] = vars(args)
     write_json(f"{args.out}/results.json", results)
+    write_run_record(args.out, args, device=args.device)
     return results
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 import pyro
 import torch
+from studies.provenance import write_run_record
 from studies.sweep import add_common_args, run_configs, setup
 
 from pyrovae.app.config import TrainConfig
@@ -117,6 +118,7 @@ def main(argv: list[str] | None = None) -> dict:
     plot(rows, docs / "sigma.png")
     summary = {"rows": rows, "eval_samples": args.eval_samples}
     write_json(docs / "results.json", summary)
+    write_run_record(docs, args, configs={k: v.to_dict() for k, v in configs.items()}, device=args.device)
     return summary
 
 

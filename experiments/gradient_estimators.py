@@ -24,6 +24,7 @@ import argparse
 import itertools
 import json
 import logging
+import math
 import pathlib
 import sys
 import time
@@ -32,6 +33,7 @@ from typing import Any, Optional
 import pyro
 import torch
 from studies import gradients as study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import write_json
 from pyrovae.data import Dataset, load_mnist
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
     add("--seed", type=int, default=0, help="seed of data, guides, networks and every draw")
     add("--device", type=str, default="cpu", help="torch device, e.g. cpu or cuda")
     add("--replot", type=str, default=None,
-        help="redraw the figures from this results.json into --out, computing nothing")
+        help="redraw the figures (and recompute variance_ratios) from this results.json into --out, measuring nothing")
     add("--threads", type=int, default=1, help="torch CPU threads (the wall-clock comparison is per thread count)")
     # linear-Gaussian
     add("--dims", type=int, nargs="+", default=[1, 2, 4, 8, 16, 32], help="latent dimensions d")
@@ -210,11 +212,33 @@ def save_figures(results: dict[str, Any], out: pathlib.Path) -> None:
     )
 
 
+def variance_ratios(results: dict[str, Any]) -> dict[str, Any]:
+    """The page's ratio tables, from the linear-Gaussian runs: per group, d and K, the variance of the
+    score estimator with a baseline over the pathwise one, and without a baseline over with one."""
+    runs = results["linear_gaussian"]["runs"]
+    variance = {(r["estimator"], r["z_dim"], r["num_particles"], group): g["variance"]
+                for r in runs for group, g in r["groups"].items()}
+    ratios: dict[str, Any] = {}
+    for (estimator, d, k, group), value in variance.items():
+        if estimator != "score-baseline":
+            continue
+        cell = ratios.setdefault(group, {}).setdefault(f"d={d} K={k}", {})
+        if ("reparameterized", d, k, group) in variance:
+            cell["baseline_over_pathwise"] = value / variance[("reparameterized", d, k, group)]
+        if ("score", d, k, group) in variance:
+            cell["none_over_baseline"] = variance[("score", d, k, group)] / value
+    return ratios
+
+
 def main(args: argparse.Namespace) -> dict[str, Any]:
     out = pathlib.Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     if args.replot is not None:
         results = json.loads(pathlib.Path(args.replot).read_text())
+        results["variance_ratios"] = variance_ratios(results)
+        results["expected_frac_abs_z_gt_3"] = math.erfc(3 / math.sqrt(2))
+        write_json(out / "results.json", results)
+        write_run_record(out, args, role="replot: figures and variance_ratios recomputed from results.json, nothing measured")
         save_figures(results, out)
         return results
     logging.getLogger("pyro").setLevel(logging.WARNING)
@@ -240,7 +264,10 @@ def main(args: argparse.Namespace) -> dict[str, Any]:
         "torch_threads": torch.get_num_threads(),
         "versions": {"torch": torch.__version__, "pyro": pyro.__version__},
     }
+    results["variance_ratios"] = variance_ratios(results)
+    results["expected_frac_abs_z_gt_3"] = math.erfc(3 / math.sqrt(2))  # P(|z| > 3) for an unbiased estimator
     write_json(out / "results.json", results)
+    write_run_record(out, args, device=args.device)
     save_figures(results, out)
     log(f"wrote {out} in {results['seconds']:.0f}s")
     return results

@@ -20,6 +20,7 @@ from pathlib import Path
 import pyro
 import torch
 from studies import snr as study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import restore, write_json
 from pyrovae.runtime.perf import tune_malloc
@@ -37,11 +38,43 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--replicates", type=int, default=500, help="gradient draws per (estimator, K)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--threads", type=int, default=None, help="torch threads")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="draw nothing: recompute the ratios of --out/results.json from its rows")
     return parser.parse_args(argv)
+
+
+def ratios(rows: list[dict]) -> dict:
+    """The page's comparisons: each estimator's encoder SNR (per coordinate and pooled) over the
+    standard IWAE estimator's at the same K, its encoder variance over IWAE's, and each SNR at the
+    largest K over the smallest."""
+    by = {(r["estimator"], r["k"]): r for r in rows}
+    ks = sorted({r["k"] for r in rows})
+    out: dict = {"vs_iwae": {}, "largest_k_over_smallest": {}}
+    for (estimator, k), r in by.items():
+        base = by.get(("iwae", k))
+        if base is not None and estimator != "iwae":
+            out["vs_iwae"][f"{estimator} K={k}"] = {
+                "encoder_snr": r["encoder"]["snr"] / base["encoder"]["snr"],
+                "encoder_snr_pooled": r["encoder"]["snr_pooled"] / base["encoder"]["snr_pooled"],
+                "encoder_variance": r["encoder"]["variance"] / base["encoder"]["variance"]}
+    for estimator in {r["estimator"] for r in rows}:
+        if (estimator, ks[0]) in by and (estimator, ks[-1]) in by:
+            first, last = by[(estimator, ks[0])], by[(estimator, ks[-1])]
+            out["largest_k_over_smallest"][estimator] = {
+                f"{part}_{stat}": last[part][stat] / first[part][stat]
+                for part in ("encoder", "decoder") for stat in ("snr", "snr_pooled")}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
+    if args.summarize_only:
+        path = Path(args.out) / "results.json"
+        results = json.loads(path.read_text())
+        results["ratios"] = ratios(results["rows"])
+        write_json(path, results)
+        write_run_record(args.out, args, role="summarize-only: ratios recomputed from results.json's rows; nothing drawn")
+        return results
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tune_malloc()
@@ -69,10 +102,12 @@ def main(argv: list[str] | None = None) -> dict:
     results = {
         "checkpoint": str(args.checkpoint), "config": config.to_dict(), "args": vars(args),
         "rows": rows, "encoder_snr_log_slope": slopes, "seconds": time.perf_counter() - start,
+        "ratios": ratios(rows),
     }
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "results.json", results)
+    write_run_record(out, args, configs=config.to_dict(), device=str(config.device))
     study.plot_snr(rows, out / "snr.png", f"IWAE gradient SNR vs K ({args.points} test images, {args.replicates} draws)")
     print("log-log slope of the encoder SNR against K:", json.dumps(slopes))
     return results

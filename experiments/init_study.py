@@ -19,15 +19,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from studies import burda
+from studies.provenance import write_run_record
 from studies.sweep import add_common_args, run_configs, setup
 
 from pyrovae.app.run import write_json
-from pyrovae.runtime.perf import machine_info
 
 #: start -> (weight_init, data_bias)
 STARTS: dict[str, tuple[str, bool]] = {
@@ -47,6 +48,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=100, help="K of the final test log-likelihood")
     parser.add_argument("--study-epochs", type=int, default=100,
                         help="the length of the iwae_table.py schedule whose first --epochs epochs are run")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train nothing: recompute the derived comparisons of --docs/results.json from its rows")
     add_common_args(parser, epochs=10)
     return parser.parse_args(argv)
 
@@ -82,6 +85,27 @@ def summarize(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     return rows
 
 
+def derived(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """The page's comparisons, with the test ELBO at the last epoch (``test_elbo_per_epoch[-1]``) and
+    the final test NLL: each start's gain over torch's start per model, what Glorot weights add to the
+    data bias, and the two-layer model against the one-layer one for the same start."""
+    by = {(r["model"], r["start"]): r for r in rows}
+
+    def elbo(r: dict[str, Any]) -> float:
+        return r["test_elbo_per_epoch"][-1]
+
+    def gain(better: dict[str, Any], base: dict[str, Any]) -> dict[str, float]:
+        return {"test_elbo_gain": elbo(better) - elbo(base), "test_nll_gain": base["test_nll"] - better["test_nll"]}
+
+    gains = {f"{model} {start}": gain(r, by[(model, "torch")])
+             for (model, start), r in by.items() if start != "torch" and (model, "torch") in by}
+    glorot = {model: gain(by[(model, "glorot+data-bias")], by[(model, "data-bias")])
+              for model in MODELS if (model, "glorot+data-bias") in by and (model, "data-bias") in by}
+    layers = {start: gain(by[("two-layer", start)], by[("one-layer", start)])
+              for start in STARTS if ("two-layer", start) in by and ("one-layer", start) in by}
+    return {"gain_over_torch_start": gains, "glorot_over_data_bias": glorot, "two_layer_over_one_layer": layers}
+
+
 def markdown_table(rows: list[dict[str, Any]], epochs: int, eval_samples: int) -> str:
     lines = [f"| model | start | test ELBO, epoch 1 | test ELBO, epoch {epochs} | test NLL (K = {eval_samples}) | "
              "KL | active units |", "|---|---|---|---|---|---|---|"]
@@ -115,16 +139,24 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.summarize_only:
+        path = Path(args.docs) / "results.json"
+        summary = json.loads(path.read_text())
+        summary["derived"] = derived(summary["rows"])
+        write_json(path, summary)
+        write_run_record(args.docs, args, role="summarize-only: derived recomputed from results.json's rows; nothing trained")
+        return summary
     setup(args)
     runs = configs(args)
     results = run_configs(runs, Path(args.out), data_dir=args.data_dir,
                           after=lambda name, m: logging.info("%s: test ELBO %.2f", name, m["test_elbo"]))
     rows = summarize(results)
     summary = {"epochs": args.epochs, "study_epochs": args.study_epochs, "eval_samples": args.eval_samples,
-               "rows": rows, "machine": machine_info(args.device)}
+               "rows": rows, "derived": derived(rows)}
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_json(docs / "results.json", summary)
+    write_run_record(docs, args, configs={k: v.to_dict() for k, v in runs.items()}, device=args.device)
     table = markdown_table(rows, args.epochs, args.eval_samples)
     (docs / "table.md").write_text(table)
     plot(rows, docs / "curves.png")

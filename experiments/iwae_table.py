@@ -10,7 +10,8 @@ its own --cells, or start the same command twice (a cell that another process is
 skipped, so each takes the next free one).
 
 Writes --docs/results.json (our table beside the paper's, the orderings, convergence of each cell,
-the budget and the machine) and --docs/curves.png (test bound per epoch).
+the budget), --docs/run.json (the command, the cells' configs, the commit and the machine of this
+run) and --docs/curves.png (test bound per epoch).
 
 Example (the committed run, two processes):
     python experiments/iwae_table.py --cells iwae-k50 k1 iwae-k5 &
@@ -21,16 +22,18 @@ Example (the committed run, two processes):
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
 import torch
 from studies import burda
+from studies.provenance import write_run_record
 from studies.sweep import run_configs
 
 from pyrovae.app.run import write_json
 from pyrovae.runtime.interrupt import TrainingInterrupted
-from pyrovae.runtime.perf import machine_info, tune_malloc
+from pyrovae.runtime.perf import tune_malloc
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
@@ -54,6 +57,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="keep torch's default initialisation instead of the paper's (Glorot weights, "
                              "decoder output bias at the logit of the mean image); use its own --out")
     parser.add_argument("--report-only", action="store_true", help="only rebuild the report from finished cells")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="train and collect nothing: recompute the derived numbers of --docs/results.json "
+                             "(margins, gaps) from its rows, and --docs/comparisons.json from the reports under --docs")
     parser.add_argument("--progress", action="store_true", help="progress bars")
     return parser.parse_args(argv)
 
@@ -86,13 +92,17 @@ def report(args: argparse.Namespace, schedule: burda.Schedule) -> dict[str, obje
         "rows": rows,
         "ordering": burda.ordering_checks(rows),
         "estimators": burda.estimator_rows(results),
-        "machine": machine_info(args.device),
         "cells_missing": sorted(set(burda.TABLE_CELLS) - set(results)),
         "num_test": {cell: m["num_test"] for cell, m in results.items()},
     }
+    summary["derived"] = burda.derived(summary)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     write_json(docs / "results.json", summary)
+    # The cells were trained by earlier commands (their own run folders); this run only collected them.
+    write_run_record(docs, args, device=args.device, role="report" if args.report_only else "train and report",
+                     configs={cell: m["config"] for cell, m in results.items()},
+                     cells_trained_here=[] if args.report_only else list(args.cells))
     if results:
         plot_curves(results, docs / "curves.png")
     table = markdown_table(summary)
@@ -172,8 +182,30 @@ def plot_curves(results: dict[str, dict], path: Path) -> None:
     plt.close(fig)
 
 
+REPORTS = {"table": ".", "300_epochs": "300_epochs", "torch_init": "torch_init", "torch_init/seed1": "torch_init/seed1"}
+
+
+def summarize_only(args: argparse.Namespace) -> dict[str, object]:
+    """Recompute ``derived`` in --docs/results.json and write --docs/comparisons.json (see --summarize-only)."""
+    docs = Path(args.docs)
+    path = docs / "results.json"
+    summary = json.loads(path.read_text())
+    summary["derived"] = burda.derived(summary)
+    write_json(path, summary)
+    role = "summarize-only: derived numbers recomputed from results.json's rows; nothing trained or collected"
+    write_run_record(docs, args, role=role)
+    reports = {name: json.loads((docs / sub / "results.json").read_text())
+               for name, sub in REPORTS.items() if (docs / sub / "results.json").exists()}
+    if len(reports) > 1:
+        write_json(docs / "comparisons.json", {"compared": {n: str(docs / REPORTS[n] / "results.json") for n in reports},
+                                               **burda.compare(reports)})
+    return summary
+
+
 def main(argv: list[str] | None = None) -> dict[str, object]:
     args = parse_args(argv)
+    if args.summarize_only:
+        return summarize_only(args)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s")
     if args.threads is not None:
         torch.set_num_threads(args.threads)

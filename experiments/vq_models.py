@@ -25,6 +25,7 @@ from pathlib import Path
 import pyro
 import torch
 from studies import vq
+from studies.provenance import write_run_record
 from studies.sweep import add_common_args, run_configs, setup
 
 from pyrovae.app.config import TrainConfig
@@ -146,6 +147,7 @@ def main(argv: list[str] | None = None) -> dict:
                      row["perplexity"], row["num_codes"], row["bound_uniform_prior"], row["bound_with_fitted_prior"])
     summary = {"rows": rows, "config": {k: v.to_dict() for k, v in configs.items()}}
     write_json(docs / "results.json", summary)
+    write_run_record(docs, args, configs=summary["config"], device=args.device)
     return summary
 
 

@@ -14,9 +14,13 @@ Writes results.json and why_importance_sampling.png under --out.
 from __future__ import annotations
 
 import argparse
+import json
+import math
 import time
+from pathlib import Path
 
 from studies.importance import PROPOSALS, dimension_study, plot_dimension_study
+from studies.provenance import write_run_record
 
 from pyrovae.app.run import write_json
 
@@ -36,10 +40,36 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="independent one-sample estimates per point")
     parser.add_argument("--seed", type=int, default=0, help="seed of the models, data and samples")
     parser.add_argument("--out", type=str, default="runs/why_importance_sampling", help="output folder")
+    parser.add_argument("--summarize-only", action="store_true",
+                        help="sample nothing: recompute the growth rates of --out/results.json from its rows")
     return parser.parse_args(argv)
 
 
+def growth(results: dict) -> dict:
+    """Per proposal, the factor by which the closed-form one-sample relative variance grows per
+    latent dimension between the two largest d, and the same in nats of Rényi-2 divergence
+    (ln 10 × the log10 slope, since D₂ = log(1 + relative variance))."""
+    out = {}
+    for proposal in {r["proposal"] for r in results["rows"]}:
+        exact = {r["z_dim"]: r["one_sample"]["log10_relvar_exact"] for r in results["rows"]
+                 if r["proposal"] == proposal and r["one_sample"]["log10_relvar_exact"] is not None}
+        dims = sorted(exact)
+        if len(dims) < 2:
+            continue
+        slope = (exact[dims[-1]] - exact[dims[-2]]) / (dims[-1] - dims[-2])
+        out[proposal] = {"between_dims": dims[-2:], "factor_per_dimension": 10.0 ** slope,
+                         "d2_nats_per_dimension": math.log(10.0) * slope}
+    return out
+
+
 def main(args: argparse.Namespace) -> dict:
+    if args.summarize_only:
+        path = f"{args.out}/results.json"
+        results = json.loads(Path(path).read_text())
+        results["growth_per_dimension"] = growth(results)
+        write_json(path, results)
+        write_run_record(args.out, args, role="summarize-only: growth rates recomputed from results.json; nothing sampled")
+        return results
     start = time.perf_counter()
     results = dimension_study(
         dims=tuple(args.dims),
@@ -78,7 +108,9 @@ def main(args: argparse.Namespace) -> dict:
             f"(exact {fmt(k['log10_relvar_exact'], True)})  RMSE log p̂ K=1 {one['rmse_log']:8.3f} "
             f"K {k['rmse_log']:8.3f}  ESS/K {k['ess_over_k']:.3g}"
         )
+    results["growth_per_dimension"] = growth(results)
     write_json(f"{args.out}/results.json", results)
+    write_run_record(args.out, args)
     plot_dimension_study(results, f"{args.out}/why_importance_sampling.png")
     return results
 

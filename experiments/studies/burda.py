@@ -180,6 +180,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                 nll=metrics["test_nll"],
                 init=init_name(metrics["config"]),
                 test_elbo=metrics["test_elbo"],
+                kl=metrics.get("kl"),
                 active_units=metrics["active_units"],
                 active_units_by_site=metrics.get("active_units_by_site"),
                 epochs=metrics["epochs"],
@@ -200,11 +201,78 @@ def estimator_rows(results: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         row: dict[str, Any] = {"cell": cell, "estimator": estimator, "k": 50}
         if metrics is not None:
             row.update(nll=metrics["test_nll"], init=init_name(metrics["config"]),
-                       test_bound=metrics["test_bound_per_epoch"][-1],
+                       test_bound=metrics["test_bound_per_epoch"][-1], test_elbo=metrics.get("test_elbo"),
+                       kl=metrics.get("kl"), test_bound_per_epoch=metrics["test_bound_per_epoch"],
+                       **{f"convergence_{k_}": v for k_, v in convergence(metrics["test_bound_per_epoch"]).items()},
                        active_units=metrics["active_units"], epochs=metrics["epochs"],
                        train_hours=sum(metrics["seconds_per_epoch"]) / 3600)
         rows.append(row)
     return rows
+
+
+def derived(summary: dict[str, Any]) -> dict[str, Any]:
+    """What the pages compute from the table, from ``summary``'s rows alone (so it can be recomputed
+    from a committed ``results.json``):
+
+    - ``margins``: for every two cells of one model (same layers), and for one against two layers in
+      the same column, ``nll(second) − nll(first)``, ours and the paper's (positive: the first is
+      better);
+    - ``gaps``: log p̂(x) − ELBO = −test_elbo − nll per cell (KL(q ‖ p(z|x)) up to log p̂'s bias);
+    - ``difference_range``: the smallest and largest ours − paper;
+    - for the encoder-gradient cells, their NLL, final test bound and ELBO differences from the standard cell.
+    """
+    rows = [r for r in summary["rows"] if r.get("nll") is not None]
+    def label(r: dict[str, Any]) -> str:
+        return f"{r['layers']}l {r['objective']} K={r['k']}"
+
+    margins = {}
+    for i, a in enumerate(rows):
+        for b in rows[i + 1:]:
+            if a["layers"] == b["layers"] or (a["objective"], a["k"]) == (b["objective"], b["k"]):
+                first, second = (a, b) if a["layers"] >= b["layers"] else (b, a)
+                margins[f"{label(first)} vs {label(second)}"] = {
+                    "ours": second["nll"] - first["nll"], "paper": second["paper_nll"] - first["paper_nll"]}
+    out: dict[str, Any] = {
+        "margins": margins,
+        "gaps": {label(r): -r["test_elbo"] - r["nll"] for r in rows if r.get("test_elbo") is not None},
+        "difference_range": [min(r["difference"] for r in rows), max(r["difference"] for r in rows)] if rows else None,
+    }
+    estimators = {r["estimator"]: r for r in summary.get("estimators", []) if r.get("nll") is not None}
+    if "standard" in estimators:
+        base = estimators["standard"]
+        out["estimators_vs_standard"] = {
+            name: {"nll_lower_by": base["nll"] - r["nll"], "test_bound_higher_by": r["test_bound"] - base["test_bound"],
+                   **({"test_elbo_higher_by": r["test_elbo"] - base["test_elbo"]}
+                      if r.get("test_elbo") is not None and base.get("test_elbo") is not None else {})}
+            for name, r in estimators.items() if name != "standard"
+        }
+    return out
+
+
+def compare(summaries: dict[str, dict[str, Any]]) -> dict[str, Any]:
+    """Numbers that compare two reports: ``summaries`` maps a name (``"table"``, ``"300_epochs"``,
+    ``"torch_init"``, ``"torch_init/seed1"``) to its ``results.json``. Each comparison is the
+    NLL / test ELBO of the same cell in two reports."""
+    def by_cell(name: str) -> dict[str, dict[str, Any]]:
+        return {r["cell"]: r for r in summaries.get(name, {}).get("rows", []) if r.get("nll") is not None}
+
+    out: dict[str, Any] = {}
+    for a, b in (("torch_init", "torch_init/seed1"), ("table", "300_epochs"), ("torch_init", "table")):
+        ra, rb = by_cell(a), by_cell(b)
+        common = sorted(set(ra) & set(rb))
+        if not common:
+            continue
+        cells = {c: {"nll_difference": rb[c]["nll"] - ra[c]["nll"],
+                     "test_elbo_difference": rb[c]["test_elbo"] - ra[c]["test_elbo"]} for c in common}
+        out[f"{b} vs {a}"] = {
+            "cells": cells,
+            "max_abs_nll_difference": max(abs(v["nll_difference"]) for v in cells.values()),
+            "max_abs_test_elbo_difference": max(abs(v["test_elbo_difference"]) for v in cells.values()),
+        }
+    torch_rows = by_cell("torch_init")
+    if "2l-k1" in torch_rows and "k1" in torch_rows:
+        out["torch_init two layers vs one layer, K=1"] = torch_rows["2l-k1"]["nll"] - torch_rows["k1"]["nll"]
+    return out
 
 
 def ordering_checks(rows: list[dict[str, Any]]) -> dict[str, Optional[bool]]:

@@ -224,10 +224,16 @@ def test_script_smoke(tmp_path: Path, mnist_root: Path) -> None:
     figures = ("variance_vs_dim.png", "snr_vs_dim.png", "mnist_gradients.png", "training_curves.png")
     for name in figures:
         assert (out / name).stat().st_size > 1000, name
-    # --replot redraws every figure from results.json alone
+    # the derived ratios the page prints: score+baseline over pathwise, per group, d and K
+    ratio = results["variance_ratios"]["guide loc"]["d=1 K=1"]
+    by = {(r["estimator"], r["num_particles"], r["z_dim"]): r["groups"]["guide loc"]["variance"] for r in runs}
+    assert ratio["baseline_over_pathwise"] == by[("score-baseline", 1, 1)] / by[("reparameterized", 1, 1)]
+    # --replot redraws every figure from results.json alone, and writes the results with their run record
     replot = tmp_path / "replot"
     script.main(script.build_parser().parse_args(["--replot", str(out / "results.json"), "--out", str(replot)]))
-    assert sorted(p.name for p in replot.iterdir()) == sorted(figures)
+    assert sorted(p.name for p in replot.iterdir()) == sorted([*figures, "results.json", "run.json"])
+    assert json.loads((replot / "results.json").read_text())["variance_ratios"] == results["variance_ratios"]
+    assert json.loads((replot / "run.json").read_text())["role"].startswith("replot")
 
 
 def test_script_flags_have_type_and_help() -> None:

@@ -1,0 +1,144 @@
+"""The run record beside every result folder: ``run.json``.
+
+Every experiment script calls :func:`write_run_record` when it writes its results, so each folder
+under ``docs/`` says how its numbers were made: the exact command, the resolved arguments (and the
+configs of the training runs), the seed, the git commit (and whether the tree had uncommitted
+changes), the machine (:func:`pyrovae.runtime.perf.machine_info`, the one machine description of the
+project) and when. A folder written in several runs (``benchmark_speed.py --merge``, the parts of
+``amortization_gap.py``, a re-plot) keeps every earlier record under ``"earlier_runs"``, newest last,
+so the record of the run that measured a number is never replaced by the one that re-plotted it.
+
+Records written afterwards from what is known (a result produced before this module existed) carry
+``"recorded": "reconstructed"`` and name their source in ``"reconstructed_from"``; records written by
+a run carry ``"recorded": "at run time"``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import datetime
+import json
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+from typing import Any
+
+from pyrovae.app.run import write_json
+from pyrovae.runtime.perf import machine_info
+
+REPO = Path(__file__).resolve().parents[2]
+RUN_FILE = "run.json"
+ENVIRONMENT = ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "PYROVAE_DATA", "CUDA_VISIBLE_DEVICES")
+
+
+def git_state(repo: Path = REPO) -> dict[str, Any]:
+    """The commit checked out in ``repo`` and the files that differ from it (``None`` outside git)."""
+    def git(*cmd: str) -> str | None:
+        try:
+            done = subprocess.run(["git", "-C", str(repo), *cmd], capture_output=True, text=True, timeout=30, check=False)
+        except (OSError, subprocess.SubprocessError):
+            return None
+        return done.stdout.strip() if done.returncode == 0 else None
+
+    status = git("status", "--porcelain", "--untracked-files=no")
+    changed = [line[3:] for line in status.splitlines()] if status else []
+    return {"commit": git("rev-parse", "HEAD"), "branch": git("rev-parse", "--abbrev-ref", "HEAD"),
+            "uncommitted_changes": changed}
+
+
+def command_line(argv: list[str] | None = None) -> str:
+    """The command as typed from the repository root: ``python experiments/x.py --flag value``."""
+    argv = list(sys.argv if argv is None else argv)
+    script = Path(argv[0]).resolve() if argv else Path("?")
+    try:
+        script_text = str(script.relative_to(REPO))
+    except ValueError:
+        script_text = argv[0] if argv else "?"
+    return shlex.join(["python", script_text, *argv[1:]])
+
+
+def jsonable(value: Any) -> Any:
+    """``value`` with namespaces, dataclasses, paths and tuples turned into JSON types."""
+    if isinstance(value, argparse.Namespace):
+        value = vars(value)
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        value = dataclasses.asdict(value)
+    if isinstance(value, dict):
+        return {str(k): jsonable(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple, set)):
+        return [jsonable(v) for v in value]
+    if isinstance(value, (str, int, float, bool)) or value is None:
+        return value
+    return str(value)
+
+
+def run_record(args: Any = None, *, seed: int | None = None, configs: Any = None, device: str = "cpu",
+               argv: list[str] | None = None, **extra: Any) -> dict[str, Any]:
+    """What :func:`write_run_record` writes: command, arguments, configs, seed, git state, machine, time."""
+    arguments = jsonable(args) if args is not None else None
+    if seed is None and isinstance(arguments, dict):
+        seed = arguments.get("seed")
+    record = {
+        "recorded": "at run time",
+        "command": command_line(argv),
+        "cwd": os.getcwd(),
+        "args": arguments,
+        "seed": seed,
+        "git": git_state(),
+        "machine": machine_info(device),
+        "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
+        "finished_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+    }
+    if configs is not None:
+        record["configs"] = jsonable(configs)
+    record.update(jsonable(extra))
+    return record
+
+
+def write_run_record(folder: str | os.PathLike, args: Any = None, **kwargs: Any) -> dict[str, Any]:
+    """Write ``folder/run.json`` for this run, keeping the folder's earlier records (see module doc)."""
+    path = Path(folder) / RUN_FILE
+    record = run_record(args, **kwargs)
+    if path.exists():
+        earlier = json.loads(path.read_text())
+        history = earlier.pop("earlier_runs", [])
+        record["earlier_runs"] = history + [earlier]
+    write_json(path, record)
+    return record
+
+
+def read_run_record(folder: str | os.PathLike) -> dict[str, Any] | None:
+    """The ``run.json`` in ``folder``, or ``None``."""
+    path = Path(folder) / RUN_FILE
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def reconstructed_record(*, commit: str, command: str | None, args: Any = None, configs: Any = None,
+                         seed: int | None = None, machine: Any = None, sources: dict[str, str],
+                         notes: str = "", **extra: Any) -> dict[str, Any]:
+    """A ``run.json`` written after the fact for a result produced before run records existed.
+
+    ``sources`` names where each field came from (e.g. ``{"commit": "git log --follow docs/x/results.json"}``);
+    a field nobody recorded is ``None`` and named in ``"not_recorded"``. Nothing here claims to have
+    been recorded at run time.
+    """
+    record = {
+        "recorded": "reconstructed",
+        "reconstructed_from": sources,
+        "command": command,
+        "args": jsonable(args),
+        "seed": seed,
+        "git": {"commit": commit, "note": "the commit that added the result files (git log --follow); "
+                                          "the code that ran was at or before it"},
+        "machine": jsonable(machine),
+        "notes": notes,
+        "not_recorded": sorted(k for k, v in {"command": command, "args": args, "seed": seed,
+                                               "machine": machine}.items() if v is None),
+    }
+    if configs is not None:
+        record["configs"] = jsonable(configs)
+    record.update(jsonable(extra))
+    return record
