@@ -20,6 +20,7 @@ from pathlib import Path
 
 import torch
 from studies.flows import GUIDES, StudySettings, banana_study, linear_study, plot_banana, plot_gaps
+from studies.provenance import write_run_record
 
 from pyrovae.app.cli import main as pyrovae_main
 from pyrovae.app.run import write_json
@@ -52,6 +53,8 @@ def train_full_cov(out: Path, epochs: int, eval_samples: int) -> dict:
     if code != 0:
         raise SystemExit(code)
     metrics = json.loads((out / "metrics.json").read_text())
+    write_run_record(out, {"argv": argv}, seed=metrics["config"]["seed"], configs=metrics["config"],
+                     role="(c) of experiments/gap_closes.py: this pyrovae train run, started by it")
     gap = metrics["test_log_likelihood_exact"] - metrics["test_elbo"]
     return {"command": "pyrovae " + " ".join(argv), "test_elbo": metrics["test_elbo"],
             "test_elbo_se": metrics["test_elbo_se"], "test_log_likelihood_exact": metrics["test_log_likelihood_exact"],
@@ -80,6 +83,7 @@ def main(argv: list[str] | None = None) -> dict:
     finally:
         torch.set_default_dtype(torch.float32)
     write_json(out / "results.json", results)
+    write_run_record(out, args, seed=args.seed)
     for study in ("linear", "banana"):
         for row in results[study]["rows"]:
             print(f"{study:7s} {row['guide']:10s} gap {row['gap']:.5f} ± {row['gap_se']:.5f}")
