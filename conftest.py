@@ -24,6 +24,18 @@ def pyro_state() -> Iterator[None]:
         yield
 
 
+@pytest.fixture
+def float64() -> Iterator[None]:
+    """torch's default dtype is float64 in the test (exact identities at float64 rounding); restored
+    after. A module asks for it in every test with ``pytestmark = pytest.mark.usefixtures("float64")``."""
+    import torch
+
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(old)
+
+
 def in_ci() -> bool:
     """Whether the tests run in continuous integration: ``$CI`` is set (GitHub Actions, GitLab CI
     and most others set ``CI=true``) to anything but ``""``, ``"0"`` or ``"false"``."""

@@ -4,8 +4,6 @@ own ``Bernoulli(logits=...).to_event(1)``: values, gradients, and Pyro's provena
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pyro
 import pyro.distributions as dist
 import pytest
@@ -21,12 +19,8 @@ from pyrovae.nets import Decoder, GaussianEncoder
 X_DIM, Z_DIM, NUM_DATA = 6, 2, 20
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+#: Every test here in float64 (the root conftest's fixture).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class PlainBernoulliVAE(VAE):

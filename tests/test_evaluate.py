@@ -12,7 +12,6 @@ estimate is corrected for where repeats measure it. Everything runs in float64.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pyro
@@ -36,12 +35,8 @@ X_DIM, Z_DIM = 4, 2
 Z_MAX = 5.0
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+#: Every test here in float64 (the root conftest's fixture).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 class Problem:

@@ -41,14 +41,6 @@ from pyrovae.nets import FullCovEncoder
 X_DIM, Z_DIM = 6, 3
 
 
-@pytest.fixture
-def float64():  # type: ignore[no-untyped-def]
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
-
-
 def _perturbed(net: torch.nn.Module, scale: float = 0.5) -> torch.nn.Module:
     # Away from the near-identity initialisation, so the log-determinants are far from 0.
     with torch.no_grad():

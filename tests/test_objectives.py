@@ -15,7 +15,6 @@ Everything runs in float64 so the exact identities hold to ~1e-10.
 from __future__ import annotations
 
 import math
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pyro
@@ -37,12 +36,8 @@ NAMES = ("elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "
 Z_MAX = 5.0  # every stochastic check: |estimate - truth| < 5 standard errors
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+#: Every test here in float64 (the root conftest's fixture).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # --------------------------------------------------------------------------------------------

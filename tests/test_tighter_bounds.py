@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Iterator
 from typing import Any, Callable
 
 import pyro
@@ -40,12 +39,8 @@ Z_MAX = 5.0  # stochastic checks: |estimate - truth| < 5 standard errors
 ROUNDING = 1e-10
 
 
-@pytest.fixture(autouse=True)
-def float64() -> Iterator[None]:
-    old = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(old)
+#: Every test here in float64 (the root conftest's fixture).
+pytestmark = pytest.mark.usefixtures("float64")
 
 
 # --------------------------------------------------------------------------------------------
