@@ -129,9 +129,11 @@ class StudySettings:
 
 def fit_best(model: Callable, kind: str, x: torch.Tensor, exact: torch.Tensor, settings: StudySettings,
              hidden: Sequence[int], stl: bool, name: str, seed: int) -> tuple[Any, dict[str, Any]]:
-    """Fit a fresh ``kind`` guide from each rate in ``settings.lrs``; the one with the smallest gap
-    (= the best ELBO) and its row, with every trial's gap in ``row["trials"]``."""
-    best: Optional[tuple[Any, dict[str, Any]]] = None
+    """Fit a fresh ``kind`` guide from each rate in ``settings.lrs`` and keep the one with the best
+    ELBO (with the model fixed, the smallest gap). The choice is made on one evaluation and the
+    reported row on a second, independent one, so the noise that picked a trial does not bias its
+    reported gap; every trial's selection gap is in ``row["trials"]``."""
+    best: Optional[tuple[Any, float, float, float]] = None
     trials = []
     for lr in settings.lrs:
         pyro.clear_param_store()
@@ -139,13 +141,16 @@ def fit_best(model: Callable, kind: str, x: torch.Tensor, exact: torch.Tensor, s
         guide = make_guide(kind, x.shape[1], 2 if name.startswith("banana") else model.z_dim, hidden,
                            settings.flow_layers, f"{name}_{lr}")
         seconds = train_guide(model, guide, x, settings.steps, lr, settings.particles, stl=stl)
-        row = {"guide": kind, "lr": lr, "train_seconds": seconds, **gap(model, guide, x, exact, settings.draws)}
-        trials.append({"lr": lr, "gap": row["gap"], "gap_se": row["gap_se"]})
-        if best is None or row["gap"] < best[1]["gap"]:
-            best = (guide, row)
+        selection = gap(model, guide, x, exact, settings.draws)
+        trials.append({"lr": lr, "selection_gap": selection["gap"], "selection_gap_se": selection["gap_se"],
+                       "train_seconds": seconds})
+        if best is None or selection["gap"] < best[1]:
+            best = (guide, selection["gap"], lr, seconds)
     assert best is not None
-    best[1]["trials"] = trials
-    return best
+    guide, _, lr, seconds = best
+    row = {"guide": kind, "lr": lr, "train_seconds": seconds, **gap(model, guide, x, exact, settings.draws),
+           "trials": trials}
+    return guide, row
 
 
 def linear_study(settings: StudySettings, z_dim: int = 3, x_dim: int = 6, num_points: int = 64, signal: float = 4.0,
@@ -238,15 +243,15 @@ def banana_study(settings: StudySettings, num_points: int = 64, curvature: float
 
 def plot_banana(model: Banana, x: torch.Tensor, guides: dict[str, Any], rows: list[dict[str, Any]], path: Any,
                 point: Optional[int] = None, samples: int = 2000) -> None:
-    """For one point x (default: the one with the largest x₂, where the posterior is a crescent
-    around the parabola z₂ = x₂ − a (z₁² − 1)): the exact posterior's density contours and draws
-    from each trained q."""
+    """For one point x (default: the one with the largest x₂ − 3|x₁|: x₁ near 0 leaves both signs
+    of z₁ possible and a large x₂ bends the posterior into a crescent along the parabola
+    z₂ = x₂ − a (z₁² − 1)): the exact posterior's density contours and draws from each trained q."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    point = int(x[:, 1].argmax()) if point is None else point
+    point = int((x[:, 1] - 3 * x[:, 0].abs()).argmax()) if point is None else point
     axis = torch.linspace(-4.0, 4.0, 321)
     grid = torch.stack(torch.meshgrid(axis, axis, indexing="ij"), -1).reshape(-1, 2)
     xi = x[point : point + 1]
