@@ -3,7 +3,8 @@
 Every experiment script calls :func:`write_run_record` when it writes its results, so each folder
 under ``docs/`` says how its numbers were made: the exact command, the resolved arguments (and the
 configs of the training runs), the seed, the git commit (and whether the tree had uncommitted
-changes), the machine (:func:`pyrovae.runtime.perf.machine_info`, the one machine description of the
+changes) *when the script started*, with the state at the end beside it if a commit or an edit
+happened while it ran (``git_at_end``), the machine (:func:`pyrovae.runtime.perf.machine_info`, the one machine description of the
 project) and when. A folder written in several runs (``benchmark_speed.py --merge``, the parts of
 ``amortization_gap.py``, a re-plot) keeps every earlier record under ``"earlier_runs"``, newest last,
 so the record of the run that measured a number is never replaced by the one that re-plotted it.
@@ -49,6 +50,22 @@ def git_state(repo: Path = REPO) -> dict[str, Any]:
             "uncommitted_changes": changed}
 
 
+#: The git state when this module was first imported: at the start of the script that imports it
+#: (the code that ran), which a commit made while a long run goes on would otherwise misreport.
+_AT_START: dict[str, Any] | None = None
+_STARTED_AT: str | None = None
+
+
+def _now() -> str:
+    return datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC")
+
+
+def mark_start() -> None:
+    """Take the git state now (done on import; call it again to start a new run in one process)."""
+    global _AT_START, _STARTED_AT
+    _AT_START, _STARTED_AT = git_state(), _now()
+
+
 def command_line(argv: list[str] | None = None) -> str:
     """The command as typed from the repository root: ``python experiments/x.py --flag value``."""
     argv = list(sys.argv if argv is None else argv)
@@ -87,11 +104,15 @@ def run_record(args: Any = None, *, seed: int | None = None, configs: Any = None
         "cwd": os.getcwd(),
         "args": arguments,
         "seed": seed,
-        "git": git_state(),
+        "git": _AT_START if _AT_START is not None else git_state(),
         "machine": machine_info(device),
         "environment": {name: os.environ[name] for name in ENVIRONMENT if name in os.environ},
-        "finished_at": datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M:%S UTC"),
+        "started_at": _STARTED_AT,
+        "finished_at": _now(),
     }
+    end = git_state()
+    if end != record["git"]:  # committed or edited while it ran: say so, keep both
+        record["git_at_end"] = end
     if configs is not None:
         record["configs"] = jsonable(configs)
     record.update(jsonable(extra))
@@ -142,3 +163,6 @@ def reconstructed_record(*, commit: str, command: str | None, args: Any = None, 
         record["configs"] = jsonable(configs)
     record.update(jsonable(extra))
     return record
+
+
+mark_start()

@@ -86,3 +86,14 @@ def test_a_script_writes_its_run_record(load_experiment, tmp_path: Path) -> None
     script.main(args)
     record = json.loads((tmp_path / "run.json").read_text())
     assert record["recorded"] == "at run time" and record["seed"] == 2 and record["args"]["dims"] == [1]
+
+
+def test_the_record_holds_the_git_state_of_the_start_and_says_when_it_changed(tmp_path: Path, monkeypatch) -> None:  # type: ignore[no-untyped-def]
+    # A long run during which the tree was committed: the record keeps the state the code ran from,
+    # and names the state at the end beside it.
+    start = {"commit": "a" * 40, "branch": "main", "uncommitted_changes": ["experiments/x.py"]}
+    monkeypatch.setattr(provenance, "_AT_START", start)
+    record = provenance.write_run_record(tmp_path, {"seed": 1})
+    assert record["git"] == start and record["git_at_end"] == provenance.git_state()
+    monkeypatch.setattr(provenance, "_AT_START", provenance.git_state())
+    assert "git_at_end" not in provenance.run_record({"seed": 1})
