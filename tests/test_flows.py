@@ -265,3 +265,18 @@ def test_the_per_datapoint_full_covariance_guide_closes_the_gap(float64) -> None
     _fit_guide_to_fixed_model(model, guide, x, steps=800)
     gap, se = _gap_and_se(model, guide, x)
     assert abs(gap) < 1e-5 and se < 1e-5, (gap, se)  # the diagonal family's floor here is 0.3
+
+
+@pytest.mark.parametrize("guide", ["full-cov", "iaf"])
+def test_glorot_init_reaches_the_new_guides_networks(guide: str) -> None:
+    # build() applies --weight-init glorot to the pyrovae networks it builds: the flow's hypernetworks
+    # and encoder too (zero biases are Glorot's mark here).
+    from pyrovae.app.build import build
+    from pyrovae.app.config import TrainConfig
+    from pyrovae.data import linear_gaussian
+
+    pyro.clear_param_store()
+    data = linear_gaussian(50, 10)
+    _, q = build(TrainConfig(dataset="linear", guide=guide, weight_init="glorot"), data)
+    linears = [m for m in q.encoder.modules() if isinstance(m, torch.nn.Linear)]
+    assert linears and all(float(m.bias.abs().max()) == 0 for m in linears)

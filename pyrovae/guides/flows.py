@@ -266,7 +266,8 @@ class FlowGuide:
     """q_φ(z|x): a normalizing flow on a Gaussian base, both conditioned on x (see the module
     docstring). Site ``"z"``, the pyrovae guide signature; swaps with any other guide.
 
-    :param net: a :class:`FlowNet` (e.g. ``FlowNet.build("iaf", x_dim, z_dim, num_layers=4)``).
+    :param net: a :class:`FlowNet` (e.g. ``FlowNet.build("iaf", x_dim, z_dim, num_layers=4)``),
+        held as ``encoder`` like every amortized guide's network (its encoder and flow layers).
     :param beta: KL weight; must equal the model's β.
     :param name: the ``pyro.module`` name of ``net``.
     """
@@ -274,20 +275,20 @@ class FlowGuide:
     amortized = True
 
     def __init__(self, net: FlowNet, beta: float = 1.0, name: str = "encoder") -> None:
-        self.net = net
+        self.encoder = net
         self.beta = float(beta)
         self.name = name
 
     def distribution(self, x: torch.Tensor) -> dist.TransformedDistribution:
         """q(z|x) for a batch, batch shape ``(B,)``, event shape ``(z_dim,)``."""
-        z_loc, z_scale, transforms = self.net(x)
+        z_loc, z_scale, transforms = self.encoder(x)
         return dist.TransformedDistribution(dist.Normal(z_loc, z_scale).to_event(1), transforms)
 
     def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
                  num_data: Optional[int] = None) -> torch.Tensor:
         if x is None:
             raise ValueError("the flow guide needs the data x: q(z|x) is a function of x")
-        register(self.name, self.net)
+        register(self.name, self.encoder)
         with data_plate(x, index, num_data):
             fn = self.distribution(x)
             with latent_scale(self.beta):

@@ -58,7 +58,7 @@ def build_flow(config: Any, dataset: Any, model: Any) -> Any:
 
     guide = flow_guide(config.guide, dataset.x_dim, config.z_dim, hidden_sizes=config.hidden_sizes,
                        num_layers=config.flow_layers, activation=config.activation, beta=config.beta)
-    guide.net.to(config.device)
+    guide.encoder.to(config.device)
     return guide
 
 
