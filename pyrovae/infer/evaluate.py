@@ -48,19 +48,25 @@ class ImportanceEstimate:
     elbo: torch.Tensor
     ess: torch.Tensor
     num_samples: int
-    elbo_se: Optional[torch.Tensor] = None
+    elbo_se: torch.Tensor
 
     @property
     def log_likelihood_se(self) -> torch.Tensor:
-        """The delta-method standard error of ``log_likelihood``: sd(w) / (√K mean w) =
-        √(1/ESS − 1/K). It is itself estimated from the weights, so it is optimistic when q misses
-        regions where p(z|x) has mass (then the ESS is overestimated too)."""
-        return (1 / self.ess - 1 / self.num_samples).clamp_min(0).sqrt()
+        """The delta-method standard error of ``log_likelihood`` (:func:`log_likelihood_se`)."""
+        return log_likelihood_se(self.ess, self.num_samples)
 
     @property
     def gap(self) -> torch.Tensor:
         """log p̂(x) - ELBO: the estimate of KL(q(z|x) ‖ p(z|x))."""
         return self.log_likelihood - self.elbo
+
+
+def log_likelihood_se(ess: torch.Tensor, num_samples: int) -> torch.Tensor:
+    """The delta-method standard error of log p̂(x) = log mean_k w_k from K = ``num_samples``
+    weights with effective sample size ``ess``: sd(w) / (√K mean w) = √(1/ESS − 1/K). It is itself
+    estimated from the weights, so it is optimistic when q misses regions where p(z|x) has mass
+    (then the ESS is overestimated too)."""
+    return (1 / ess - 1 / num_samples).clamp_min(0).sqrt()
 
 
 def _check_samples(num_samples: int, chunk_size: int) -> None:
@@ -308,7 +314,7 @@ class DatasetEvaluation:
     kl: torch.Tensor
     active_units: dict[str, int]
     num_samples: int
-    elbo_se: Optional[torch.Tensor] = None
+    elbo_se: torch.Tensor
 
     @property
     def gap(self) -> torch.Tensor:
@@ -319,11 +325,10 @@ class DatasetEvaluation:
         per-point errors combined as independent; see :attr:`ImportanceEstimate.log_likelihood_se`
         for the caveat of the latter)."""
         n = self.elbo.numel()
-        ll_se = (1 / self.ess - 1 / self.num_samples).clamp_min(0).sqrt()
-        out = {"log_likelihood_se": float(ll_se.pow(2).sum().sqrt() / n)}
-        if self.elbo_se is not None:
-            out["elbo_se"] = float(self.elbo_se.pow(2).sum().sqrt() / n)
-        return out
+        return {
+            "log_likelihood_se": float(log_likelihood_se(self.ess, self.num_samples).pow(2).sum().sqrt() / n),
+            "elbo_se": float(self.elbo_se.pow(2).sum().sqrt() / n),
+        }
 
     def summary(self) -> dict[str, float | int | dict[str, int]]:
         """Averages in nats per data point."""
@@ -387,7 +392,6 @@ def evaluate_dataset(
         )
         parts["ll"].append(est.log_likelihood.cpu())
         parts["elbo"].append(est.elbo.cpu())
-        assert est.elbo_se is not None
         parts["elbo_se"].append(est.elbo_se.cpu())
         parts["ess"].append(est.ess.cpu())
         parts["kl"].append(
