@@ -280,3 +280,14 @@ def test_glorot_init_reaches_the_new_guides_networks(guide: str) -> None:
     _, q = build(TrainConfig(dataset="linear", guide=guide, weight_init="glorot"), data)
     linears = [m for m in q.encoder.modules() if isinstance(m, torch.nn.Linear)]
     assert linears and all(float(m.bias.abs().max()) == 0 for m in linears)
+
+
+@pytest.mark.parametrize("make", [lambda: PerDatapointFullCovarianceGuide(8, Z_DIM),
+                                  lambda: PerDatapointFlowGuide(8, Z_DIM, "planar")])
+def test_local_steps_are_refused_for_the_non_diagonal_per_datapoint_guides(make) -> None:  # type: ignore[no-untyped-def]
+    # refine_rows is a Gaussian refinement of diagonal rows; another family is refused, not refined wrongly.
+    pyro.clear_param_store()
+    model, x = LinearGaussian.random(Z_DIM, X_DIM, num_points=8, seed=0)
+    guide = make()
+    with pytest.raises(ValueError, match=f"train a {type(guide).__name__} with local_steps=0"):
+        guide.refine_rows(model, x[:4], torch.arange(4), num_steps=2)

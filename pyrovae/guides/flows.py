@@ -336,12 +336,6 @@ class PerDatapointFullCovarianceGuide(PerDatapointGuide):
         fn = dist.MultivariateNormal(z_loc, scale_tril=tril)
         return fn if self.reparameterized else non_reparameterized(fn)
 
-    def refine_rows(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "local_steps refine diagonal-Gaussian rows (PerDatapointGuide) only; train a "
-            "PerDatapointFullCovarianceGuide with local_steps=0"
-        )
-
 
 #: The flows :class:`PerDatapointFlowGuide` holds per-point parameters for (vectors per layer).
 LOCAL_FLOW_KINDS = ("planar", "sylvester")
@@ -408,9 +402,3 @@ class PerDatapointFlowGuide(PerDatapointGuide):
                 matrices = sylvester_matrices(rows, self.z_dim, self.count_householder)
                 transforms.append(_ConditionedSylvester(lambda matrices=matrices: matrices))
         return dist.TransformedDistribution(dist.Normal(z_loc, z_scale).to_event(1), transforms)
-
-    def refine_rows(self, *args: Any, **kwargs: Any) -> None:
-        raise ValueError(
-            "local_steps refine diagonal-Gaussian rows (PerDatapointGuide) only; train a "
-            "PerDatapointFlowGuide with local_steps=0"
-        )

@@ -87,10 +87,16 @@ class PerDatapointGuide:
         touched; nothing is differentiated through.
 
         The model must have one latent site ``"z"`` (see
-        :func:`~pyrovae.guides.semi_amortized.gaussian_elbo`) with the β of this guide.
+        :func:`~pyrovae.guides.semi_amortized.gaussian_elbo`) with the β of this guide. A subclass
+        with another family (its own :meth:`distribution`) is refused: the refinement is Gaussian.
         """
         from pyrovae.guides.semi_amortized import refine_gaussian
 
+        if type(self).distribution is not PerDatapointGuide.distribution:
+            raise ValueError(
+                f"local_steps refine diagonal-Gaussian rows (PerDatapointGuide) only; train a "
+                f"{type(self).__name__} with local_steps=0"
+            )
         if x.shape[0] != index.shape[0]:
             raise ValueError(f"x has {x.shape[0]} points but index has {index.shape[0]} positions")
         self._check_index(index)

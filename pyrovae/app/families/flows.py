@@ -26,10 +26,6 @@ def _check_mlp(config: Any) -> None:
         )
 
 
-def check_full_cov(config: Any) -> None:
-    _check_mlp(config)
-
-
 def check_flow(config: Any) -> None:
     _check_mlp(config)
     if not config.reparameterized:
@@ -64,7 +60,7 @@ def build_flow(config: Any, dataset: Any, model: Any) -> Any:
 
 SPECS = (
     GuideSpec(name="full-cov", build=build_full_cov, help="an encoder of a full-covariance Gaussian q(z|x)",
-              options=(), check=check_full_cov),
+              options=(), check=_check_mlp),
     *(GuideSpec(name=kind, build=build_flow, help=text, options=("flow_layers",), check=check_flow)
       for kind, text in _FLOW_HELP.items()),
 )
