@@ -30,7 +30,6 @@ No file has an ``isinstance`` switch on a family: a model family that needs its 
 
 from __future__ import annotations
 
-import dataclasses
 import importlib
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Callable, Optional, Union
@@ -173,14 +172,20 @@ def _either(kind: str, names: list[str]) -> str:
 
 
 def _check_options_are_read(config: "TrainConfig", resolved: "TrainConfig", model: ModelSpec, guide: GuideSpec) -> None:
-    """An option that only some families read, set while none of the chosen ones does, is refused:
-    it would be ignored silently."""
+    """An option that only some families (or objectives) read, set while none of the chosen ones
+    does, is refused: it would be ignored silently."""
+    from pyrovae.app.config import objective_option_names
+    from pyrovae.infer.objectives import objective_parameters, objectives_taking
+
     owners: dict[str, list[tuple[str, str]]] = {}
     for kind, specs in (("model", model_specs()), ("guide", guide_specs())):
         for spec in specs.values():
             for name in spec.options:
                 owners.setdefault(name, []).append((kind, spec.name))
-    read = set(model.options) | set(guide.options)
+    # An objective's own options (num_groups, ciwae_beta) are read by the objectives that take them.
+    for name in objective_option_names():
+        owners.setdefault(name, []).extend(("objective", taker) for taker in objectives_taking(name))
+    read = set(model.options) | set(guide.options) | set(objective_parameters(resolved.objective) or ())
     for _, f in option_fields():
         if f.name not in owners or f.name in read:
             continue
@@ -199,26 +204,6 @@ def _check_options_are_read(config: "TrainConfig", resolved: "TrainConfig", mode
         )
 
 
-def _check_objective_options(config: "TrainConfig") -> None:
-    """An objective's own option (``num_groups``, ``ciwae_beta``) set away from its default for an
-    objective that does not take it is refused: it would be ignored silently."""
-    from pyrovae.app.config import ObjectiveConfig, objective_option_names
-    from pyrovae.infer.objectives import objective_parameters, objectives_taking
-
-    defaults = {f.name: f.default for f in dataclasses.fields(ObjectiveConfig)}
-    accepted = objective_parameters(config.objective) or frozenset()
-    for name in objective_option_names():
-        value = getattr(config, name)
-        if name in accepted or value == defaults[name]:
-            continue
-        takers = objectives_taking(name)
-        raise ConfigError(
-            f"{name}={value!r} is an option of objective {' or '.join(repr(n) for n in takers)}; "
-            f"objective={config.objective!r} has none: drop it, or choose {_either('objective', takers)}",
-            name, "objective",
-        )
-
-
 def check_combination(config: "TrainConfig") -> None:
     """Refuse options that do not go together, with what to use instead. The one place such checks
     are made (no data needed, so the command line checks before it writes anything); every
@@ -232,7 +217,6 @@ def check_combination(config: "TrainConfig") -> None:
     model = model_spec(resolved.model)
     guide = guide_spec(resolved.guide)
     _check_options_are_read(config, resolved, model, guide)
-    _check_objective_options(config)
     if model.guides is not None and resolved.guide not in model.guides:
         raise ConfigError(
             f"model={model.name!r} is trained with {_either('guide', list(model.guides))} only; "
