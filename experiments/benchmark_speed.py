@@ -35,7 +35,7 @@ from typing import Any, Callable
 import pyro
 import torch
 from studies import speed
-from studies.provenance import write_run_record
+from studies.provenance import rederive, write_run_record
 
 from pyrovae.app.config import TrainConfig
 from pyrovae.app.run import load_data, write_json
@@ -337,10 +337,8 @@ def bench_local(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.summarize_only:
-        results = summarize(json.loads((Path(args.out) / "results.json").read_text()))
-        write_json(Path(args.out) / "results.json", results)
-        write_run_record(args.out, args, device=args.device, role="summarize-only: derived numbers recomputed, nothing measured")
-        return results
+        return rederive(args.out, args, summarize, device=args.device,
+                        role="summarize-only: derived numbers recomputed, nothing measured")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tuned = tune_malloc()

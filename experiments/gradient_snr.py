@@ -20,7 +20,7 @@ from pathlib import Path
 import pyro
 import torch
 from studies import snr as study
-from studies.provenance import write_run_record
+from studies.provenance import rederive, write_run_record
 
 from pyrovae.app.run import restore, write_json
 from pyrovae.runtime.perf import tune_malloc
@@ -69,12 +69,8 @@ def ratios(rows: list[dict]) -> dict:
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     if args.summarize_only:
-        path = Path(args.out) / "results.json"
-        results = json.loads(path.read_text())
-        results["ratios"] = ratios(results["rows"])
-        write_json(path, results)
-        write_run_record(args.out, args, role="summarize-only: ratios recomputed from results.json's rows; nothing drawn")
-        return results
+        return rederive(args.out, args, lambda results: {**results, "ratios": ratios(results["rows"])},
+                        role="summarize-only: ratios recomputed from results.json's rows; nothing drawn")
     if args.threads is not None:
         torch.set_num_threads(args.threads)
     tune_malloc()

@@ -19,13 +19,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import json
 import logging
 from pathlib import Path
 from typing import Any
 
 from studies import burda
-from studies.provenance import write_run_record
+from studies.provenance import rederive, write_run_record
 from studies.sweep import add_common_args, run_configs, setup
 
 from pyrovae.app.run import write_json
@@ -140,12 +139,8 @@ def plot(rows: list[dict[str, Any]], path: Path) -> None:
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.summarize_only:
-        path = Path(args.docs) / "results.json"
-        summary = json.loads(path.read_text())
-        summary["derived"] = derived(summary["rows"])
-        write_json(path, summary)
-        write_run_record(args.docs, args, role="summarize-only: derived recomputed from results.json's rows; nothing trained")
-        return summary
+        return rederive(args.docs, args, lambda summary: {**summary, "derived": derived(summary["rows"])},
+                        role="summarize-only: derived recomputed from results.json's rows; nothing trained")
     setup(args)
     runs = configs(args)
     results = run_configs(runs, Path(args.out), data_dir=args.data_dir,

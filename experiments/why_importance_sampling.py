@@ -14,13 +14,11 @@ Writes results.json and why_importance_sampling.png under --out.
 from __future__ import annotations
 
 import argparse
-import json
 import math
 import time
-from pathlib import Path
 
 from studies.importance import PROPOSALS, dimension_study, plot_dimension_study
-from studies.provenance import write_run_record
+from studies.provenance import rederive, write_run_record
 
 from pyrovae.app.run import write_json
 
@@ -64,12 +62,8 @@ def growth(results: dict) -> dict:
 
 def main(args: argparse.Namespace) -> dict:
     if args.summarize_only:
-        path = f"{args.out}/results.json"
-        results = json.loads(Path(path).read_text())
-        results["growth_per_dimension"] = growth(results)
-        write_json(path, results)
-        write_run_record(args.out, args, role="summarize-only: growth rates recomputed from results.json; nothing sampled")
-        return results
+        return rederive(args.out, args, lambda results: {**results, "growth_per_dimension": growth(results)},
+                        role="summarize-only: growth rates recomputed from results.json; nothing sampled")
     start = time.perf_counter()
     results = dimension_study(
         dims=tuple(args.dims),

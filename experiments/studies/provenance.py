@@ -131,6 +131,17 @@ def write_run_record(folder: str | os.PathLike, args: Any = None, **kwargs: Any)
     return record
 
 
+def rederive(folder: str | os.PathLike, args: Any, update: Any, role: str, **extra: Any) -> dict[str, Any]:
+    """Recompute the derived numbers of ``folder/results.json`` from what it holds, measuring
+    nothing (the ``--summarize-only`` step of the scripts): ``update`` maps the stored results to the
+    new ones, which are written back, with a run record saying ``role``."""
+    path = Path(folder) / "results.json"
+    results = update(json.loads(path.read_text()))
+    write_json(path, results)
+    write_run_record(folder, args, role=role, **extra)
+    return results
+
+
 def read_run_record(folder: str | os.PathLike) -> dict[str, Any] | None:
     """The ``run.json`` in ``folder``, or ``None``."""
     path = Path(folder) / RUN_FILE
