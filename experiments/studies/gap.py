@@ -36,12 +36,12 @@ from studies.importance import (
     log_abs_expm1,
     log_weight_moment,
     make_guide,
-    random_linear_gaussian,
     replicated_importance_sampling,
 )
 from torch.distributions import kl_divergence
 
 from pyrovae.infer.evaluate import evaluate_dataset
+from pyrovae.models import LinearGaussian
 
 __all__ = [
     "GAP_GUIDES",
@@ -89,7 +89,7 @@ def linear_gaussian_gap(
     seed: int = 0,
 ) -> dict[str, Any]:
     """For each guide on a linear-Gaussian model (see
-    :func:`~studies.importance.random_linear_gaussian`): the closed-form
+    :meth:`pyrovae.models.LinearGaussian.random`): the closed-form
     KL(q ‖ p(z|x)), and the gap log p(x) − IWAE_K estimated from replicates of
     :func:`pyrovae.infer.evaluate.importance_sampling` (IWAE_1 is the ELBO), with its Monte Carlo
     standard error.
@@ -105,7 +105,7 @@ def linear_gaussian_gap(
     rows = []
     with float64(), torch.no_grad(), pyro.validation_enabled(False):
         pyro.set_rng_seed(seed)
-        model, x = random_linear_gaussian(z_dim, x_dim, num_points, signal, noise_scale, seed=seed)
+        model, x = LinearGaussian.random(z_dim, x_dim, num_points, signal, noise_scale, seed=seed)
         log_px = model.log_marginal(x)
         posterior = model.posterior(x)
         for proposal in guides:

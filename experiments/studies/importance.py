@@ -46,7 +46,6 @@ __all__ = [
     "log_weight_moment",
     "make_guide",
     "plot_dimension_study",
-    "random_linear_gaussian",
     "relative_variance_from_replicates",
     "replicated_importance_sampling",
 ]
@@ -64,18 +63,6 @@ def float64() -> Iterator[None]:
         yield
     finally:
         torch.set_default_dtype(old)
-
-
-def random_linear_gaussian(
-    z_dim: int,
-    x_dim: int,
-    num_points: int,
-    signal: float = 9.0,
-    noise_scale: float = 1.0,
-    seed: int = 0,
-) -> tuple[LinearGaussian, torch.Tensor]:
-    """:meth:`pyrovae.models.LinearGaussian.random` (the studies' name for it)."""
-    return LinearGaussian.random(z_dim, x_dim, num_points, signal, noise_scale, seed)
 
 
 @dataclass(frozen=True)
@@ -277,7 +264,7 @@ def dimension_study(
     with float64(), torch.no_grad(), pyro.validation_enabled(False):
         for d in dims:
             pyro.set_rng_seed(seed + d)
-            model, x = random_linear_gaussian(
+            model, x = LinearGaussian.random(
                 d, x_dim_ratio * d, num_points, signal, noise_scale, seed=seed + 1000 * d
             )
             log_px = model.log_marginal(x)

@@ -20,13 +20,13 @@ from studies.importance import (
     log_abs_expm1,
     log_weight_moment,
     make_guide,
-    random_linear_gaussian,
     relative_variance_from_replicates,
     replicated_importance_sampling,
 )
 from torch.distributions import MultivariateNormal
 
 from pyrovae.guides import ExactPosteriorGuide
+from pyrovae.models import LinearGaussian
 
 ROOT = Path(__file__).resolve().parents[2]
 Z_MAX = 5.0
@@ -55,7 +55,7 @@ def test_log_weight_moment_closed_forms():
 @pytest.mark.parametrize("through_proposal", [False, True])
 def test_exact_posterior_gives_zero_variance(through_proposal):
     with float64(), torch.no_grad():
-        model, x = random_linear_gaussian(3, 6, num_points=4, seed=1)
+        model, x = LinearGaussian.random(3, 6, num_points=4, seed=1)
         guide = make_guide(model, Proposal("exact")) if through_proposal else ExactPosteriorGuide(model)
         log_px = model.log_marginal(x)
         for k in (1, 10):
@@ -74,7 +74,7 @@ def test_relative_variance_matches_closed_form(proposal, z_dim):
     valid because the weights' fourth moment is finite (checked in closed form)."""
     replicates = 10_000
     with float64(), torch.no_grad():
-        model, x = random_linear_gaussian(z_dim, 2 * z_dim, num_points=2, seed=3)
+        model, x = LinearGaussian.random(z_dim, 2 * z_dim, num_points=2, seed=3)
         posterior = model.posterior(x)
         q = proposal.distribution(posterior)
         assert torch.isfinite(log_weight_moment(posterior, q, 4.0)).all()
@@ -91,13 +91,13 @@ def test_prior_relative_variance_increases_with_dimension():
     with float64(), torch.no_grad():
         exact = []
         for d in (1, 2, 4, 8, 16, 32, 64):
-            model, x = random_linear_gaussian(d, 2 * d, num_points=4, seed=5)
+            model, x = LinearGaussian.random(d, 2 * d, num_points=4, seed=5)
             posterior = model.posterior(x)
             exact.append(float(log_weight_moment(posterior, PRIOR.distribution(posterior), 2.0).mean()))
         assert all(b > a for a, b in zip(exact, exact[1:])), exact
         means, ses = [], []
         for d in (1, 4):
-            model, x = random_linear_gaussian(d, 2 * d, num_points=4, seed=5)
+            model, x = LinearGaussian.random(d, 2 * d, num_points=4, seed=5)
             ll, _, _ = replicated_importance_sampling(model, make_guide(model, PRIOR), x, 1, 20_000)
             log_v, log_se = relative_variance_from_replicates(ll - model.log_marginal(x)[:, None])
             means.append(float(log_v.exp().mean()))
