@@ -48,6 +48,7 @@ WeightInit = Literal["torch", "glorot"]
 PriorName = Literal["normal", "vamp", "mog", "flow"]
 PseudoInputInit = Literal["random", "data"]
 FlowPriorName = Literal["affine", "spline"]
+FastPathName = Literal["auto", "eager", "replay", "inductor"]
 
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -405,10 +406,16 @@ class RuntimeConfig(_Group):
 
     :param seed: random seed (data order, initialisation, sampling).
     :param device: cpu or cuda[:N].
+    :param fast_path: how each training step runs: replay (Pyro's step traced once per batch shape,
+        then its recorded tensor ops replayed; checked against Pyro on the first replay), inductor
+        (the same graph compiled), eager (Pyro's code every step), or auto (inductor for long runs,
+        pyrovae.infer.replay.AUTO_COMPILE_STEPS steps or more, where a compiler is available; else
+        replay).
     """
 
     seed: int = option(0)
     device: str = option("cpu")
+    fast_path: FastPathName = option("auto")
 
     def __post_init__(self) -> None:
         super().__post_init__()

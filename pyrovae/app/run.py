@@ -364,7 +364,7 @@ def train_and_evaluate(
             model, guide, dataset, objective,
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
             seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
-            config=config.to_dict(), progress=progress, clip_norm=config.clip_norm,
+            config=config.to_dict(), progress=progress, clip_norm=config.clip_norm, fast_path=config.fast_path,
             local_steps=config.local_steps, local_lr=config.local_lr,
         )
         # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this

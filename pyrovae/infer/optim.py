@@ -128,19 +128,10 @@ class LazyAdam(torch.optim.Optimizer):
         return state
 
     def _dense_update(self, param: Tensor, group: dict[str, Any], lr: float) -> None:
-        beta1, beta2 = group["betas"]
         state = self._init_state(param, ())
-        grad = param.grad
-        exp_avg, exp_avg_sq = state["exp_avg"], state["exp_avg_sq"]
         state["step"] += 1
-        step = float(state["step"])
-        # Same operation order as torch.optim.Adam's single-tensor path, so trajectories agree.
-        exp_avg.lerp_(grad, 1 - beta1)
-        exp_avg_sq.mul_(beta2).addcmul_(grad, grad, value=1 - beta2)
-        bias_correction1 = 1 - beta1**step
-        bias_correction2_sqrt = (1 - beta2**step) ** 0.5
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt).add_(group["eps"])
-        param.addcdiv_(exp_avg, denom, value=-lr / bias_correction1)
+        _adam_update([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
+                     lr, tuple(group["betas"]), group["eps"])
 
     @staticmethod
     @torch.no_grad()
@@ -152,7 +143,7 @@ class LazyAdam(torch.optim.Optimizer):
         (the same ops in the same order, per tensor), with ``torch._foreach_*`` kernels instead of
         a Python loop. Parameters without a gradient are skipped, as by :meth:`step`.
         """
-        buckets: dict[tuple[Any, ...], list[tuple[Tensor, dict[str, Any], float]]] = {}
+        buckets: dict[tuple[Any, ...], list[tuple[Tensor, dict[str, Any]]]] = {}
         for optimizer, param in pairs:
             if param.grad is None:
                 continue
@@ -165,24 +156,13 @@ class LazyAdam(torch.optim.Optimizer):
             group["num_steps"] += 1
             state = optimizer._init_state(param, ())
             state["step"] += 1
-            key = (tuple(group["betas"]), group["eps"], param.device, param.dtype)
-            buckets.setdefault(key, []).append((param, state, lr))
-        for (betas, eps, _, _), items in buckets.items():
-            beta1, beta2 = betas
-            params = [param for param, _, _ in items]
-            grads = [param.grad for param in params]
-            exp_avgs = [state["exp_avg"] for _, state, _ in items]
-            exp_avg_sqs = [state["exp_avg_sq"] for _, state, _ in items]
-            steps = [float(state["step"]) for _, state, _ in items]
-            torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
-            torch._foreach_mul_(exp_avg_sqs, beta2)
-            torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
-            denoms = torch._foreach_sqrt(exp_avg_sqs)
-            torch._foreach_div_(denoms, [(1 - beta2**step) ** 0.5 for step in steps])
-            torch._foreach_add_(denoms, eps)
-            torch._foreach_addcdiv_(
-                params, exp_avgs, denoms, [-lr / (1 - beta1**step) for (_, _, lr), step in zip(items, steps)]
-            )
+            key = (tuple(group["betas"]), group["eps"], param.device, param.dtype, lr)
+            buckets.setdefault(key, []).append((param, state))
+        for (betas, eps, _, _, lr), items in buckets.items():
+            params = [param for param, _ in items]
+            _adam_update(params, [param.grad for param in params], [state["exp_avg"] for _, state in items],
+                         [state["exp_avg_sq"] for _, state in items], [state["step"] for _, state in items],
+                         lr, betas, eps)
 
     def _lazy_update(self, param: Tensor, group: dict[str, Any], lr: float) -> None:
         beta1, beta2 = group["betas"]
@@ -215,6 +195,27 @@ class LazyAdam(torch.optim.Optimizer):
         state["exp_avg"].index_copy_(0, rows, exp_avg)
         state["exp_avg_sq"].index_copy_(0, rows, exp_avg_sq)
         state["step"].index_copy_(0, rows, step)
+
+
+def _adam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 steps: list[Tensor], lr: float, betas: tuple[float, float], eps: float) -> None:
+    """One Adam update of tensors of one device and dtype whose step counts are already
+    incremented: torch's fused Adam kernel on the CPU (one pass over each tensor, what
+    ``torch.optim.Adam(fused=True)`` runs), ``torch._foreach_*`` kernels elsewhere (the arithmetic of
+    ``torch.optim.Adam``'s foreach path, with the step counts kept on the CPU)."""
+    beta1, beta2 = betas
+    if params[0].device.type == "cpu":
+        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
+                           weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        return
+    counts = [float(step) for step in steps]
+    torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+    torch._foreach_mul_(exp_avg_sqs, beta2)
+    torch._foreach_addcmul_(exp_avg_sqs, grads, grads, value=1 - beta2)
+    denoms = torch._foreach_sqrt(exp_avg_sqs)
+    torch._foreach_div_(denoms, [(1 - beta2**count) ** 0.5 for count in counts])
+    torch._foreach_add_(denoms, eps)
+    torch._foreach_addcdiv_(params, exp_avgs, denoms, [-lr / (1 - beta1**count) for count in counts])
 
 
 def _check_options(group: dict[str, Any]) -> None:

@@ -13,9 +13,9 @@ from pyrovae.runtime.checkpoint import load_checkpoint
 
 __all__ = ["RESUMABLE_CHANGES", "config_differences", "data_fingerprint", "read_resumable"]
 
-#: Config fields a resumed run may change: the number of epochs, and evaluation settings, which
-#: do not touch training.
-RESUMABLE_CHANGES = frozenset({"epochs", "eval_samples", "eval_chunk", "eval_batch", "test_time_steps"})
+#: Config fields a resumed run may change: the number of epochs, evaluation settings, which do not
+#: touch training, and how the steps run (``fast_path``: the same arithmetic).
+RESUMABLE_CHANGES = frozenset({"epochs", "eval_samples", "eval_chunk", "eval_batch", "test_time_steps", "fast_path"})
 
 
 def config_differences(

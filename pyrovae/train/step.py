@@ -10,15 +10,14 @@ step with the gap. In one process without clipping it makes exactly the update `
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import torch
-from pyro import poutine
 from pyro.infer import ELBO
-from pyro.infer.util import torch_item
 from pyro.optim import PyroOptim
 
 from pyrovae.infer.loop import StepResult
+from pyrovae.infer.replay import LossAndGradsReplay, choose_backend
 from pyrovae.runtime.distributed import World, all_reduce_sum_
 
 __all__ = ["GradientStep", "StepResult"]
@@ -45,6 +44,10 @@ class GradientStep:
     :param local_params: names of per-datapoint parameters (e.g. ``guide.local_param_names``).
     :param clip_norm: maximum global L2 norm of the gradient, or ``None``.
     :param world: the process group (one process by default).
+    :param fast_path: trace ``objective.loss_and_grads`` once per structure and replay the traced
+        graph (:class:`pyrovae.infer.replay.LossAndGradsReplay`: the same loss and gradients,
+        checked against the eager step on its first replay): ``True`` or ``"replay"``, or
+        ``"inductor"`` to compile the graph; ``False`` or ``"eager"`` runs Pyro's code every step.
     """
 
     def __init__(
@@ -57,6 +60,7 @@ class GradientStep:
         local_params: frozenset[str] = frozenset(),
         clip_norm: Optional[float] = None,
         world: World = World(),
+        fast_path: Union[bool, str] = True,
     ) -> None:
         if clip_norm is not None and not clip_norm > 0:
             raise ValueError(f"clip_norm must be positive (or None for no clipping), got {clip_norm}")
@@ -67,6 +71,7 @@ class GradientStep:
         self.local_params = frozenset(local_params)
         self.clip_norm = clip_norm
         self.world = world
+        self.loss_and_grads = LossAndGradsReplay(objective, backend=choose_backend(fast_path))
 
     def __call__(
         self,
@@ -86,11 +91,9 @@ class GradientStep:
         """
         batch_index = index if batch_index is None else batch_index
         weight = len(index) / len(batch_index) if weight is None else weight
-        with poutine.trace(param_only=True) as capture:
-            loss = torch_item(self.objective.loss_and_grads(self.model, self.guide, x, index, num_data=num_data))
+        loss, params = self.loss_and_grads(self.model, self.guide, x, index, num_data=num_data)
         # Frozen params (requires_grad off, e.g. by pyrovae.infer.local.frozen_params) are not stepped: a
         # zero gradient would still move them by Adam's momentum.
-        params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
         params = {name: param for name, param in params.items() if param.requires_grad}
         names = sorted(params)  # the same order in every process
         grads = []

@@ -15,7 +15,7 @@ import os
 import signal
 import warnings
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Callable, Optional, Sequence, Union
 
 import pyro
 import torch
@@ -49,6 +49,7 @@ from pyrovae.runtime.distributed import (
 from pyrovae.runtime.interrupt import StopSignals, TrainingInterrupted
 from pyrovae.train import hooks as H
 from pyrovae.train.resume import data_fingerprint, read_resumable
+from pyrovae.infer.replay import choose_backend
 from pyrovae.train.step import GradientStep
 
 __all__ = ["bound_name", "dataset_bound", "evaluation_data", "fit"]
@@ -76,6 +77,7 @@ def fit(
     local_steps: int = 0,
     local_lr: float = 3e-2,
     hooks: Sequence[H.Hook] = (),
+    fast_path: Union[str, bool] = "auto",
 ) -> History:
     """Train ``model`` and ``guide`` by stochastic variational inference.
 
@@ -132,11 +134,19 @@ def fit(
         (stochastic variational inference with local and global steps, Hoffman et al. 2013).
         0: the rows take one Adam step with the model, like any parameter.
     :param hooks: more :class:`pyrovae.train.hooks.Hook` s, run after fit's own at every event.
+    :param fast_path: how each step runs (:mod:`pyrovae.infer.replay`): ``"replay"`` traces the
+        objective's ``loss_and_grads`` once per batch shape and replays the recorded tensor ops (the
+        same loss and gradients, checked against Pyro's eager step on the first replay; steps that
+        cannot be traced stay eager); ``"inductor"`` also compiles the graph; ``"eager"`` runs
+        Pyro's code every step; ``"auto"`` (default) is ``"inductor"`` for runs of at least
+        :data:`pyrovae.infer.replay.AUTO_COMPILE_STEPS` steps where a compiler is available, else
+        ``"replay"``. ``True``/``False`` mean ``"replay"``/``"eager"``.
     :return: the :class:`History`, also stored in the checkpoint.
     """
     world = current_world()
     _check_arguments(epochs, batch_size, lr, lr_decay, clip_norm, local_steps, local_lr)
     data = training_data(dataset, seed if test_bound else None)
+    backend = choose_backend(fast_path, epochs * math.ceil(data.num_train / batch_size), data.device)
     _check_fit(guide, data.num_train, batch_size, local_steps, world)
     saved = _open_checkpoint(checkpoint_path, resume, config, data.train, epochs, world)
     if saved is None:
@@ -158,7 +168,7 @@ def fit(
     bound = (lambda: _sharded_bound(model, guide, objective, data.test, world)) if generalises else None
     with pyro.validation_enabled(validate), StopSignals(handle_signals) as signals:
         step = FitStep(GradientStep(model, guide, objective, optimizer, local_params=local, clip_norm=clip_norm,
-                                    world=world), data.num_train, world, signals, guide, local_steps, local_lr)
+                                    world=world, fast_path=backend), data.num_train, world, signals, guide, local_steps, local_lr)
         show = H.Progress() if progress else H.EpochLog()
         trainer = Trainer(step, data.train, batch_size=batch_size, prepare=data.batch, advice=(
             f"Lower lr (--lr, now {lr}), clip gradients (clip_norm, --clip-norm), or check the data."),

@@ -10,6 +10,7 @@ from pyro.infer import ELBO
 from pyro.infer.enum import get_importance_trace
 
 from pyrovae.handlers import DATA_PLATE
+from pyrovae.infer.replay import reported_loss
 from pyrovae.infer.weights import (
     LogWeights,
     guess_max_plate_nesting,
@@ -103,7 +104,7 @@ class PerDatapointObjective(ELBO):
         loss = self.differentiable_loss(model, guide, *args, **kwargs)
         if loss.requires_grad:
             loss.backward()
-        return loss.item()
+        return reported_loss(loss)  # type: ignore[return-value]  # a tensor only while a replay traces
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:
