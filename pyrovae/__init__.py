@@ -43,6 +43,7 @@ from pyrovae.infer.evaluate import (
 from pyrovae.infer.local import LocalFitHistory, optimize_local_guide
 from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
+from pyrovae.infer.replay import LossAndGradsReplay, ReplayedELBO
 from pyrovae.models import VAE, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
@@ -71,6 +72,7 @@ __all__ = [
     "ImportanceEstimate",
     "LazyAdam",
     "LocalFitHistory",
+    "LossAndGradsReplay",
     "LinearGaussian",
     "MIWAE",
     "MixturePrior",
@@ -82,6 +84,7 @@ __all__ = [
     "PerDatapointGuide",
     "PIWAE",
     "PriorGuide",
+    "ReplayedELBO",
     "Run",
     "ScoreFunctionELBO",
     "SemiAmortizedGuide",

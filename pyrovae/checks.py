@@ -1,8 +1,11 @@
-"""Input checks shared by models and data sets: what a data tensor must be for a given likelihood."""
+"""Input checks shared by models and data sets: what a data tensor must be for a given likelihood;
+and whether a step is being traced (:func:`tracing`), when checks that read values are skipped."""
 
 from __future__ import annotations
 
-from typing import Literal, get_args
+import contextlib
+import threading
+from typing import Iterator, Literal, get_args
 
 import torch
 from torch import Tensor
@@ -58,3 +61,29 @@ def check_data(x: Tensor, likelihood: str, name: str = "x") -> None:
                 f"in [0, 1]; divide raw pixel values by 255, or use likelihood='gaussian' for "
                 f"real-valued data."
             )
+
+
+_trace = threading.local()
+
+
+def tracing() -> bool:
+    """Whether :mod:`pyrovae.infer.replay` is tracing a training step in this thread.
+
+    A trace records tensor operations only: a check that reads a tensor's value into Python (an
+    index range, a data range) cannot be part of it and would stop the trace. Such checks skip
+    themselves while tracing; they run on the eager steps (the first step of every structure,
+    and the one that verifies the replay), and an out-of-range index still fails in the replayed
+    indexing kernels.
+    """
+    return getattr(_trace, "active", False)
+
+
+@contextlib.contextmanager
+def tracing_step() -> Iterator[None]:
+    """Mark this thread as tracing (:func:`tracing`) inside."""
+    previous = tracing()
+    _trace.active = True
+    try:
+        yield
+    finally:
+        _trace.active = previous

@@ -132,8 +132,11 @@ class SignallingModel:
 
 def train_stochastic(checkpoint: pathlib.Path, resume: bool = False, signal_at_call: Optional[int] = None):
     model, guide = build_pair("stochastic")
+    # fast_path="eager": the signal is sent from the model's Python code at a given call, and a
+    # replayed step does not call the model (pyrovae.infer.replay).
     fit(SignallingModel(model, signal_at_call), guide, make_data(), make_objective("elbo"), epochs=3, batch_size=BATCH,
-        lr=0.05, seed=5, checkpoint_path=checkpoint, resume=resume, test_bound=False, progress=False)
+        lr=0.05, seed=5, checkpoint_path=checkpoint, resume=resume, test_bound=False, progress=False,
+        fast_path="eager")
     return parameters(model, guide)
 
 

@@ -48,7 +48,7 @@ WeightInit = Literal["torch", "glorot"]
 PriorName = Literal["normal", "vamp", "mog", "flow"]
 PseudoInputInit = Literal["random", "data"]
 FlowPriorName = Literal["affine", "spline"]
-FastPathName = Literal["auto", "eager", "replay", "inductor"]
+FastPathName = Literal["replay", "inductor", "eager"]
 
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -407,15 +407,14 @@ class RuntimeConfig(_Group):
     :param seed: random seed (data order, initialisation, sampling).
     :param device: cpu or cuda[:N].
     :param fast_path: how each training step runs: replay (Pyro's step traced once per batch shape,
-        then its recorded tensor ops replayed; checked against Pyro on the first replay), inductor
-        (the same graph compiled), eager (Pyro's code every step), or auto (inductor for long runs,
-        pyrovae.infer.replay.AUTO_COMPILE_STEPS steps or more, where a compiler is available; else
-        replay).
+        then its recorded tensor ops replayed: the same bits as Pyro's step, checked against it on
+        the first replay), inductor (the same graph compiled: faster, equal to rounding), or eager
+        (Pyro's code every step).
     """
 
     seed: int = option(0)
     device: str = option("cpu")
-    fast_path: FastPathName = option("auto")
+    fast_path: FastPathName = option("replay")
 
     def __post_init__(self) -> None:
         super().__post_init__()

@@ -10,6 +10,7 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch.distributions import constraints
 
+from pyrovae.checks import tracing
 from pyrovae._typing import PyroFn
 from pyrovae.distributions import diag_normal
 from pyrovae.handlers import data_plate, latent_scale
@@ -111,7 +112,7 @@ class PerDatapointGuide:
             store[f"{self.prefix}.z_scale"].unconstrained()[index] = to_positive.inv(new_scale)
 
     def _check_index(self, index: torch.Tensor) -> None:
-        if index.numel() and (index.device.type == "cpu" or is_validation_enabled()):
+        if index.numel() and not tracing() and (index.device.type == "cpu" or is_validation_enabled()):
             # Out-of-range rows would otherwise fail deep inside the plate's index_select (CPU) or
             # as an asynchronous device assert (GPU, hence checked there only under validation).
             low, high = int(index.min()), int(index.max())

@@ -47,7 +47,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
-import threading
+import weakref
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterator, Optional, Union
 
@@ -57,31 +57,27 @@ import torch.utils._pytree as pytree
 from pyro import poutine
 from pyro.infer import ELBO
 from torch import Tensor
+from torch.utils._python_dispatch import TorchDispatchMode
+
+from pyrovae.checks import tracing, tracing_step
 
 logger = logging.getLogger(__name__)
 
 #: How :class:`LossAndGradsReplay` runs a step (see its ``backend`` parameter).
 BACKENDS: tuple[str, ...] = ("eager", "replay", "inductor")
 
-#: What ``fast_path`` of :func:`pyrovae.fit` and :class:`pyrovae.train.step.GradientStep` takes:
-#: a backend, ``"auto"`` (:func:`choose_backend`), or ``True`` (``"replay"``) / ``False`` (``"eager"``).
-FAST_PATHS: tuple[str, ...] = ("auto", *BACKENDS)
+#: What ``fast_path`` of :func:`pyrovae.fit` and :class:`pyrovae.train.step.GradientStep` takes: a
+#: backend, or ``True`` (``"replay"``) / ``False`` (``"eager"``).
+FAST_PATHS: tuple[str, ...] = BACKENDS
 
-#: Under ``fast_path="auto"``, runs of at least this many steps are compiled (``"inductor"``):
-#: compiling costs ~10 s per structure on a CPU and saves ~1 ms per step there.
-AUTO_COMPILE_STEPS = 5000
-
-__all__ = ["AUTO_COMPILE_STEPS", "BACKENDS", "FAST_PATHS", "LossAndGradsReplay", "choose_backend", "ReplayedELBO", "optimize_graph", "reported_loss"]
-
-_state = threading.local()
+__all__ = [
+    "BACKENDS", "FAST_PATHS", "LossAndGradsReplay", "ReplayedELBO", "choose_backend",
+    "optimize_graph", "reported_loss",
+]
 
 
-def choose_backend(fast_path: Union[str, bool], steps: Optional[int] = None, device: Any = "cpu") -> str:
-    """The backend a ``fast_path`` setting means.
-
-    ``True`` is ``"replay"`` and ``False`` ``"eager"``; ``"auto"`` is ``"inductor"`` for a run of at
-    least :data:`AUTO_COMPILE_STEPS` steps where Inductor can compile (a C++ compiler on the CPU,
-    Triton on a GPU), else ``"replay"``.
+def choose_backend(fast_path: Union[str, bool]) -> str:
+    """The backend a ``fast_path`` setting means: ``True`` is ``"replay"``, ``False`` ``"eager"``.
 
     :raises ValueError: an unknown setting, naming the choices.
     """
@@ -91,34 +87,23 @@ def choose_backend(fast_path: Union[str, bool], steps: Optional[int] = None, dev
         return "eager"
     if fast_path not in FAST_PATHS:
         raise ValueError(f"fast_path must be one of {FAST_PATHS} (or True/False), got {fast_path!r}")
-    if fast_path != "auto":
-        return str(fast_path)
-    if steps is None or steps < AUTO_COMPILE_STEPS:
-        return "replay"
-    return "inductor" if _can_compile(torch.device(device)) else "replay"
-
-
-def _can_compile(device: torch.device) -> bool:
-    import importlib.util
-    import shutil
-
-    if device.type == "cuda":
-        return importlib.util.find_spec("triton") is not None
-    return device.type == "cpu" and any(shutil.which(cc) for cc in ("g++", "clang++", "c++"))
-
-
-def _tracing() -> bool:
-    return getattr(_state, "tracing", False)
+    return str(fast_path)
 
 
 def reported_loss(loss: Tensor) -> Union[float, Tensor]:
     """The float an objective's ``loss_and_grads`` returns: ``loss.item()``, except while
     :class:`LossAndGradsReplay` traces the step, when the tensor itself is kept in the graph."""
-    return loss if _tracing() else loss.item()
+    return loss if tracing() else loss.item()
 
 
 def _keep_tensor(value: Any, *args: Any, **kwargs: Any) -> Any:
     return value
+
+
+def _float64_value(value: Any) -> Any:
+    # torch_item(t) is float(t): the value in float64, summed by Python in float64. Keeping it as
+    # a float64 tensor makes the graph's sums those same float64 sums, bit for bit.
+    return value.detach().to(torch.float64) if isinstance(value, Tensor) else value
 
 
 @contextlib.contextmanager
@@ -130,16 +115,15 @@ def _tracing_step() -> Iterator[None]:
 
     modules = (trace_elbo, trace_mean_field_elbo)
     saved = [(module, module.torch_item, module.warn_if_nan) for module in modules]
-    _state.tracing = True
     try:
         for module in modules:
-            module.torch_item = _keep_tensor
+            module.torch_item = _float64_value
             module.warn_if_nan = _keep_tensor
-        yield
+        with tracing_step():
+            yield
     finally:
         for module, item, warn in saved:
             module.torch_item, module.warn_if_nan = item, warn
-        _state.tracing = False
 
 
 def _rng_devices(tensors: list[Tensor]) -> list[int]:
@@ -166,7 +150,7 @@ class _Graph:
     compiled: Optional[Callable[..., Any]] = None  # the Inductor-compiled module, if compiled
 
     def __call__(self, *tensors: Tensor) -> Any:
-        return (self.compiled or self.module)(*tensors)
+        return (self.module if self.compiled is None else self.compiled)(*tensors)
 
 
 @dataclass
@@ -192,7 +176,11 @@ class LossAndGradsReplay:
         and runs every call as ``objective.loss_and_grads``.
     :param verify: check the first replay of every graph against the eager step (recommended;
         ``False`` trusts the trace).
-    :param optimize: rewrite the graph with :func:`optimize_graph`.
+    :param optimize: rewrite the graph with :func:`optimize_graph` (faster softplus on the CPU).
+        Off by default: the rewrite changes results in the last bits, and then a resumed run is no
+        longer bit for bit an uninterrupted one (whose steps were replays where the resumed run's
+        first steps are eager). Without it, a replay runs the eager step's kernels in the eager
+        step's order and gives the same bits.
     :param max_graphs: structures kept at once (the oldest is dropped beyond it).
     :param rtol: relative tolerance of the verification, on each gradient's norm and the loss.
     """
@@ -203,7 +191,7 @@ class LossAndGradsReplay:
         *,
         backend: str = "replay",
         verify: bool = True,
-        optimize: bool = True,
+        optimize: bool = False,
         max_graphs: int = 8,
         rtol: float = 1e-4,
     ) -> None:
@@ -252,7 +240,8 @@ class LossAndGradsReplay:
             names = self._seen.get(key)
             if names is None:
                 loss, params = self._eager(model, guide, args, kwargs)
-                self._seen[key] = tuple(params)
+                # The structure after the step: a first step creates its params in the store.
+                self._seen[self._structure(leaves, spec, store)] = tuple(params)
                 return loss, params
             return self._trace(key, names, model, guide, leaves, spec)
         if graph is None:
@@ -301,7 +290,7 @@ class LossAndGradsReplay:
             for slot, tensor in zip(tensor_slots, tensors):
                 values[slot] = tensor
             args, kwargs = pytree.tree_unflatten(values, spec)
-            with _tracing_step(), pyro.validation_enabled(False):
+            with _tracing_step(), pyro.validation_enabled(False), _WriteGuard():
                 loss = self.objective.loss_and_grads(model, guide, *args, **kwargs)
             grads = [p.grad for p in tensors[len(tensor_slots):]]
             for p in tensors[len(tensor_slots):]:
@@ -324,6 +313,13 @@ class LossAndGradsReplay:
                 p.grad = None
             self._give_up(key, _reason(error))
             return self._eager(model, guide, *pytree.tree_unflatten(leaves, spec))
+        refusal = _unreplayable(module)
+        if refusal is not None:
+            self._give_up(key, refusal)
+            loss, grads = outputs
+            for param, grad in zip(params, grads):
+                param.grad = grad
+            return float(loss), dict(zip(names, params))
         self.stats.traced += 1
         if self.optimize:
             optimize_graph(module)
@@ -339,9 +335,6 @@ class LossAndGradsReplay:
         """The graph compiled by Inductor, with torch's own random kernels (``fallback_random``:
         the same draws as the eager step), or ``None`` if compiling fails or the graph writes
         into a tensor it did not create (left to the op-by-op replay)."""
-        if _mutates_inputs(graph.module):
-            self.stats.failures.append("not compiled: the step writes into tensors it did not create")
-            return None
         import torch._inductor.config as inductor_config
 
         compiled = torch.compile(graph.module, backend="inductor", dynamic=False, fullgraph=True)
@@ -397,10 +390,13 @@ class LossAndGradsReplay:
         for p in params.values():
             p.grad = None
         _set_rng_state(before, devices)
-        replay_loss, replay_params, replay_grads = self._run(graph, leaves, store)
-        replayed = {name: g for name, g in zip(replay_params, replay_grads) if g is not None}
-        problem = _disagreement(loss, grads, replay_loss.item(), replayed,
-                                after, _rng_state(devices), self.rtol)
+        try:
+            replay_loss, replay_params, replay_grads = self._run(graph, leaves, store)
+        except Exception as error:  # noqa: BLE001 - a graph that fails to run is not the step
+            problem: Optional[str] = f"the replay failed ({_reason(error)})"
+        else:
+            replayed = {name: g for name, g in zip(replay_params, replay_grads) if g is not None}
+            problem = _disagreement(loss, grads, replay_loss.item(), replayed, after, _rng_state(devices), self.rtol)
         _set_rng_state(after, devices)
         for name, p in params.items():
             p.grad = grads[name]
@@ -478,17 +474,64 @@ def optimize_graph(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
     return module
 
 
-def _mutates_inputs(module: torch.fx.GraphModule) -> bool:
-    """Whether an op of the graph writes into a placeholder or a captured constant."""
+class _WriteGuard(TorchDispatchMode):
+    """Stop a trace *before* the step writes into a tensor it did not create (an input, a buffer
+    such as BatchNorm's running mean or a VQ codebook's EMA, a param): such state must see each
+    step exactly once, which a verified replay (the step run twice) and a replayed graph cannot
+    promise, so the step stays eager. Raising before the write leaves that state untouched, so the
+    eager step that follows makes the one and only update."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.created: dict[int, weakref.ref[Tensor]] = {}  # by id: tensors compare elementwise
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+        kwargs = kwargs or {}
+        schema = func._schema
+        if schema.is_mutable:
+            for argument, value in zip(schema.arguments, args):
+                if (argument.alias_info is not None and argument.alias_info.is_write
+                        and isinstance(value, Tensor) and not self._made_here(value)):
+                    raise _Untraceable(f"it writes into a tensor it did not create ({func.name()})")
+        out = func(*args, **kwargs)
+        for tensor in pytree.tree_leaves(out):
+            if isinstance(tensor, Tensor):
+                self.created[id(tensor)] = weakref.ref(tensor)
+        return out
+
+    def _made_here(self, tensor: Tensor) -> bool:
+        ref = self.created.get(id(tensor))
+        return ref is not None and ref() is tensor
+
+
+def _unreplayable(module: torch.fx.GraphModule) -> Optional[str]:
+    """Why a traced graph cannot stand in for the step, or ``None``: an op whose output shape
+    depends on values (``nonzero``, boolean-mask indexing, ...), whose replay would keep the shapes
+    of the traced step. (Writes into outside tensors stop the trace itself: :class:`_WriteGuard`.)"""
     for node in module.graph.nodes:
-        schema = getattr(node.target, "_schema", None)
-        if node.op != "call_function" or schema is None or not schema.is_mutable:
+        if node.op != "call_function" or not isinstance(node.target, torch._ops.OpOverload):
             continue
-        for argument, value in zip(schema.arguments, node.args):
-            if argument.alias_info is not None and argument.alias_info.is_write:
-                if isinstance(value, torch.fx.Node) and value.op in ("placeholder", "get_attr"):
-                    return True
-    return False
+        tags = node.target.tags
+        if (torch.Tag.dynamic_output_shape in tags and not _integer_indexing(node)) or (
+                torch.Tag.data_dependent_output in tags):
+            return f"it uses {node.target.name()}, whose output shape depends on the values"
+    return None
+
+
+def _integer_indexing(node: torch.fx.Node) -> bool:
+    """An ``index``/``index_put`` whose indices are all integer tensors: its output shape is that
+    of the indices, not of their values (boolean masks would be the values)."""
+    if node.target not in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
+                           torch.ops.aten.index_put_.default, torch.ops.aten._unsafe_index.Tensor):
+        return False
+    indices = node.args[1] if len(node.args) > 1 else node.kwargs.get("indices", ())
+    for index in indices:
+        if index is None:
+            continue
+        value = index.meta.get("val") if isinstance(index, torch.fx.Node) else None
+        if not isinstance(value, Tensor) or value.dtype in (torch.bool, torch.uint8):
+            return False
+    return True
 
 
 def _on_cpu(node: torch.fx.Node) -> bool:
@@ -529,6 +572,9 @@ class ReplayedELBO(ELBO):
                          vectorize_particles=objective.vectorize_particles)
         self.objective = objective
         self.replay = LossAndGradsReplay(objective, **kwargs)
+
+    def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
+        return self.objective._get_trace(model, guide, args, kwargs)
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         return self.objective.loss(model, guide, *args, **kwargs)

@@ -77,7 +77,7 @@ def fit(
     local_steps: int = 0,
     local_lr: float = 3e-2,
     hooks: Sequence[H.Hook] = (),
-    fast_path: Union[str, bool] = "auto",
+    fast_path: Union[str, bool] = "replay",
 ) -> History:
     """Train ``model`` and ``guide`` by stochastic variational inference.
 
@@ -134,19 +134,19 @@ def fit(
         (stochastic variational inference with local and global steps, Hoffman et al. 2013).
         0: the rows take one Adam step with the model, like any parameter.
     :param hooks: more :class:`pyrovae.train.hooks.Hook` s, run after fit's own at every event.
-    :param fast_path: how each step runs (:mod:`pyrovae.infer.replay`): ``"replay"`` traces the
-        objective's ``loss_and_grads`` once per batch shape and replays the recorded tensor ops (the
-        same loss and gradients, checked against Pyro's eager step on the first replay; steps that
-        cannot be traced stay eager); ``"inductor"`` also compiles the graph; ``"eager"`` runs
-        Pyro's code every step; ``"auto"`` (default) is ``"inductor"`` for runs of at least
-        :data:`pyrovae.infer.replay.AUTO_COMPILE_STEPS` steps where a compiler is available, else
-        ``"replay"``. ``True``/``False`` mean ``"replay"``/``"eager"``.
+    :param fast_path: how each step runs (:mod:`pyrovae.infer.replay`): ``"replay"`` (default)
+        traces the objective's ``loss_and_grads`` once per batch shape and replays the recorded
+        tensor ops: the same kernels in the same order, so the same bits as Pyro's step (checked
+        against it on the first replay); steps that cannot be traced stay eager. ``"inductor"``
+        also compiles the graph (faster; equal to rounding, so a resumed run matches an
+        uninterrupted one to rounding, not bit for bit). ``"eager"`` runs Pyro's code every step.
+        ``True``/``False`` mean ``"replay"``/``"eager"``.
     :return: the :class:`History`, also stored in the checkpoint.
     """
     world = current_world()
     _check_arguments(epochs, batch_size, lr, lr_decay, clip_norm, local_steps, local_lr)
     data = training_data(dataset, seed if test_bound else None)
-    backend = choose_backend(fast_path, epochs * math.ceil(data.num_train / batch_size), data.device)
+    backend = choose_backend(fast_path)
     _check_fit(guide, data.num_train, batch_size, local_steps, world)
     saved = _open_checkpoint(checkpoint_path, resume, config, data.train, epochs, world)
     if saved is None:
