@@ -166,7 +166,8 @@ class _Graph:
     compiled: Optional[Callable[..., Any]] = None  # the Inductor-compiled module, if compiled
 
     def __call__(self, *tensors: Tensor) -> Any:
-        return (self.compiled or self.module)(*tensors)
+        # not `compiled or module`: a compiled module has no truth value (its __len__ raises)
+        return (self.compiled if self.compiled is not None else self.module)(*tensors)
 
 
 @dataclass
