@@ -6,8 +6,8 @@ pyrovae is faster):
 
 1. One SVI training step for the ELBO (K=1) and IWAE (K=50) at batches 32, 100 and 256, on Pyro's
    VAE tutorial network (``tutorial``: 784-400-50 with softplus and scale = exp, written as the
-   user's own ``nn.Module``, :class:`studies.speed.TutorialEncoder`) and, with ``--networks``, the
-   784-400-50 (ReLU) and 784-200-200-50 (tanh) networks of ``pyrovae.nets``. The pyrovae step
+   user's own ``nn.Module``, :class:`studies.speed.TutorialEncoder`) and the 784-400-50 (ReLU) and
+   784-200-200-50 (tanh) networks of ``pyrovae.nets`` (``--networks`` selects). The pyrovae step
    (``pyrovae.train.step.GradientStep``, what ``fit`` runs) in three variants: ``pyrovae``
    (``fast_path="replay"``, the default), ``pyrovae_inductor`` (the traced graph compiled by
    Inductor; its compile is in the warm-up) and ``pyrovae_eager`` (Pyro's code every step, the
@@ -37,14 +37,21 @@ prints a table. Commands::
 
     # the NumPyro peer's environment (no torch): or pip install 'pyrovae[bench]'
     python -m venv np && np/bin/pip install numpyro "jax[cpu]"
-    # default: step part on the tutorial network only (about 8 minutes of it on 2 cores)
+    # the default run: the full step grid (3 networks x ELBO/IWAE x 3 batches, 18 rows; about
+    # 15-18 minutes of it on 2 cores), epoch, evaluation, local optimisation
     python experiments/benchmark_speed.py --numpyro-python np/bin/python --full-eval
-    # the full step grid, all three networks (about 25 minutes of steps on 2 cores)
-    python experiments/benchmark_speed.py --numpyro-python np/bin/python --parts step --merge \\
-        --networks tutorial 784-400-50 784-200-200-50
+    # the step part on the tutorial network only (6 rows, the NumPyro ones; about 6 minutes),
+    # keeping the other parts of an earlier results.json
+    python experiments/benchmark_speed.py --numpyro-python np/bin/python --parts step --networks tutorial --merge
     # on a GPU (a GPU NumPyro peer needs a CUDA jaxlib, e.g. pip install "jax[cuda12]"; with a
     # CPU-only jaxlib the NumPyro rows are skipped, with a note in results.json)
     python experiments/benchmark_speed.py --out docs/benchmark_speed_cuda --device cuda --numpyro-python np/bin/python
+
+Without --numpyro-python the NumPyro rows are skipped (a note is printed and kept in results.json
+under "numpyro"). The NumPyro process gets the user's environment (OMP_NUM_THREADS and XLA_FLAGS
+as they are; ``--threads 1`` adds XLA's single-thread flags, and on ``--device cpu`` JAX is kept
+on the CPU unless JAX_PLATFORMS says otherwise). IWAE K=50 steps take 20-500 ms (batch 32 to
+256), so the calls per repeat adapt to --step-seconds (at least one).
 """
 
 from __future__ import annotations
@@ -105,8 +112,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--parts", nargs="+", default=["step", "epoch", "eval", "local"],
                         choices=["step", "epoch", "eval", "local"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 100, 256])
-    parser.add_argument("--networks", nargs="+", default=["tutorial"], choices=list(NETWORKS),
-                        help="networks of the step part (all three: about 3x as long)")
+    parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS),
+                        help="networks of the step part (NumPyro's peer: the tutorial network only)")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=list(VARIANTS),
                         help="pyrovae step variants (fast paths) timed")
     parser.add_argument("--iwae-k", type=int, default=50, help="K of the IWAE step")
