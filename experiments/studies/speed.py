@@ -15,6 +15,9 @@ the same data and batch, the same optimiser (``torch.optim.Adam``), and the same
   log-sum-exps, the reference for :func:`pyrovae.infer.evaluate.importance_sampling`.
 - :func:`handwritten_local_fit`: Adam on an ``(N, d)`` table of Gaussian means and log-scales,
   closed-form KL, one draw per step, the reference for :func:`pyrovae.infer.local.optimize_local_guide`.
+- :class:`TutorialEncoder`, :class:`TutorialDecoder`: the networks of Pyro's VAE tutorial, written
+  as a user writes them (their own ``nn.Module``), the benchmark's first network; NumPyro's peer
+  (``studies/numpyro_peer.py``) builds the same network with ``stax``.
 
 Drawing ε with ``torch.randn`` in the order Pyro does (one ``(K, B, d)`` draw per step) makes the
 reference's loss equal pyrovae's for the same seed; ``experiments/tests/test_speed.py`` checks that, so the
@@ -27,7 +30,7 @@ import math
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import nn
@@ -37,6 +40,8 @@ from pyrovae.distributions import BernoulliEvent
 
 __all__ = [
     "Timing",
+    "TutorialDecoder",
+    "TutorialEncoder",
     "count_macs",
     "handwritten_local_fit",
     "handwritten_log_likelihood",
@@ -45,6 +50,35 @@ __all__ = [
 ]
 
 _LOG_2PI = math.log(2 * math.pi)
+
+
+class TutorialEncoder(nn.Module):
+    """Pyro's VAE tutorial encoder: fc1 784→400, softplus, then loc = fc21 and scale = exp(fc22)."""
+
+    def __init__(self, x_dim: int = 784, hidden: int = 400, z_dim: int = 50) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(x_dim, hidden)
+        self.fc21 = nn.Linear(hidden, z_dim)
+        self.fc22 = nn.Linear(hidden, z_dim)
+        self.softplus = nn.Softplus()
+
+    def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        hidden = self.softplus(self.fc1(x))
+        return self.fc21(hidden), torch.exp(self.fc22(hidden))
+
+
+class TutorialDecoder(nn.Module):
+    """Pyro's VAE tutorial decoder: fc1 50→400, softplus, fc21 400→784, returning the Bernoulli
+    logits (the tutorial applies a sigmoid; pyrovae's VAE takes logits)."""
+
+    def __init__(self, z_dim: int = 50, hidden: int = 400, x_dim: int = 784) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(z_dim, hidden)
+        self.fc21 = nn.Linear(hidden, x_dim)
+        self.softplus = nn.Softplus()
+
+    def forward(self, z: torch.Tensor) -> torch.Tensor:
+        return self.fc21(self.softplus(self.fc1(z)))
 
 
 def bernoulli_log_likelihood(logits: torch.Tensor, x: torch.Tensor, kind: str = "bce") -> torch.Tensor:
@@ -171,17 +205,23 @@ def interleaved_timings(
     contestants: dict[str, Callable[[], Any]],
     repeats: int = 5,
     calls: int = 10,
-    warmup: int = 2,
+    warmup: Union[int, dict[str, int]] = 2,
     sync: Optional[Callable[[], None]] = None,
+    setup: Optional[dict[str, Callable[[], None]]] = None,
 ) -> Timing:
     """Time each contestant's ``calls`` calls, contestants alternating within every repeat.
 
+    :param warmup: untimed calls of each contestant first (one number, or one per contestant).
     :param sync: called before reading the clock (``torch.cuda.synchronize`` on a GPU).
+    :param setup: per contestant, run (untimed) before its warm-up and before each of its timed
+        blocks, e.g. to put its params into Pyro's param store.
     :return: seconds per call, per repeat, for every contestant.
     """
     sync = sync or (lambda: None)
-    for fn in contestants.values():
-        for _ in range(warmup):
+    setup = setup or {}
+    for name, fn in contestants.items():
+        setup.get(name, lambda: None)()
+        for _ in range(warmup if isinstance(warmup, int) else warmup.get(name, 0)):
             fn()
     seconds: dict[str, list[float]] = {name: [] for name in contestants}
     for r in range(repeats):
@@ -190,6 +230,7 @@ def interleaved_timings(
         if r % 2:
             order.reverse()
         for name, fn in order:
+            setup.get(name, lambda: None)()
             sync()
             start = time.perf_counter()
             for _ in range(calls):
