@@ -13,13 +13,14 @@ the forward pass, of autograd's backward pass (including tensor hooks such as DR
 draw from torch's random generator, into one graph whose inputs are the step's tensors and the
 Pyro params and whose outputs are the loss and the params' gradients. Pyro's own code runs during
 that trace, so the graph computes exactly the objective's loss and gradients. Later calls run the
-graph (under ``torch.no_grad``: its backward pass is already in it), with no Pyro code at all.
+graph (under ``torch.no_grad``: its backward pass is already in it), with no Pyro code at all,
+after exact simplifications (:func:`pyrovae.infer.graph_passes.simplify`: dead code, repeated
+computations, constants, no-op views).
 
 **Exact, and checked.** The replay draws from torch's generator in the same order as the eager
 step, so for the same seed it gives the same draws, the same loss and the same gradients (the
-graph runs the same kernels; :func:`optimize_graph` changes only how a few are computed, to
-within float rounding). The first replay of every graph is *verified*: the eager step and the
-replay run from the same random state, and the replay is used only if their losses, gradients
+graph runs the same kernels in the same order: the same bits). The first replay of every graph
+is *verified*: the eager step and the replay run from the same random state, and the replay is used only if their losses, gradients
 and final random states agree; otherwise the objective stays eager, and :attr:`status` says why.
 
 **When it re-traces or stays eager.** A graph belongs to a *structure*: the shapes, dtypes and
@@ -60,6 +61,7 @@ from torch import Tensor
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyrovae.checks import tracing, tracing_step
+from pyrovae.infer.graph_passes import fast_kernels, simplify
 
 logger = logging.getLogger(__name__)
 
@@ -72,7 +74,7 @@ FAST_PATHS: tuple[str, ...] = BACKENDS
 
 __all__ = [
     "BACKENDS", "FAST_PATHS", "LossAndGradsReplay", "ReplayedELBO", "choose_backend",
-    "optimize_graph", "reported_loss",
+    "reported_loss",
 ]
 
 
@@ -148,9 +150,35 @@ class _Graph:
     param_names: tuple[str, ...]  # the params the eager step used, in its order
     verified: bool = False
     compiled: Optional[Callable[..., Any]] = None  # the Inductor-compiled module, if compiled
+    interpreted: Optional[torch.jit.ScriptModule] = None  # the graph run by TorchScript's interpreter
 
     def __call__(self, *tensors: Tensor) -> Any:
-        return (self.module if self.compiled is None else self.compiled)(*tensors)
+        if self.compiled is not None:
+            return self.compiled(*tensors)
+        if self.interpreted is not None:
+            # No TorchScript optimisation (fusion would change the bits): the interpreter runs the
+            # graph's ATen ops one by one, as the GraphModule does, with less Python per op.
+            with torch.jit.optimized_execution(False):
+                return self.interpreted(*tensors)
+        return self.module(*tensors)
+
+
+def _interpreted(module: torch.fx.GraphModule, inputs: list[Tensor]) -> Optional[torch.jit.ScriptModule]:
+    """The graph as a TorchScript module (its ops recorded by ``torch.jit.trace``), or ``None`` if
+    TorchScript cannot hold it (the GraphModule then runs it)."""
+    import warnings
+
+    devices = _rng_devices(inputs)
+    state = _rng_state(devices)
+    try:
+        with warnings.catch_warnings(), torch.no_grad(), torch.jit.optimized_execution(False):
+            warnings.simplefilter("ignore")
+            return torch.jit.trace(module, tuple(inputs), check_trace=False)
+    except Exception as error:  # noqa: BLE001 - TorchScript is an optimisation only
+        logger.debug("pyrovae: the traced step stays a GraphModule (%s)", _reason(error))
+        return None
+    finally:
+        _set_rng_state(state, devices)
 
 
 @dataclass
@@ -176,7 +204,8 @@ class LossAndGradsReplay:
         and runs every call as ``objective.loss_and_grads``.
     :param verify: check the first replay of every graph against the eager step (recommended;
         ``False`` trusts the trace).
-    :param optimize: rewrite the graph with :func:`optimize_graph` (faster softplus on the CPU).
+    :param optimize: rewrite the graph with :func:`pyrovae.infer.graph_passes.fast_kernels` (faster
+        softplus on the CPU). The exact :func:`~pyrovae.infer.graph_passes.simplify` always runs.
         Off by default: the rewrite changes results in the last bits, and then a resumed run is no
         longer bit for bit an uninterrupted one (whose steps were replays where the resumed run's
         first steps are eager). Without it, a replay runs the eager step's kernels in the eager
@@ -321,9 +350,12 @@ class LossAndGradsReplay:
                 param.grad = grad
             return float(loss), dict(zip(names, params))
         self.stats.traced += 1
+        simplify(module)
         if self.optimize:
-            optimize_graph(module)
+            fast_kernels(module)
         graph = _Graph(module, names)
+        if self.backend == "replay":
+            graph.interpreted = _interpreted(module, inputs)
         self._drop(key, graph)
         # The trace ran Pyro's step for real: its outputs are this call's result.
         loss, grads = outputs
@@ -444,36 +476,6 @@ def _disagreement(loss: float, grads: dict[str, Optional[Tensor]], replay_loss: 
     return None
 
 
-# ------------------------------------------------------------------------------------------------
-# Graph rewrites
-def optimize_graph(module: torch.fx.GraphModule) -> torch.fx.GraphModule:
-    """Rewrite a traced step for speed, leaving its results equal to within float rounding.
-
-    - ``softplus`` and its backward by ``exp``/``log`` formulas that torch vectorizes on the CPU
-      (its own softplus kernel is several times slower per element there), with softplus's
-      threshold kept: ``x`` where ``βx > threshold``.
-    - Dead code removed.
-    """
-    graph = module.graph
-    aten = torch.ops.aten
-    for node in list(graph.nodes):
-        if node.op != "call_function":
-            continue
-        if node.target is aten.softplus.default and _on_cpu(node):
-            with graph.inserting_before(node):
-                new = graph.call_function(_fast_softplus, node.args, node.kwargs)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-        elif node.target is aten.softplus_backward.default and _on_cpu(node):
-            with graph.inserting_before(node):
-                new = graph.call_function(_fast_softplus_backward, node.args, node.kwargs)
-            node.replace_all_uses_with(new)
-            graph.erase_node(node)
-    graph.eliminate_dead_code()
-    module.recompile()
-    return module
-
-
 class _WriteGuard(TorchDispatchMode):
     """Stop a trace *before* the step writes into a tensor it did not create (an input, a buffer
     such as BatchNorm's running mean or a VQ codebook's EMA, a param): such state must see each
@@ -532,26 +534,6 @@ def _integer_indexing(node: torch.fx.Node) -> bool:
         if not isinstance(value, Tensor) or value.dtype in (torch.bool, torch.uint8):
             return False
     return True
-
-
-def _on_cpu(node: torch.fx.Node) -> bool:
-    value = node.meta.get("val")
-    return isinstance(value, Tensor) and value.device.type == "cpu"
-
-
-def _fast_softplus(x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    # softplus(x) = log(1 + exp(βx)) / β = (max(βx, 0) + log(1 + exp(-|βx|))) / β, and x above the
-    # threshold, as torch.nn.functional.softplus.
-    bx = x if beta == 1.0 else x * beta
-    out = bx.abs().neg_().exp_().add_(1).log_().add_(bx.clamp(min=0))
-    if beta != 1.0:
-        out.div_(beta)
-    return torch.where(bx > threshold, x, out)
-
-
-def _fast_softplus_backward(grad: Tensor, x: Tensor, beta: float = 1.0, threshold: float = 20.0) -> Tensor:
-    bx = x if beta == 1.0 else x * beta
-    return torch.where(bx > threshold, grad, grad * torch.sigmoid(bx))
 
 
 class ReplayedELBO(ELBO):
