@@ -406,10 +406,10 @@ class RuntimeConfig(_Group):
 
     :param seed: random seed (data order, initialisation, sampling).
     :param device: cpu or cuda[:N].
-    :param fast_path: how each training step runs: replay (Pyro's step traced once per batch shape,
-        then its recorded tensor ops replayed: the same bits as Pyro's step, checked against it on
-        the first replay), inductor (the same graph compiled: faster, equal to rounding), or eager
-        (Pyro's code every step).
+    :param fast_path: how training steps and the evaluation's importance draws run: replay (Pyro's
+        step traced once per batch shape, then its recorded tensor ops replayed: the same bits as
+        Pyro, checked against it on the first replay), inductor (the same graphs compiled: faster,
+        equal to rounding), or eager (Pyro's code every time).
     """
 
     seed: int = option(0)

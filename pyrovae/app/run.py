@@ -262,6 +262,7 @@ def evaluate_run(
         chunk_size=min(config.eval_chunk, config.eval_samples),
         batch_size=config.eval_batch,
         progress=progress,
+        fast_path=config.fast_path,
     )
     summary = result.summary()
     metrics: dict[str, Any] = {

@@ -73,7 +73,7 @@ BACKENDS: tuple[str, ...] = ("eager", "replay", "inductor")
 FAST_PATHS: tuple[str, ...] = BACKENDS
 
 __all__ = [
-    "BACKENDS", "FAST_PATHS", "LossAndGradsReplay", "ReplayedELBO", "choose_backend",
+    "BACKENDS", "FAST_PATHS", "LossAndGradsReplay", "ReplayedELBO", "ReplayedFunction", "choose_backend",
     "reported_loss",
 ]
 
@@ -319,7 +319,7 @@ class LossAndGradsReplay:
             for slot, tensor in zip(tensor_slots, tensors):
                 values[slot] = tensor
             args, kwargs = pytree.tree_unflatten(values, spec)
-            with _tracing_step(), pyro.validation_enabled(False), _WriteGuard():
+            with _tracing_step():
                 loss = self.objective.loss_and_grads(model, guide, *args, **kwargs)
             grads = [p.grad for p in tensors[len(tensor_slots):]]
             for p in tensors[len(tensor_slots):]:
@@ -329,15 +329,10 @@ class LossAndGradsReplay:
             outputs[:] = [loss.detach(), grads]
             return loss.detach(), grads
 
-        from torch.fx.experimental.proxy_tensor import make_fx
-
         inputs = [leaves[i] for i in tensor_slots] + params
-        devices = _rng_devices(inputs)
-        before = _rng_state(devices)
         try:
-            module = make_fx(step, tracing_mode="real")(*inputs)
+            module = _record(step, inputs)
         except Exception as error:  # noqa: BLE001 - any failure to trace means: stay eager
-            _set_rng_state(before, devices)
             for p in params:
                 p.grad = None
             self._give_up(key, _reason(error))
@@ -350,12 +345,8 @@ class LossAndGradsReplay:
                 param.grad = grad
             return float(loss), dict(zip(names, params))
         self.stats.traced += 1
-        simplify(module)
-        if self.optimize:
-            fast_kernels(module)
         graph = _Graph(module, names)
-        if self.backend == "replay":
-            graph.interpreted = _interpreted(module, inputs)
+        _prepare(graph, inputs, self.backend, self.optimize)
         self._drop(key, graph)
         # The trace ran Pyro's step for real: its outputs are this call's result.
         loss, grads = outputs
@@ -364,24 +355,10 @@ class LossAndGradsReplay:
         return float(loss), dict(zip(names, params))
 
     def _compile(self, graph: _Graph, leaves: list[Any], store: Any) -> Optional[Callable[..., Any]]:
-        """The graph compiled by Inductor, with torch's own random kernels (``fallback_random``:
-        the same draws as the eager step), or ``None`` if compiling fails or the graph writes
-        into a tensor it did not create (left to the op-by-op replay)."""
-        import torch._inductor.config as inductor_config
-
-        compiled = torch.compile(graph.module, backend="inductor", dynamic=False, fullgraph=True)
         tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-        devices = _rng_devices(tensors)
-        state = _rng_state(devices)
-        try:
-            with inductor_config.patch(fallback_random=True), torch.no_grad():
-                compiled(*tensors, *self._store_tensors(store, graph.param_names))
-        except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op, ...: replay instead
-            self.stats.failures.append(f"not compiled ({_reason(error)}); replaying op by op")
-            logger.warning("pyrovae: compiling the step failed (%s); it is replayed op by op", _reason(error))
-            return None
-        finally:
-            _set_rng_state(state, devices)
+        compiled, reason = _compiled(graph.module, tensors + self._store_tensors(store, graph.param_names))
+        if reason is not None:
+            self.stats.failures.append(reason)
         return compiled
 
     def _give_up(self, key: Any, reason: str) -> None:
@@ -441,6 +418,194 @@ class LossAndGradsReplay:
             logger.warning("pyrovae: the traced step of %s disagreed with the eager step (%s); it stays eager",
                            type(self.objective).__name__, problem)
         return loss, params
+
+
+def _record(fn: Callable[..., Any], inputs: list[Tensor]) -> torch.fx.GraphModule:
+    """``fn(*inputs)`` run for real under ``make_fx``: the graph of its ATen ops. Pyro's argument
+    checks are off and :class:`_WriteGuard` stops a write into an outside tensor before it
+    happens. On failure the random state is put back and the error raised."""
+    from torch.fx.experimental.proxy_tensor import make_fx
+
+    devices = _rng_devices(inputs)
+    before = _rng_state(devices)
+
+    def guarded(*tensors: Tensor) -> Any:
+        with pyro.validation_enabled(False), _WriteGuard():
+            return fn(*tensors)
+
+    try:
+        return make_fx(guarded, tracing_mode="real")(*inputs)
+    except Exception:
+        _set_rng_state(before, devices)
+        raise
+
+
+def _prepare(graph: _Graph, inputs: list[Tensor], backend: str, optimize: bool) -> None:
+    """Simplify a recorded graph (exactly), optionally swap kernels, and give the ``"replay"``
+    backend its TorchScript interpreter."""
+    simplify(graph.module)
+    if optimize:
+        fast_kernels(graph.module)
+    if backend == "replay":
+        graph.interpreted = _interpreted(graph.module, inputs)
+
+
+def _compiled(module: torch.fx.GraphModule, inputs: list[Tensor]) -> tuple[Optional[Callable[..., Any]], Optional[str]]:
+    """The graph compiled by Inductor, with torch's own random kernels (``fallback_random``: the
+    same draws as the eager step), or ``None`` and why if compiling fails (then it is replayed op
+    by op)."""
+    import torch._inductor.config as inductor_config
+
+    compiled = torch.compile(module, backend="inductor", dynamic=False, fullgraph=True)
+    devices = _rng_devices(inputs)
+    state = _rng_state(devices)
+    try:
+        with inductor_config.patch(fallback_random=True), torch.no_grad():
+            compiled(*inputs)
+    except Exception as error:  # noqa: BLE001 - no compiler, an unsupported op, ...: replay instead
+        logger.warning("pyrovae: compiling the step failed (%s); it is replayed op by op", _reason(error))
+        return None, f"not compiled ({_reason(error)}); replaying op by op"
+    finally:
+        _set_rng_state(state, devices)
+    return compiled, None
+
+
+class ReplayedFunction:
+    """``fn(*args, **kwargs)``, a function of tensors that returns a tensor (or a tuple, list or
+    dict of them) and takes no gradient, traced once per structure and replayed, as
+    :class:`LossAndGradsReplay` does for a training step (the same structures, verification and
+    refusals). :func:`pyrovae.infer.evaluate.importance_sampling` runs its chunks of importance
+    draws through one.
+
+    :param fn: e.g. the log-weights of a chunk of draws; it may call Pyro models and guides (Pyro's
+        params are inputs of the graph, read from the param store at every call).
+    :param backend: as for :class:`LossAndGradsReplay`.
+    :param rtol: tolerance of the verification, relative to each output's largest magnitude.
+    """
+
+    def __init__(self, fn: Callable[..., Any], *, backend: str = "replay", verify: bool = True,
+                 max_graphs: int = 8, rtol: float = 1e-5) -> None:
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.fn, self.backend, self.verify, self.max_graphs, self.rtol = fn, backend, verify, max_graphs, rtol
+        self.stats = ReplayStats()
+        self._graphs: dict[Any, Optional[_Graph]] = {}
+        self._seen: set[Any] = set()
+
+    def __call__(self, *args: Any, **kwargs: Any) -> Any:
+        if self.backend == "eager":
+            return self._eager(args, kwargs)
+        leaves, spec = pytree.tree_flatten((args, kwargs))
+        store = pyro.get_param_store()
+        key = LossAndGradsReplay._structure(leaves, spec, store)
+        graph = self._graphs.get(key, False)
+        if graph is False:
+            if key not in self._seen:
+                out = self._eager(args, kwargs)
+                self._seen.add(LossAndGradsReplay._structure(leaves, spec, store))
+                return out
+            return self._trace(key, leaves, spec, store)
+        if graph is None:
+            return self._eager(args, kwargs)
+        tensors = self._inputs(graph, leaves, store)
+        if not graph.verified:
+            return self._verify(key, graph, args, kwargs, tensors)
+        self.stats.replayed += 1
+        with torch.no_grad():
+            return graph(*tensors)
+
+    def _eager(self, args: tuple, kwargs: dict) -> Any:
+        self.stats.eager += 1
+        return self.fn(*args, **kwargs)
+
+    @staticmethod
+    def _inputs(graph: _Graph, leaves: list[Any], store: Any) -> list[Tensor]:
+        return [leaf for leaf in leaves if isinstance(leaf, Tensor)] + [store._params[n] for n in graph.param_names]
+
+    def _trace(self, key: Any, leaves: list[Any], spec: Any, store: Any) -> Any:
+        names = tuple(store._params)
+        slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
+        outputs: list[Any] = []
+
+        def call(*tensors: Tensor) -> Any:
+            values = list(leaves)
+            for slot, tensor in zip(slots, tensors):
+                values[slot] = tensor
+            args, kwargs = pytree.tree_unflatten(values, spec)
+            with _tracing_step():
+                out = self.fn(*args, **kwargs)
+            outputs[:] = [out]
+            return out
+
+        inputs = [leaves[i] for i in slots] + [store._params[n] for n in names]
+        try:
+            with torch.no_grad():
+                module = _record(call, inputs)
+        except Exception as error:  # noqa: BLE001 - stays eager
+            self._give_up(key, _reason(error))
+            return self._eager(*pytree.tree_unflatten(leaves, spec))
+        refusal = _unreplayable(module)
+        if refusal is not None:
+            self._give_up(key, refusal)
+            return outputs[0]
+        self.stats.traced += 1
+        graph = _Graph(module, names)
+        _prepare(graph, inputs, self.backend, optimize=False)
+        if self.backend == "inductor":
+            graph.compiled, reason = _compiled(module, inputs)
+            if reason is not None:
+                self.stats.failures.append(reason)
+        self._graphs[key] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+        return outputs[0]
+
+    def _verify(self, key: Any, graph: _Graph, args: tuple, kwargs: dict, tensors: list[Tensor]) -> Any:
+        devices = _rng_devices(tensors)
+        before = _rng_state(devices)
+        expected = self._eager(args, kwargs)
+        self.stats.eager -= 1
+        after = _rng_state(devices)
+        _set_rng_state(before, devices)
+        try:
+            with torch.no_grad():
+                got = graph(*tensors)
+            problem = _outputs_disagree(expected, got, after, _rng_state(devices), self.rtol)
+        except Exception as error:  # noqa: BLE001 - a graph that fails to run is not the function
+            problem = f"the replay failed ({_reason(error)})"
+        _set_rng_state(after, devices)
+        if problem is None:
+            graph.verified = True
+            self.stats.verified += 1
+        else:
+            self._give_up(key, problem)
+        return expected
+
+    def _give_up(self, key: Any, reason: str) -> None:
+        self._graphs[key] = None
+        self.stats.failures.append(reason)
+        logger.info("pyrovae: %s stays eager (%s)", getattr(self.fn, "__name__", "the function"), reason)
+
+
+def _outputs_disagree(expected: Any, got: Any, rng: tuple[Tensor, ...], replay_rng: tuple[Tensor, ...],
+                      rtol: float) -> Optional[str]:
+    if not all(torch.equal(a, b) for a, b in zip(rng, replay_rng)):
+        return "it drew a different number of random values"
+    e_leaves, e_spec = pytree.tree_flatten(expected)
+    g_leaves, g_spec = pytree.tree_flatten(got)
+    if e_spec != g_spec:
+        return "its outputs have another structure"
+    for e, g in zip(e_leaves, g_leaves):
+        if not isinstance(e, Tensor):
+            if e != g:
+                return f"an output is {g!r} instead of {e!r}"
+            continue
+        if e.shape != g.shape:
+            return f"an output has shape {tuple(g.shape)} instead of {tuple(e.shape)}"
+        scale = float(e.abs().nan_to_num(0.0).max()) if e.numel() else 0.0
+        if not torch.allclose(g, e, rtol=0.0, atol=rtol * scale + 1e-12, equal_nan=True):
+            return f"an output is off by {float((g - e).abs().max()):.3g} (largest value {scale:.3g})"
+    return None
 
 
 class _Untraceable(RuntimeError):
