@@ -107,8 +107,8 @@ X_DIM = 784
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--out", default="docs/benchmark_speed", help="folder for results.json")
-    parser.add_argument("--parts", nargs="+", default=["step", "epoch", "eval", "local"],
-                        choices=["step", "epoch", "eval", "local"])
+    parser.add_argument("--parts", nargs="+", default=["step", "epoch", "eval", "local", "profile"],
+                        choices=["step", "epoch", "eval", "local", "profile"])
     parser.add_argument("--batch-sizes", type=int, nargs="+", default=[32, 100, 256])
     parser.add_argument("--networks", nargs="+", default=list(NETWORKS), choices=list(NETWORKS),
                         help="networks of the step part (NumPyro's peer: the tutorial network only)")
@@ -656,6 +656,33 @@ def bench_local(args, x_test: torch.Tensor, device: torch.device, sync) -> dict[
     return result
 
 
+def bench_profile(args, x_train: torch.Tensor, device: torch.device) -> dict[str, Any]:
+    """Where a batch-32 ELBO step goes (torch.profiler, self CPU time per ATen op and step): pyrovae
+    eager (Pyro's code every step) and replay, the hand-written step, each on the Pyro-tutorial
+    network and on the 784-400-50 ReLU network, to say why the tutorial network is slower."""
+    from studies.step_profile import op_profile
+
+    num_data, batch_size = x_train.shape[0], 32
+    generator = torch.Generator(device=device).manual_seed(args.seed)
+    index = torch.randperm(num_data, generator=generator, device=device)[:batch_size]
+    x = torch.bernoulli(x_train[index], generator=generator)
+    out: dict[str, Any] = {"batch_size": batch_size, "objective": "elbo"}
+    with pyro.validation_enabled(False):
+        for network in ("tutorial", "784-400-50"):
+            rows = {}
+            for fast_path in ("eager", "replay"):
+                pyro.clear_param_store()
+                step = pyrovae_step(*make_pair(network, args.seed, device), "elbo", 1, fast_path=fast_path)
+                rows[f"pyrovae_{fast_path}"] = op_profile(lambda: step(x, index, num_data))
+            hand = handwritten_step(*make_pair(network, args.seed, device), "elbo", 1, "bce")
+            rows["handwritten_bce"] = op_profile(lambda: hand(x, num_data))
+            out[network] = rows
+            print(f"profile {network}: " + ", ".join(f"{n} {r['ms_per_step']:.2f} ms/step (aten {r['aten_ms_per_step']:.2f})"
+                                                      for n, r in rows.items()), flush=True)
+    pyro.clear_param_store()
+    return out
+
+
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     if args.summarize_only:
@@ -682,10 +709,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         results["eval"] = bench_eval(args, x_test, device, sync)
     if "local" in args.parts:
         results["local"] = bench_local(args, x_test, device, sync)
+    if "profile" in args.parts:
+        results["profile"] = bench_profile(args, dataset.train, device)
     results["seconds"] = time.perf_counter() - start
     if args.merge and (Path(args.out) / "results.json").exists():
         earlier = json.loads((Path(args.out) / "results.json").read_text())
-        for part in ("step", "epoch", "eval", "local"):
+        for part in ("step", "epoch", "eval", "local", "profile"):
             if part not in results and part in earlier:
                 results[part] = earlier[part]
                 if part == "step" and "numpyro" in earlier:

@@ -183,6 +183,13 @@ def test_benchmark_speed_smoke(load_experiment, tmp_path: Path, mnist_root: Path
     assert set(results["epoch"]["speedup_vs_dataloader"]) == {"pyrovae_fit", "pyrovae_fit_eager"}
     assert set(results["eval"]["images_per_second"]) == {"pyrovae", "handwritten_fused", "handwritten_bce"}
     assert results["local"]["points"] == 16
+    for network in ("tutorial", "784-400-50"):
+        rows = results["profile"][network]
+        assert set(rows) == {"pyrovae_eager", "pyrovae_replay", "handwritten_bce"}
+        for row in rows.values():
+            assert row["ops"] and 0 < row["aten_ms_per_step"] <= row["ms_per_step"] * 1.05
+    # The tutorial network's softplus is among the ops the profile names.
+    assert "aten::softplus" in [op["name"] for op in results["profile"]["tutorial"]["handwritten_bce"]["ops"]]
 
 
 @pytest.mark.parametrize("objective,k", [("elbo", 1), ("iwae", 5)])
