@@ -140,6 +140,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--merge", action="store_true",
                         help="keep the parts of an earlier results.json in --out that this run does not measure")
+    parser.add_argument("--tables", action="store_true",
+                        help="measure nothing: print the step tables of --out/results.json as Markdown")
     parser.add_argument("--summarize-only", action="store_true",
                         help="measure nothing: recompute the summary and derived numbers of --out/results.json")
     return parser.parse_args(argv)
@@ -286,6 +288,37 @@ def summarize(results: dict[str, Any]) -> dict[str, Any]:
     summary["issue18_targets"] = targets
     results["summary"] = summary
     return results
+
+
+def _ms(value: float) -> str:
+    return f"{value:.2f}" if value < 10 else f"{value:.1f}" if value < 100 else f"{value:.0f}"
+
+
+def step_tables(results: dict[str, Any]) -> str:
+    """The step rows as Markdown, one table per network (what docs/benchmark_speed.md prints),
+    every number read from ``results`` (run :func:`summarize` first)."""
+    lines = []
+    for network in dict.fromkeys(row["network"] for row in results.get("step", [])):
+        rows = [row for row in results["step"] if row["network"] == network]
+        has_np = any("numpyro" in row["median_ms"] for row in rows)
+        head = ["objective", "batch", "pyrovae (replay)", "inductor", "eager (before)", "hand bce", "hand fused"]
+        head += ["NumPyro", "replay ÷ NumPyro", "inductor ÷ NumPyro", "eager ÷ NumPyro"] if has_np else []
+        head += ["replay ÷ bce", "inductor ÷ bce", "eager ÷ bce"]
+        lines += [f"**{network}** (ms per step)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+        for row in rows:
+            ms, ratios = row["median_ms"], row["ratios"]
+            objective = "ELBO" if row["objective"] == "elbo" else f"IWAE K={row['k']}"
+            cells = [objective, str(row["batch_size"])]
+            cells += [_ms(ms[n]) if n in ms else "" for n in
+                      ("pyrovae", "pyrovae_inductor", "pyrovae_eager", "handwritten_bce", "handwritten_fused")]
+            if has_np:
+                cells.append(_ms(ms["numpyro"]) if "numpyro" in ms else "")
+                cells += [f"{ratios[v]['numpyro']:.2f}" if "numpyro" in ratios.get(v, {}) else ""
+                          for v in ("pyrovae", "pyrovae_inductor", "pyrovae_eager")]
+            cells += [f"{ratios[v]['bce']:.2f}" if v in ratios else "" for v in ("pyrovae", "pyrovae_inductor", "pyrovae_eager")]
+            lines.append("| " + " | ".join(cells) + " |")
+        lines.append("")
+    return "\n".join(lines)
 
 
 def make_pair(network: str, seed: int, device: torch.device) -> tuple[torch.nn.Module, torch.nn.Module]:
@@ -696,6 +729,9 @@ def bench_profile(args, x_train: torch.Tensor, device: torch.device) -> dict[str
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
+    if args.tables:
+        print(step_tables(summarize(json.loads((Path(args.out) / "results.json").read_text()))))
+        return {}
     if args.summarize_only:
         return rederive(args.out, args, summarize, device=args.device,
                         role="summarize-only: derived numbers recomputed, nothing measured")

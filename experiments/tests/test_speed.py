@@ -188,6 +188,9 @@ def test_benchmark_speed_smoke(load_experiment, tmp_path: Path, mnist_root: Path
         assert set(rows) == {"pyrovae_eager", "pyrovae_replay", "handwritten_bce"}
         for row in rows.values():
             assert row["ops"] and 0 < row["aten_ms_per_step"] <= row["ms_per_step"] * 1.05
+    tables = script.step_tables(results)
+    row = results["step"][0]
+    assert "**784-400-50**" in tables and f"| {script._ms(row['median_ms']['pyrovae'])} |" in tables
     # The tutorial network's softplus is among the ops the profile names.
     assert "aten::softplus" in [op["name"] for op in results["profile"]["tutorial"]["handwritten_bce"]["ops"]]
 
