@@ -24,9 +24,16 @@ def test_benchmark_verdicts_per_twin(load_experiment) -> None:
         assert row["within_target_vs_bce"] == (row["ratio_vs_bce"] <= limit)
         assert row["within_target_vs_fused"] == (row["ratio_vs_fused"] <= limit)
         assert row["median_ms"]["pyrovae"] == 1e3 * row["median_seconds"]["pyrovae"]
-    # README's speed table: 2 of 8 step timings miss against the BCE twin, 4 of 8 against the fused one
-    assert (results["summary"]["step_rows"], results["summary"]["step_rows_over_target_vs_bce"],
-            results["summary"]["step_rows_over_target_vs_fused"]) == (8, 2, 4)
+    # What the README and the speed page say of issue 18's targets: against NumPyro the default
+    # replay meets 2 of the 6 tutorial rows (IWAE K=50 at batch 100 and 256) and Inductor 3 (all
+    # IWAE rows); at batch 32 the ELBO step is under 0.75 x hand-written on the tutorial and
+    # 784-400-50 networks; the epoch and the K=5000 evaluation meet theirs.
+    targets = results["summary"]["issue18_targets"]
+    assert len(results["step"]) == 18 and targets["numpyro_rows"] == 6
+    assert targets["step_le_numpyro"]["pyrovae"]["met_rows"] == ["tutorial iwae K=50 B=100", "tutorial iwae K=50 B=256"]
+    assert targets["step_le_numpyro"]["pyrovae_inductor"]["met"] == 3
+    assert targets["step_le_bce_at_batch"]["pyrovae"]["met_rows"] == ["tutorial elbo K=1 B=32", "784-400-50 elbo K=1 B=32"]
+    assert targets["epoch_ge_speedup"]["pyrovae_fit"]["met"] and targets["eval_ge_fused"]["met"]
 
 
 def test_burda_margins_are_nll_differences() -> None:
