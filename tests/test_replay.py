@@ -268,7 +268,7 @@ def test_replayed_elbo_under_pyro_svi_follows_plain_svi() -> None:
         pyro.clear_param_store()
         model, guide = _pair()
         pyro.set_rng_seed(0)
-        svi = SVI(lambda x: model(x), lambda x: guide(x), pyro.optim.Adam({"lr": 0.05}), loss_fn)
+        svi = SVI(lambda x, model=model: model(x), lambda x, guide=guide: guide(x), pyro.optim.Adam({"lr": 0.05}), loss_fn)
         losses = [svi.step(x) for _ in range(8)]
         finals.append((losses, {n: v.detach().clone() for n, v in pyro.get_param_store().items()}))
     (losses, params), (losses_r, params_r) = finals
@@ -363,7 +363,7 @@ def test_a_nan_on_the_fast_path_stops_fit_before_the_update() -> None:
     # replay, found the NaN; no other param moved in that step.
     store = pyro.get_param_store()
     finite = [name for name, value in store.items() if name != "decoder$$$0.weight" and torch.isfinite(value).all()]
-    assert sorted(finite) == sorted(name for name in store.keys() if name != "decoder$$$0.weight")
+    assert sorted(finite) == sorted(name for name in store if name != "decoder$$$0.weight")
 
 
 @pytest.mark.parametrize("name", ["elbo", "iwae-dreg", "piwae"])
@@ -435,3 +435,31 @@ def test_importance_sampling_replays_its_chunks_with_pyros_bits() -> None:
         assert all(torch.equal(a, b) for a, b in zip(eager, replayed))
     stats = [entry[2].stats for entry in evaluate._CHUNKS.values() if entry[2].backend == "replay"]
     assert sum(s.replayed for s in stats) >= 8 and sum(s.verified for s in stats) >= 1, stats
+
+
+def test_the_config_offers_exactly_the_backends() -> None:
+    # The CLI's --fast-path choices come from the config's Literal; the library's from BACKENDS.
+    from typing import get_args
+
+    from pyrovae.app.config import FastPathName, TrainConfig
+    from pyrovae.infer.replay import BACKENDS
+
+    assert set(get_args(FastPathName)) == set(BACKENDS)
+    assert TrainConfig().fast_path == "replay" == choose_backend(True)
+
+
+def test_verify_false_trusts_the_trace_and_a_knob_then_goes_unseen() -> None:
+    # The contrast to the verification test: without it, a value changed after the trace is
+    # replayed stale, which is why verify=True is the default.
+    pyro.clear_param_store()
+    inner, guide = _pair()
+    model = _Knob(inner)
+    objective = make_objective("elbo")
+    replay = LossAndGradsReplay(objective, verify=False)
+    x, index = _batch()
+    _replayed(replay, model, guide, x, index, seed=0)
+    _replayed(replay, model, guide, x, index, seed=1)
+    model.weight = 0.5
+    stale = _replayed(replay, model, guide, x, index, seed=2)
+    assert replay.stats.verified == 0 and replay.stats.replayed == 1
+    assert stale[0] != pytest.approx(_eager(objective, model, guide, x, index, seed=2)[0], rel=1e-6)

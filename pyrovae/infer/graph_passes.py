@@ -17,6 +17,7 @@ Two rules keep :func:`simplify` exact in their presence:
 
 from __future__ import annotations
 
+import math
 from typing import Any, Optional
 
 import torch
@@ -168,7 +169,7 @@ def _hashable(value: Any) -> Any:
     if isinstance(value, (torch.dtype, torch.device, torch.memory_format, torch.layout)):
         return (type(value).__name__, str(value))
     if isinstance(value, float):
-        return ("float", value.hex()) if value == value else ("float", "nan")
+        return ("float", "nan") if math.isnan(value) else ("float", value.hex())
     return value
 
 
