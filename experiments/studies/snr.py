@@ -32,8 +32,14 @@ from pyrovae.infer.objectives import make_objective
 
 __all__ = ["ESTIMATORS", "gradient_replicates", "snr_table"]
 
-#: Objective names compared: the IWAE bound with three encoder-gradient estimators.
-ESTIMATORS: tuple[str, ...] = ("iwae", "iwae-stl", "iwae-dreg")
+#: Objective names compared: the IWAE bound with three encoder-gradient estimators, and Rainforth
+#: et al.'s (2018) three variants of it.
+ESTIMATORS: tuple[str, ...] = ("iwae", "iwae-stl", "iwae-dreg", "miwae", "piwae", "ciwae")
+
+#: The variants' options: MIWAE and PIWAE average M = 4 groups of K draws (4K draws in all; PIWAE's
+#: decoder sees the IWAE bound of all 4K), CIWAE mixes the ELBO and the IWAE bound of the same K
+#: draws half and half.
+OPTIONS: dict[str, dict[str, Any]] = {"miwae": {"num_groups": 4}, "piwae": {"num_groups": 4}, "ciwae": {"ciwae_beta": 0.5}}
 
 
 def gradient_replicates(
@@ -91,9 +97,10 @@ def snr_table(
             raise ValueError(f"unknown estimator {estimator!r}; choose from {ESTIMATORS}")
         for k in ks:
             start = time.perf_counter()
-            objective = make_objective(estimator, int(k))
+            objective = make_objective(estimator, int(k), **OPTIONS.get(estimator, {}))
             grads = gradient_replicates(model, guide, objective, (x, index, num_data), groups, replicates)
-            row: dict[str, Any] = {"estimator": estimator, "k": int(k), "replicates": replicates}
+            row: dict[str, Any] = {"estimator": estimator, "k": int(k), "replicates": replicates,
+                                   "options": OPTIONS.get(estimator, {}), "draws_per_point": objective.num_draws}
             for name, g in grads.items():
                 stats, mean, _ = gradient_statistics(g)
                 stats["mean_norm"] = mean.norm().item()

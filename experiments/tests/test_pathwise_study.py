@@ -1,5 +1,5 @@
 """Smoke run of experiments/gradient_snr.py (``experiments/studies/snr.py``): the SNR of the IWAE,
-IWAE-STL and IWAE-DReG gradients for a briefly trained VAE, with tiny settings. The estimators
+IWAE-STL, IWAE-DReG, MIWAE, PIWAE and CIWAE gradients for a briefly trained VAE, with tiny settings. The estimators
 themselves are tested in ``test_pathwise_estimators.py`` and ``tests/test_pathwise.py``.
 """
 
@@ -23,8 +23,11 @@ def test_gradient_snr_experiment_smoke(load_experiment, tmp_path, mnist_root, dr
         ])
     drawn(tmp_path / "out" / "snr.png")
     saved_json(tmp_path / "out" / "results.json", results)
-    assert {(r["estimator"], r["k"]) for r in results["rows"]} == {(e, k) for e in ("iwae", "iwae-stl", "iwae-dreg") for k in (1, 4)}
+    names = ("iwae", "iwae-stl", "iwae-dreg", "miwae", "piwae", "ciwae")
+    assert {(r["estimator"], r["k"]) for r in results["rows"]} == {(e, k) for e in names for k in (1, 4)}
+    # MIWAE and PIWAE draw M = 4 groups of K; the others K.
+    assert all(r["draws_per_point"] == (4 if r["estimator"] in ("miwae", "piwae") else 1) * r["k"] for r in results["rows"])
     for row in results["rows"]:
         assert row["encoder"]["snr"] >= 0 and row["decoder"]["variance"] > 0
     # K = 1: DReG and STL are the same estimator (w̃ = 1).
-    assert set(results["encoder_snr_log_slope"]) == {"iwae", "iwae-stl", "iwae-dreg"}
+    assert set(results["encoder_snr_log_slope"]) == set(names)
