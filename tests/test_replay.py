@@ -463,3 +463,19 @@ def test_verify_false_trusts_the_trace_and_a_knob_then_goes_unseen() -> None:
     stale = _replayed(replay, model, guide, x, index, seed=2)
     assert replay.stats.verified == 0 and replay.stats.replayed == 1
     assert stale[0] != pytest.approx(_eager(objective, model, guide, x, index, seed=2)[0], rel=1e-6)
+
+
+def test_a_replayed_function_with_gradients_enabled_runs_the_function() -> None:
+    from pyrovae.infer.replay import ReplayedFunction
+
+    w = torch.randn(3, requires_grad=True)
+    f = ReplayedFunction(lambda x: (x * w).sum())
+    x = torch.randn(3)
+    for _ in range(4):
+        out = f(x)
+    assert out.requires_grad and f.stats.eager == 4 and f.stats.replayed == 0
+    with torch.no_grad():
+        for _ in range(4):
+            out = f(x)
+    assert f.stats.replayed == 1 and f.stats.verified == 1
+    assert torch.equal(out, (x * w).sum().detach())

@@ -476,7 +476,8 @@ def _compiled(module: torch.fx.GraphModule, inputs: list[Tensor]) -> tuple[Optio
 
 class ReplayedFunction:
     """``fn(*args, **kwargs)``, a function of tensors that returns a tensor (or a tuple, list or
-    dict of them) and takes no gradient, traced once per structure and replayed, as
+    dict of them), called under ``torch.no_grad`` (with gradients enabled it just runs ``fn``),
+    traced once per structure and replayed, as
     :class:`LossAndGradsReplay` does for a training step (the same structures, verification and
     refusals). :func:`pyrovae.infer.evaluate.importance_sampling` runs its chunks of importance
     draws through one.
@@ -497,7 +498,8 @@ class ReplayedFunction:
         self._seen: set[Any] = set()
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
-        if self.backend == "eager":
+        if self.backend == "eager" or torch.is_grad_enabled():
+            # A replay runs without autograd: a call that may need gradients runs fn itself.
             return self._eager(args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         store = pyro.get_param_store()
