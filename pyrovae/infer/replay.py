@@ -68,18 +68,16 @@ logger = logging.getLogger(__name__)
 #: How :class:`LossAndGradsReplay` runs a step (see its ``backend`` parameter).
 BACKENDS: tuple[str, ...] = ("eager", "replay", "inductor")
 
-#: What ``fast_path`` of :func:`pyrovae.fit` and :class:`pyrovae.train.step.GradientStep` takes: a
-#: backend, or ``True`` (``"replay"``) / ``False`` (``"eager"``).
-FAST_PATHS: tuple[str, ...] = BACKENDS
-
 __all__ = [
-    "BACKENDS", "FAST_PATHS", "LossAndGradsReplay", "ReplayedELBO", "ReplayedFunction", "choose_backend",
+    "BACKENDS", "LossAndGradsReplay", "ReplayedELBO", "ReplayedFunction", "choose_backend",
     "reported_loss",
 ]
 
 
 def choose_backend(fast_path: Union[str, bool]) -> str:
-    """The backend a ``fast_path`` setting means: ``True`` is ``"replay"``, ``False`` ``"eager"``.
+    """The backend a ``fast_path`` setting (of :func:`pyrovae.fit`, :class:`pyrovae.train.step.GradientStep`,
+    :func:`pyrovae.infer.evaluate.importance_sampling`) means: one of :data:`BACKENDS`, or ``True``
+    (``"replay"``) / ``False`` (``"eager"``).
 
     :raises ValueError: an unknown setting, naming the choices.
     """
@@ -87,8 +85,8 @@ def choose_backend(fast_path: Union[str, bool]) -> str:
         return "replay"
     if fast_path is False:
         return "eager"
-    if fast_path not in FAST_PATHS:
-        raise ValueError(f"fast_path must be one of {FAST_PATHS} (or True/False), got {fast_path!r}")
+    if fast_path not in BACKENDS:
+        raise ValueError(f"fast_path must be one of {BACKENDS} (or True/False), got {fast_path!r}")
     return str(fast_path)
 
 
@@ -192,7 +190,87 @@ class ReplayStats:
     failures: list[str] = field(default_factory=list)
 
 
-class LossAndGradsReplay:
+def _structure(leaves: list[Any], spec: Any, store: Any) -> Any:
+    """The structure a graph belongs to (module docstring): the arguments' pytree, the tensors'
+    shapes, dtypes, devices and ``requires_grad``, the other leaves' values, the grad mode and the
+    param store's names, shapes, dtypes and ``requires_grad``."""
+    parts: list[Any] = [spec, torch.is_grad_enabled()]
+    for leaf in leaves:
+        if isinstance(leaf, Tensor):
+            parts.append((leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad))
+        elif leaf is None or isinstance(leaf, (bool, int, float, str)):
+            parts.append((type(leaf), leaf))
+        else:
+            parts.append((type(leaf), id(leaf)))
+    for name, value in store._params.items():
+        parts.append((name, value.shape, value.dtype, value.requires_grad))
+    return tuple(parts)
+
+
+class _Graphs:
+    """What :class:`LossAndGradsReplay` and :class:`ReplayedFunction` share: the graphs by
+    structure (``None``: the structure stays eager), the structures seen once, the counts."""
+
+    def __init__(self, backend: str, verify: bool, max_graphs: int, rtol: float) -> None:
+        if max_graphs < 1:
+            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
+        if backend not in BACKENDS:
+            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        self.backend, self.verify, self.max_graphs, self.rtol = backend, verify, max_graphs, rtol
+        self.stats = ReplayStats()
+        self._graphs: dict[Any, Optional[_Graph]] = {}  # structure -> graph, or None: stays eager
+        self._seen: dict[Any, Any] = {}  # structures run eagerly once (-> what that run found)
+
+    @property
+    def status(self) -> str:
+        """One line: how the last structures were served (for logs and tests)."""
+        s = self.stats
+        line = f"eager {s.eager}, traced {s.traced}, verified {s.verified}, replayed {s.replayed}"
+        if s.failures:
+            line += f"; last problem: {s.failures[-1]}"
+        return line
+
+    def reset(self) -> None:
+        """Forget every graph (call after changing a Python value the model or guide reads)."""
+        self._graphs.clear()
+        self._seen.clear()
+
+    def _what(self) -> str:
+        raise NotImplementedError
+
+    def _keep(self, key: Any, graph: Optional[_Graph]) -> None:
+        self._graphs[key] = graph
+        while len(self._graphs) > self.max_graphs:
+            self._graphs.pop(next(iter(self._graphs)))
+
+    def _new_graph(self, module: torch.fx.GraphModule, names: tuple[str, ...], inputs: list[Tensor],
+                   optimize: bool = False) -> _Graph:
+        """A recorded graph made ready to run: simplified (exactly), kernels swapped if asked,
+        and the backend's executor: TorchScript's interpreter (``"replay"``) or Inductor."""
+        self.stats.traced += 1
+        graph = _Graph(module, names)
+        simplify(module)
+        if optimize:
+            fast_kernels(module)
+        if self.backend == "replay":
+            graph.interpreted = _interpreted(module, inputs)
+        elif self.backend == "inductor":
+            graph.compiled, reason = _compiled(module, inputs)
+            if reason is not None:
+                self.stats.failures.append(reason)
+        return graph
+
+    def _give_up(self, key: Any, reason: str, disagreed: bool = False) -> None:
+        self._keep(key, None)
+        self.stats.failures.append(reason)
+        if disagreed:
+            logger.warning("pyrovae: the traced %s disagreed with the eager one (%s); it stays eager",
+                           self._what(), reason)
+        else:
+            logger.info("pyrovae: %s stays eager (%s)", self._what(), reason)
+
+
+class LossAndGradsReplay(_Graphs):
     """``objective.loss_and_grads(model, guide, *args, **kwargs)``, traced once per structure and
     replayed (see the module docstring for what is traced, when, and how it is checked).
 
@@ -224,34 +302,13 @@ class LossAndGradsReplay:
         max_graphs: int = 8,
         rtol: float = 1e-4,
     ) -> None:
-        if max_graphs < 1:
-            raise ValueError(f"max_graphs must be at least 1, got {max_graphs}")
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
+        super().__init__(backend, verify, max_graphs, rtol)
         self.objective = objective
-        self.backend = backend
-        self.verify = verify
         self.optimize = optimize
-        self.max_graphs = max_graphs
-        self.rtol = rtol
-        self.stats = ReplayStats()
-        self._graphs: dict[Any, Optional[_Graph]] = {}  # structure -> graph, or None: stays eager
-        self._seen: dict[Any, tuple[str, ...]] = {}  # structure -> the params its eager step used
+        # self._seen: structure -> the params its eager step used
 
-    # ----------------------------------------------------------------------------------------------
-    @property
-    def status(self) -> str:
-        """One line: how the last structures were served (for logs and tests)."""
-        s = self.stats
-        line = f"eager {s.eager}, traced {s.traced}, verified {s.verified}, replayed {s.replayed}"
-        if s.failures:
-            line += f"; last problem: {s.failures[-1]}"
-        return line
-
-    def reset(self) -> None:
-        """Forget every graph (call after changing a Python value the model or guide reads)."""
-        self._graphs.clear()
-        self._seen.clear()
+    def _what(self) -> str:
+        return f"step of {type(self.objective).__name__}"
 
     def __call__(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> tuple[float, dict[str, Tensor]]:
         """Run one ``loss_and_grads``.
@@ -263,14 +320,14 @@ class LossAndGradsReplay:
             return self._eager(model, guide, args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         store = pyro.get_param_store()
-        key = self._structure(leaves, spec, store)
+        key = _structure(leaves, spec, store)
         graph = self._graphs.get(key, False)
         if graph is False:
             names = self._seen.get(key)
             if names is None:
                 loss, params = self._eager(model, guide, args, kwargs)
                 # The structure after the step: a first step creates its params in the store.
-                self._seen[self._structure(leaves, spec, store)] = tuple(params)
+                self._seen[_structure(leaves, spec, store)] = tuple(params)
                 return loss, params
             return self._trace(key, names, model, guide, leaves, spec)
         if graph is None:
@@ -278,26 +335,10 @@ class LossAndGradsReplay:
         if not graph.verified:
             if self.verify:
                 return self._verify(key, graph, model, guide, args, kwargs, leaves, store)
-            if self.backend == "inductor" and graph.compiled is None:
-                graph.compiled = self._compile(graph, leaves, store)
             graph.verified = True  # trusted unchecked (verify=False)
         return self._replay(graph, leaves, store)
 
     # ----------------------------------------------------------------------------------------------
-    @staticmethod
-    def _structure(leaves: list[Any], spec: Any, store: Any) -> Any:
-        parts: list[Any] = [spec, torch.is_grad_enabled()]
-        for leaf in leaves:
-            if isinstance(leaf, Tensor):
-                parts.append((leaf.shape, leaf.dtype, leaf.device, leaf.requires_grad))
-            elif leaf is None or isinstance(leaf, (bool, int, float, str)):
-                parts.append((type(leaf), leaf))
-            else:
-                parts.append((type(leaf), id(leaf)))
-        for name, value in store._params.items():
-            parts.append((name, value.shape, value.dtype, value.requires_grad))
-        return tuple(parts)
-
     def _eager(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> tuple[float, dict[str, Tensor]]:
         self.stats.eager += 1
         with poutine.trace(param_only=True) as capture:
@@ -348,32 +389,12 @@ class LossAndGradsReplay:
             for param, grad in zip(params, grads):
                 param.grad = grad
             return float(loss), dict(zip(names, params))
-        self.stats.traced += 1
-        graph = _Graph(module, names)
-        _prepare(graph, inputs, self.backend, self.optimize)
-        self._drop(key, graph)
+        self._keep(key, self._new_graph(module, names, inputs, self.optimize))
         # The trace ran Pyro's step for real: its outputs are this call's result.
         loss, grads = outputs
         for param, grad in zip(params, grads):
             param.grad = grad
         return float(loss), dict(zip(names, params))
-
-    def _compile(self, graph: _Graph, leaves: list[Any], store: Any) -> Optional[Callable[..., Any]]:
-        tensors = [leaf for leaf in leaves if isinstance(leaf, Tensor)]
-        compiled, reason = _compiled(graph.module, tensors + self._store_tensors(store, graph.param_names))
-        if reason is not None:
-            self.stats.failures.append(reason)
-        return compiled
-
-    def _give_up(self, key: Any, reason: str) -> None:
-        self._drop(key, None)
-        self.stats.failures.append(reason)
-        logger.info("pyrovae: the step of %s stays eager (%s)", type(self.objective).__name__, reason)
-
-    def _drop(self, key: Any, graph: Optional[_Graph]) -> None:
-        self._graphs[key] = graph
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
 
     def _run(self, graph: _Graph, leaves: list[Any], store: Any) -> tuple[Tensor, dict[str, Tensor], list[Tensor]]:
         params = self._store_tensors(store, graph.param_names)
@@ -392,8 +413,6 @@ class LossAndGradsReplay:
 
     def _verify(self, key: Any, graph: _Graph, model: Callable, guide: Callable, args: tuple, kwargs: dict,
                 leaves: list[Any], store: Any) -> tuple[float, dict[str, Tensor]]:
-        if self.backend == "inductor" and graph.compiled is None:
-            graph.compiled = self._compile(graph, leaves, store)
         devices = _rng_devices([leaf for leaf in leaves if isinstance(leaf, Tensor)])
         before = _rng_state(devices)
         loss, params = self._eager(model, guide, args, kwargs)
@@ -417,10 +436,7 @@ class LossAndGradsReplay:
             graph.verified = True
             self.stats.verified += 1
         else:
-            self._graphs[key] = None
-            self.stats.failures.append(problem)
-            logger.warning("pyrovae: the traced step of %s disagreed with the eager step (%s); it stays eager",
-                           type(self.objective).__name__, problem)
+            self._give_up(key, problem, disagreed=True)
         return loss, params
 
 
@@ -444,16 +460,6 @@ def _record(fn: Callable[..., Any], inputs: list[Tensor]) -> torch.fx.GraphModul
         raise
 
 
-def _prepare(graph: _Graph, inputs: list[Tensor], backend: str, optimize: bool) -> None:
-    """Simplify a recorded graph (exactly), optionally swap kernels, and give the ``"replay"``
-    backend its TorchScript interpreter."""
-    simplify(graph.module)
-    if optimize:
-        fast_kernels(graph.module)
-    if backend == "replay":
-        graph.interpreted = _interpreted(graph.module, inputs)
-
-
 def _compiled(module: torch.fx.GraphModule, inputs: list[Tensor]) -> tuple[Optional[Callable[..., Any]], Optional[str]]:
     """The graph compiled by Inductor, with torch's own random kernels (``fallback_random``: the
     same draws as the eager step), or ``None`` and why if compiling fails (then it is replayed op
@@ -474,7 +480,7 @@ def _compiled(module: torch.fx.GraphModule, inputs: list[Tensor]) -> tuple[Optio
     return compiled, None
 
 
-class ReplayedFunction:
+class ReplayedFunction(_Graphs):
     """``fn(*args, **kwargs)``, a function of tensors that returns a tensor (or a tuple, list or
     dict of them), called under ``torch.no_grad`` (with gradients enabled it just runs ``fn``),
     traced once per structure and replayed, as
@@ -490,12 +496,11 @@ class ReplayedFunction:
 
     def __init__(self, fn: Callable[..., Any], *, backend: str = "replay", verify: bool = True,
                  max_graphs: int = 8, rtol: float = 1e-5) -> None:
-        if backend not in BACKENDS:
-            raise ValueError(f"unknown backend {backend!r}; choose one of {BACKENDS}")
-        self.fn, self.backend, self.verify, self.max_graphs, self.rtol = fn, backend, verify, max_graphs, rtol
-        self.stats = ReplayStats()
-        self._graphs: dict[Any, Optional[_Graph]] = {}
-        self._seen: set[Any] = set()
+        super().__init__(backend, verify, max_graphs, rtol)
+        self.fn = fn
+
+    def _what(self) -> str:
+        return getattr(self.fn, "__name__", "the function")
 
     def __call__(self, *args: Any, **kwargs: Any) -> Any:
         if self.backend == "eager" or torch.is_grad_enabled():
@@ -503,12 +508,12 @@ class ReplayedFunction:
             return self._eager(args, kwargs)
         leaves, spec = pytree.tree_flatten((args, kwargs))
         store = pyro.get_param_store()
-        key = LossAndGradsReplay._structure(leaves, spec, store)
+        key = _structure(leaves, spec, store)
         graph = self._graphs.get(key, False)
         if graph is False:
             if key not in self._seen:
                 out = self._eager(args, kwargs)
-                self._seen.add(LossAndGradsReplay._structure(leaves, spec, store))
+                self._seen[_structure(leaves, spec, store)] = True
                 return out
             return self._trace(key, leaves, spec, store)
         if graph is None:
@@ -556,16 +561,7 @@ class ReplayedFunction:
         if refusal is not None:
             self._give_up(key, refusal)
             return outputs[0]
-        self.stats.traced += 1
-        graph = _Graph(module, names)
-        _prepare(graph, inputs, self.backend, optimize=False)
-        if self.backend == "inductor":
-            graph.compiled, reason = _compiled(module, inputs)
-            if reason is not None:
-                self.stats.failures.append(reason)
-        self._graphs[key] = graph
-        while len(self._graphs) > self.max_graphs:
-            self._graphs.pop(next(iter(self._graphs)))
+        self._keep(key, self._new_graph(module, names, inputs))
         return outputs[0]
 
     def _verify(self, key: Any, graph: _Graph, args: tuple, kwargs: dict, tensors: list[Tensor]) -> Any:
@@ -586,13 +582,8 @@ class ReplayedFunction:
             graph.verified = True
             self.stats.verified += 1
         else:
-            self._give_up(key, problem)
+            self._give_up(key, problem, disagreed=True)
         return expected
-
-    def _give_up(self, key: Any, reason: str) -> None:
-        self._graphs[key] = None
-        self.stats.failures.append(reason)
-        logger.info("pyrovae: %s stays eager (%s)", getattr(self.fn, "__name__", "the function"), reason)
 
 
 def _outputs_disagree(expected: Any, got: Any, rng: tuple[Tensor, ...], replay_rng: tuple[Tensor, ...],
