@@ -30,6 +30,7 @@ from pyrovae.data import Dataset, check_data
 from pyrovae.infer.local import frozen_params
 from pyrovae.infer.loop import History, StepResult, Trainer, TrainState
 from pyrovae.infer.optim import make_pyro_optimizer
+from pyrovae.infer.replay import choose_backend
 from pyrovae.protocols import LocalGuide, RefinableGuide, StatefulObjective
 from pyrovae.runtime.checkpoint import (
     remove_stale_temporaries,
@@ -49,7 +50,6 @@ from pyrovae.runtime.distributed import (
 from pyrovae.runtime.interrupt import StopSignals, TrainingInterrupted
 from pyrovae.train import hooks as H
 from pyrovae.train.resume import data_fingerprint, read_resumable
-from pyrovae.infer.replay import choose_backend
 from pyrovae.train.step import GradientStep
 
 __all__ = ["bound_name", "dataset_bound", "evaluation_data", "fit"]
@@ -146,7 +146,7 @@ def fit(
     world = current_world()
     _check_arguments(epochs, batch_size, lr, lr_decay, clip_norm, local_steps, local_lr)
     data = training_data(dataset, seed if test_bound else None)
-    backend = choose_backend(fast_path)
+    backend = choose_backend(fast_path)  # a bad setting fails here, before anything is opened
     _check_fit(guide, data.num_train, batch_size, local_steps, world)
     saved = _open_checkpoint(checkpoint_path, resume, config, data.train, epochs, world)
     if saved is None:
