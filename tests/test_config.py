@@ -45,7 +45,7 @@ FLAT_FIELDS_BEFORE_GROUPS = (
     "local_steps local_lr extra"
 ).split()
 #: Options added since, each with its own flag (the flat view keeps every old name above).
-NEW_FIELDS = ["flow_layers", "num_groups", "ciwae_beta", "prior", "num_pseudo_inputs", "pseudo_input_init",
+NEW_FIELDS = ["flow_layers", "flow_hidden_sizes", "num_groups", "ciwae_beta", "prior", "num_pseudo_inputs", "pseudo_input_init",
               "prior_components", "prior_flow", "prior_flow_layers", "fast_path"]
 
 #: The train flags the README lists (and their spellings before the flags were generated).

@@ -122,11 +122,11 @@ class _ConditionedSylvester(T.Transform):
         self._cached_log_det: Optional[torch.Tensor] = None
 
     def _call(self, x: torch.Tensor) -> torch.Tensor:
-        q, r, s, b = self._params()
-        xq = (x.unsqueeze(-2) @ q).squeeze(-2)  # (Qᵀ x)ᵀ as a row
-        pre = (xq.unsqueeze(-2) @ s.transpose(-1, -2)).squeeze(-2) + b  # (S Qᵀ x)ᵀ + b
+        u, r, s, b = self._params()
+        xq = _reflect(x, u, reverse=True)  # Qᵀ x = H_M ⋯ H_1 x
+        pre = (s @ xq.unsqueeze(-1)).squeeze(-1) + b  # S Qᵀ x + b
         h = torch.tanh(pre)
-        y = x + (h.unsqueeze(-2) @ r.transpose(-1, -2) @ q.transpose(-1, -2)).squeeze(-2)  # (Q R h)ᵀ
+        y = x + _reflect((r @ h.unsqueeze(-1)).squeeze(-1), u, reverse=False)  # Q R h = H_1 ⋯ H_M R h
         diagonal = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(s, dim1=-2, dim2=-1)
         self._cached_log_det = torch.log1p((1 - h.pow(2)) * diagonal).sum(-1)
         return y
@@ -142,24 +142,50 @@ class _ConditionedSylvester(T.Transform):
         return self._cached_log_det
 
 
+def _reflect(v: torch.Tensor, u: torch.Tensor, reverse: bool) -> torch.Tensor:
+    """H_1 ⋯ H_M v (``reverse``: H_M ⋯ H_1 v) for the unit rows u_k of ``u`` (shape ``(..., M, D)``),
+    H_k = I − 2 u_k u_kᵀ, applied to ``v`` (shape ``(..., D)``) one reflection at a time: M·D
+    operations per vector, where forming Q would cost M·D² per point and a D × D product per draw."""
+    rows = u.unbind(-2)  # one backward stack for all rows, not a zero-filled (..., M, D) per row
+    for uk in (rows if reverse else rows[::-1]):
+        v = v - 2 * (v * uk).sum(-1, keepdim=True) * uk
+    return v
+
+
+def householder_product(u: torch.Tensor) -> torch.Tensor:
+    """Q = H_1 ⋯ H_M as a matrix (shape ``(..., D, D)``) for the unit rows of ``u``: what
+    :class:`_ConditionedSylvester` applies without forming it (for tests and inspection)."""
+    d = u.shape[-1]
+    eye = torch.eye(d, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], d, d)
+    return _reflect(eye.transpose(-1, -2), u.unsqueeze(-3), reverse=False).transpose(-1, -2)
+
+
 def sylvester_matrices(raw: Sequence[torch.Tensor], input_dim: int, count_householder: int) -> tuple[torch.Tensor, ...]:
-    """``(Q, R, S, b)`` of a Sylvester layer from unconstrained ``(u, r_dense, r_diag, s_dense,
-    s_diag, b)`` (sizes :meth:`ConditionalSylvester.param_dims`, any batch shape in front): Q the
-    product of the Householder reflections of the rows of u, R and S upper triangular with tanh
-    diagonals."""
+    """``(U, R, S, b)`` of a Sylvester layer from unconstrained ``(u, r_dense, r_diag, s_dense,
+    s_diag, b)`` (sizes :meth:`ConditionalSylvester.param_dims`, any batch shape in front): U the
+    unit Householder vectors (shape ``(..., M, D)``; Q = H_1 ⋯ H_M, :func:`householder_product`),
+    R and S upper triangular with tanh diagonals."""
     d, m = input_dim, count_householder
     u, r_dense, r_diag, s_dense, s_diag, b = raw
     batch = u.shape[:-1]
     u = u.reshape(*batch, m, d)
     u = u / u.norm(dim=-1, keepdim=True).clamp_min(1e-12)
-    q = torch.eye(d, dtype=u.dtype, device=u.device).expand(*batch, d, d)
-    for k in range(m):
-        uk = u[..., k, :]
-        q = q - 2 * (q @ uk.unsqueeze(-1)) @ uk.unsqueeze(-2)  # q H_k
     upper = torch.triu(torch.ones(d, d, dtype=u.dtype, device=u.device), diagonal=1)
     r = r_dense.reshape(*batch, d, d) * upper + torch.diag_embed(torch.tanh(r_diag))
     s = s_dense.reshape(*batch, d, d) * upper + torch.diag_embed(torch.tanh(s_diag))
-    return q, r, s, b
+    return u, r, s, b
+
+
+class _SplitDenseNN(DenseNN):
+    """Pyro's ``DenseNN`` whose outputs are split with ``torch.split`` rather than sliced: the
+    backward of six slices zero-fills the whole output six times (a third of a Sylvester step,
+    measured), the backward of a split concatenates once."""
+
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+        h = x
+        for layer in self.layers[:-1]:
+            h = self.f(layer(h))
+        return torch.split(self.layers[-1](h), list(self.param_dims), dim=-1)
 
 
 class ConditionalSylvester(ConditionalTransformModule):
@@ -224,7 +250,7 @@ def flow_layers(kind: str, z_dim: int, context_dim: int, num_layers: int,
             layers.append(T.conditional_spline_autoregressive(z_dim, context_dim, hidden_dims=hidden))
         else:
             count = z_dim // 2 + 1
-            net = DenseNN(context_dim, hidden, param_dims=ConditionalSylvester.param_dims(z_dim, count))
+            net = _SplitDenseNN(context_dim, hidden, param_dims=ConditionalSylvester.param_dims(z_dim, count))
             layers.append(ConditionalSylvester(z_dim, net, count))
     return nn.ModuleList(layers)
 

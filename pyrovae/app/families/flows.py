@@ -53,7 +53,8 @@ def build_flow(config: Any, dataset: Any, model: Any) -> Any:
     from pyrovae.guides.flows import flow_guide
 
     guide = flow_guide(config.guide, dataset.x_dim, config.z_dim, hidden_sizes=config.hidden_sizes,
-                       num_layers=config.flow_layers, activation=config.activation, beta=config.beta)
+                       num_layers=config.flow_layers, activation=config.activation, beta=config.beta,
+                       flow_hidden=config.flow_hidden_sizes)
     guide.encoder.to(config.device)
     return guide
 
@@ -61,6 +62,6 @@ def build_flow(config: Any, dataset: Any, model: Any) -> Any:
 SPECS = (
     GuideSpec(name="full-cov", build=build_full_cov, help="an encoder of a full-covariance Gaussian q(z|x)",
               options=(), check=_check_mlp),
-    *(GuideSpec(name=kind, build=build_flow, help=text, options=("flow_layers",), check=check_flow)
+    *(GuideSpec(name=kind, build=build_flow, help=text, options=("flow_layers", "flow_hidden_sizes"), check=check_flow)
       for kind, text in _FLOW_HELP.items()),
 )
