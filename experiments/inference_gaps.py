@@ -14,9 +14,10 @@ draw), with the decoder fixed:
 
 - **L[q]**: the trained encoder's ELBO (--elbo-draws draws per point).
 - **L[q*_FFG]**: a per-datapoint diagonal Gaussian fitted to each point (`optimize_local_guide`,
-  started at the encoder's Gaussian, stopping rule).
+  started at the trained guide's base Gaussian, its stopping rule, at most --local-steps steps).
 - **L[q*_Flow]**: a per-datapoint Sylvester flow of the trained guide's depth
-  (`PerDatapointFlowGuide`), its base started at q*_FFG, fitted by full-batch Adam.
+  (`PerDatapointFlowGuide`), its base started at q*_FFG, fitted by --flow-steps full-batch Adam
+  steps with --local-particles draws per point.
 - **log p̂(x)**: importance sampling with K = --is-samples draws from q*_Flow.
 
 approximation gap = log p̂(x) − L[q*] and amortization gap = L[q*] − L[q], with q* in the family of
@@ -26,6 +27,7 @@ the guide the decoder was trained with. Writes --docs/results.json, gaps.png and
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 from pathlib import Path
 
@@ -52,7 +54,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--elbo-draws", type=int, default=1000, help="draws of each ELBO per point")
     parser.add_argument("--is-samples", type=int, default=5000, help="K of log p̂(x), drawn from q*_Flow")
     parser.add_argument("--local-steps", type=int, default=3000, help="most Adam steps of each q* fit")
-    parser.add_argument("--local-particles", type=int, default=8, help="draws per point per step of the q* fits")
+    parser.add_argument("--local-particles", type=int, default=8, help="draws per point per step of the q*_Flow fit")
+    parser.add_argument("--flow-steps", type=int, default=1500, help="Adam steps of the q*_Flow fit")
+    parser.add_argument("--flow-lr", type=float, default=3e-3, help="initial step size of the q*_Flow fit (decays to 1 %%)")
     parser.add_argument("--train-only", action="store_true", help="train the cells, skip the study")
     add_common_args(parser, epochs=100)
     return parser.parse_args(argv)
@@ -67,6 +71,20 @@ def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     }
 
 
+def column_of(folder: Path, name: str, settings: "study.Settings", data_dir: str | None) -> dict:
+    """The cell's column, measured once per settings and kept in ``folder/gaps.json`` (so the two
+    columns can be measured by separate processes, or in separate sessions)."""
+    path = folder / "gaps.json"
+    if path.exists():
+        saved = json.loads(path.read_text())
+        if saved.get("settings") == settings.to_dict():
+            logging.info("%s: gaps measured earlier, read from %s", name, path)
+            return saved["column"]
+    column = study.gaps_of_run(folder / "checkpoint.pt", name, settings, data_dir=data_dir)
+    write_json(path, {"settings": settings.to_dict(), "column": column})
+    return column
+
+
 def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     setup(args)
@@ -75,11 +93,11 @@ def main(argv: list[str] | None = None) -> dict:
     if args.train_only:
         return {"trained": trained}
     settings = study.Settings(num_points=args.num_points, elbo_draws=args.elbo_draws, is_samples=args.is_samples,
-                              local_steps=args.local_steps, local_particles=args.local_particles, seed=args.seed)
+                              local_steps=args.local_steps, local_particles=args.local_particles, flow_steps=args.flow_steps,
+                              flow_lr=args.flow_lr, seed=args.seed)
     docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    columns = {name: study.gaps_of_run(Path(args.out) / name / "checkpoint.pt", name, settings, data_dir=args.data_dir)
-               for name in cells}
+    columns = {name: column_of(Path(args.out) / name, name, settings, args.data_dir) for name in cells}
     for name, column in columns.items():
         column["training"] = {k: trained[name][k] for k in ("epochs", "train_seconds", "test_elbo", "test_log_likelihood")}
         logging.info("%s: %s", name, {k: round(v, 2) for k, v in column["table"].items()})
