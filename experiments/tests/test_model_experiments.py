@@ -62,3 +62,23 @@ def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path, draw
     assert "perplexity_top" in rows["vqvae2"]
     again = script.main(argv)  # priors and runs are reused, not refitted
     assert again["rows"][0]["log_prior_codes"] == summary["rows"][0]["log_prior_codes"]
+
+
+def test_nll_guides_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
+    script = load_experiment("experiments/nll_guides.py")
+    cells = ["ffg", "planar", "vamp", "miwae"]
+    summary = script.main([
+        "--networks", "main", "--cells", *cells, "--epochs", "1", "--eval-samples", "8", "--flow-layers", "1",
+        "--pseudo-inputs", "5", "--num-train", "200", "--num-test", "30", "--data-dir", str(mnist_root),
+        "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
+    ])
+    assert [r["cell"] for r in summary["rows"]] == cells
+    config = summary["config"]
+    assert config["main_planar"]["guide"] == "planar" and config["main_planar"]["flow_layers"] == 1
+    assert config["main_vamp"]["prior"] == "vamp" and config["main_vamp"]["num_pseudo_inputs"] == 5
+    assert (config["main_miwae"]["objective"], config["main_miwae"]["num_groups"]) == ("miwae", 4)
+    for row in summary["rows"]:
+        assert math.isclose(row["test_nll"], -row["test_log_likelihood"])
+        assert row["test_log_likelihood"] >= row["test_elbo"] - 1e-3  # log-mean-exp ≥ mean of the same draws
+    saved_json(tmp_path / "docs" / "results.json", summary)
+    drawn(tmp_path / "docs" / "nll.png")

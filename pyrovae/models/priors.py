@@ -92,19 +92,22 @@ class StandardNormalPrior:
 
 class DiagonalMixture(dist.MixtureSameFamily):
     """Pyro's ``MixtureSameFamily`` of diagonal Gaussians (components ``Normal(loc, scale).to_event(1)``)
-    whose ``log_prob`` scores the components a group at a time with Pyro's ``Normal.log_prob`` on the
-    parameters as given (not on their copies expanded over particles and points). Importance sampling
-    of a VampPrior on MNIST asks for 100 particles × 100 points × K = 500 components × 50 latent
-    dimensions at once: 1 GB per intermediate (5.5 GB at the peak, measured) for
-    ``MixtureSameFamily.log_prob``; here one group's ``(..., group, z_dim)`` tensor stays under
-    :attr:`max_elements`. The value is ``MixtureSameFamily.log_prob``'s:
-    logsumexp_k [log π_k + log N(z; μ_k, diag σ_k²)].
+    whose ``log_prob`` scores all components with two matrix products instead of a
+    ``(..., K, z_dim)`` tensor of per-coordinate densities. Importance sampling of a VampPrior on
+    MNIST asks for 100 particles × 100 points × K = 500 components × 50 latent dimensions at once:
+    ``MixtureSameFamily.log_prob`` builds 1 GB per intermediate (5.5 GB at the peak, measured) and
+    runs element by element. Here
+
+        log N(z; μ_k, diag σ_k²) = −½ z²·a_k + z·b_k − ½ Σ_d μ_kd² a_kd − Σ_d log σ_kd − (D/2) log 2π,
+
+    a_k = 1/σ_k², b_k = μ_k/σ_k², so ``z² @ a.T`` and ``z @ b.T`` give every component at once. The
+    products are taken in float64: the expansion subtracts terms of size z²/σ² to leave (z − μ)²/σ²,
+    and float64 keeps that difference exact to ~1e-12 nats where float32 would lose ~1e-3.
+    The value is ``MixtureSameFamily.log_prob``'s: logsumexp_k [log π_k + log N(z; μ_k, diag σ_k²)].
 
     Build it with :func:`diagonal_mixture`.
     """
 
-    #: The most elements of one group's ``(..., group, z_dim)`` log-density tensor.
-    max_elements = 1 << 22
     _loc: Optional[torch.Tensor] = None
     _scale: Optional[torch.Tensor] = None
 
@@ -121,14 +124,14 @@ class DiagonalMixture(dist.MixtureSameFamily):
             loc, scale = normal.loc, normal.scale
         else:
             loc, scale = self._loc, self._scale  # (..., K, z_dim), broadcastable to the batch
-        value = value.unsqueeze(-2)  # (..., 1, z_dim)
-        batch = torch.broadcast_shapes(value.shape[:-2], self.batch_shape)
-        group = max(1, self.max_elements // max(1, math.prod(batch) * loc.shape[-1]))
-        num = loc.shape[-2]
-        log_prob_z = torch.cat([
-            dist.Normal(loc[..., start:start + group, :], scale[..., start:start + group, :]).log_prob(value).sum(-1)
-            for start in range(0, num, group)
-        ], dim=-1)
+        batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
+        z = value.double().unsqueeze(-2)  # (..., 1, z_dim)
+        precision = scale.double().pow(-2)  # a: (..., K, z_dim)
+        shift = loc.double() * precision  # b
+        constant = (-0.5 * (loc.double() * shift).sum(-1) - torch.log(scale.double()).sum(-1)
+                    - 0.5 * loc.shape[-1] * math.log(2 * math.pi))  # (..., K)
+        quadratic = (-0.5 * z.pow(2) @ precision.transpose(-1, -2) + z @ shift.transpose(-1, -2)).squeeze(-2)
+        log_prob_z = (quadratic + constant).to(value.dtype)
         log_weights = torch.log_softmax(self.mixture_distribution.logits, dim=-1)
         out = torch.logsumexp(log_prob_z + log_weights, dim=-1)
         return out.expand(torch.broadcast_shapes(out.shape, batch))
