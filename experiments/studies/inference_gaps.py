@@ -40,8 +40,8 @@ class Settings:
     elbo_draws: int = 1000
     is_samples: int = 5000
     local_steps: int = 3000
-    local_particles: int = 8
-    flow_steps: int = 1500
+    local_particles: int = 2
+    flow_steps: int = 1000
     flow_lr: float = 3e-3
     seed: int = 0
 
