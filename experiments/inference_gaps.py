@@ -80,7 +80,8 @@ def column_of(folder: Path, name: str, settings: "study.Settings", data_dir: str
         if saved.get("settings") == settings.to_dict():
             logging.info("%s: gaps measured earlier, read from %s", name, path)
             return saved["column"]
-    column = study.gaps_of_run(folder / "checkpoint.pt", name, settings, data_dir=data_dir)
+    flow_layers = int(CELLS["flow"]["flow_layers"])  # type: ignore[call-overload]
+    column = study.gaps_of_run(folder / "checkpoint.pt", name, settings, flow_layers, data_dir=data_dir)
     write_json(path, {"settings": settings.to_dict(), "column": column})
     return column
 

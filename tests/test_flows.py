@@ -291,3 +291,26 @@ def test_local_steps_are_refused_for_the_non_diagonal_per_datapoint_guides(make)
     guide = make()
     with pytest.raises(ValueError, match=f"train a {type(guide).__name__} with local_steps=0"):
         guide.refine_rows(model, x[:4], torch.arange(4), num_steps=2)
+
+
+def test_the_sylvester_layer_is_the_dense_formula_with_q_the_product_of_its_reflections(float64) -> None:  # type: ignore[no-untyped-def]
+    # The layer applies H_1 ⋯ H_M to vectors without forming Q; with Q formed from explicit
+    # reflection matrices, y = x + Q R tanh(S Qᵀ x + b) must hold, and Q must be orthogonal.
+    from pyrovae.guides.flows import ConditionalSylvester, _ConditionedSylvester, householder_product, sylvester_matrices
+
+    d, m = 4, 3
+    torch.manual_seed(0)
+    raw = [torch.randn(5, size) for size in ConditionalSylvester.param_dims(d, m)]
+    u, r, s, b = sylvester_matrices(raw, d, m)
+    q = householder_product(u)
+    explicit = torch.eye(d).expand(5, d, d)
+    for k in range(m):
+        uk = u[:, k, :]
+        explicit = explicit @ (torch.eye(d) - 2 * uk.unsqueeze(-1) * uk.unsqueeze(-2))
+    assert torch.allclose(q, explicit, atol=1e-12)
+    assert torch.allclose(q.transpose(-1, -2) @ q, torch.eye(d).expand(5, d, d), atol=1e-12)
+    x = torch.randn(7, 5, d)  # draws in front of the batch of points
+    y = _ConditionedSylvester(lambda: (u, r, s, b))(x)
+    pre = (s @ (q.transpose(-1, -2) @ x.unsqueeze(-1))).squeeze(-1) + b
+    dense = x + (q @ r @ torch.tanh(pre).unsqueeze(-1)).squeeze(-1)
+    assert torch.allclose(y, dense, atol=1e-12)

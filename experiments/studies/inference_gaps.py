@@ -80,16 +80,16 @@ def fit_flow_qstar(model: Any, x: torch.Tensor, start: tuple[torch.Tensor, torch
     return guide, seconds
 
 
-def gaps_of_run(checkpoint: Any, name: str, settings: Settings, data_dir: Optional[str] = None) -> dict[str, Any]:
+def gaps_of_run(checkpoint: Any, name: str, settings: Settings, flow_layers: int,
+                data_dir: Optional[str] = None) -> dict[str, Any]:
     """The column of Table 2 for the decoder in ``checkpoint``: the four rows (per-point means and
     standard errors over points) and the two gaps, with q* in the family the decoder was trained
-    with (Flow for a flow guide, else FFG)."""
+    with (Flow for a flow guide, else FFG). q*_Flow has ``flow_layers`` layers (the flow guide's)."""
     pyro.clear_param_store()
     config, dataset, model, guide, _ = restore(checkpoint, data_dir=data_dir)
     x = evaluation_data(dataset, "test", config.seed)[: settings.num_points]
     torch.manual_seed(settings.seed)
     flow_trained = isinstance(guide, FlowGuide)
-    num_layers = config.flow_layers if flow_trained else 4
     seconds: dict[str, float] = {}
     with torch.no_grad():
         t = time.perf_counter()
@@ -101,7 +101,7 @@ def gaps_of_run(checkpoint: Any, name: str, settings: Settings, data_dir: Option
         prefix=f"{name}_qstar_ffg", init=base_gaussian_guide(guide), tol=0.01, check_every=50, return_history=True)
     seconds["qstar_ffg_fit"] = time.perf_counter() - t
     start = gaussian_guide_params(ffg, x)
-    flow, seconds["qstar_flow_fit"] = fit_flow_qstar(fixed(model), x, start, num_layers, settings, f"{name}_qstar_flow")
+    flow, seconds["qstar_flow_fit"] = fit_flow_qstar(fixed(model), x, start, flow_layers, settings, f"{name}_qstar_flow")
     with torch.no_grad():
         ffg_eval = evaluate_dataset(model, ffg, x, num_samples=settings.elbo_draws)
         t = time.perf_counter()

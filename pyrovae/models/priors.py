@@ -125,10 +125,10 @@ class DiagonalMixture(dist.MixtureSameFamily):
         else:
             loc, scale = self._loc, self._scale  # (..., K, z_dim), broadcastable to the batch
         batch = torch.broadcast_shapes(value.shape[:-1], self.batch_shape)
-        z = value.double().unsqueeze(-2)  # (..., 1, z_dim)
-        precision = scale.double().pow(-2)  # a: (..., K, z_dim)
-        shift = loc.double() * precision  # b
-        constant = (-0.5 * (loc.double() * shift).sum(-1) - torch.log(scale.double()).sum(-1)
+        z, loc, scale = value.double().unsqueeze(-2), loc.double(), scale.double()  # z: (..., 1, z_dim)
+        precision = scale.pow(-2)  # a: (..., K, z_dim)
+        shift = loc * precision  # b
+        constant = (-0.5 * (loc * shift).sum(-1) - torch.log(scale).sum(-1)
                     - 0.5 * loc.shape[-1] * math.log(2 * math.pi))  # (..., K)
         quadratic = (-0.5 * z.pow(2) @ precision.transpose(-1, -2) + z @ shift.transpose(-1, -2)).squeeze(-2)
         log_prob_z = (quadratic + constant).to(value.dtype)
