@@ -21,7 +21,9 @@ draw), with the decoder fixed:
 - **log p̂(x)**: importance sampling with K = --is-samples draws from q*_Flow.
 
 approximation gap = log p̂(x) − L[q*] and amortization gap = L[q*] − L[q], with q* in the family of
-the guide the decoder was trained with. Writes --docs/results.json, gaps.png and run.json.
+the guide the decoder was trained with. Writes --docs/results.json, gaps.png and run.json; each
+cell's training metrics and measured column are kept in --docs/training/ and --docs/columns/, so a
+finished part is not redone after a fresh checkout.
 """
 
 from __future__ import annotations
@@ -71,10 +73,11 @@ def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     }
 
 
-def column_of(folder: Path, name: str, settings: "study.Settings", data_dir: str | None) -> dict:
-    """The cell's column, measured once per settings and kept in ``folder/gaps.json`` (so the two
-    columns can be measured by separate processes, or in separate sessions)."""
-    path = folder / "gaps.json"
+def column_of(folder: Path, keep: Path, name: str, settings: "study.Settings", data_dir: str | None) -> dict:
+    """The cell's column (from the run in ``folder``), measured once per settings and kept in
+    ``keep/<name>.json`` (so the two columns can be measured by separate processes, or in separate
+    sessions: ``keep`` is committed with the results)."""
+    path = keep / f"{name}.json"
     if path.exists():
         saved = json.loads(path.read_text())
         if saved.get("settings") == settings.to_dict():
@@ -90,15 +93,15 @@ def main(argv: list[str] | None = None) -> dict:
     args = parse_args(argv)
     setup(args)
     cells = configs(args)
-    trained = run_configs(cells, Path(args.out), data_dir=args.data_dir)
+    docs = Path(args.docs)
+    trained = run_configs(cells, Path(args.out), data_dir=args.data_dir, keep=docs / "training")
     if args.train_only:
         return {"trained": trained}
     settings = study.Settings(num_points=args.num_points, elbo_draws=args.elbo_draws, is_samples=args.is_samples,
                               local_steps=args.local_steps, local_particles=args.local_particles, flow_steps=args.flow_steps,
                               flow_lr=args.flow_lr, seed=args.seed)
-    docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
-    columns = {name: column_of(Path(args.out) / name, name, settings, args.data_dir) for name in cells}
+    columns = {name: column_of(Path(args.out) / name, docs / "columns", name, settings, args.data_dir) for name in cells}
     for name, column in columns.items():
         column["training"] = {k: trained[name][k] for k in ("epochs", "train_seconds", "test_elbo", "test_log_likelihood")}
         logging.info("%s: %s", name, {k: round(v, 2) for k, v in column["table"].items()})

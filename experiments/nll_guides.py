@@ -18,7 +18,9 @@ prior, Trace_ELBO):
   **piwae** (M = 4, K = 16), **ciwae** (K = 64, β = 0.5).
 
 Each cell's test log-likelihood is importance-sampled with K = --eval-samples draws from its guide,
-over the full test set (one fixed binarization draw). Writes --docs/results.json and nll.png.
+over the full test set (one fixed binarization draw). Writes --docs/results.json and nll.png, and
+each finished cell's metrics to --docs/cells/ (read back instead of retraining, so the sweep
+survives a fresh checkout without its run folders).
 """
 
 from __future__ import annotations
@@ -119,7 +121,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     args = parse_args(argv)
     setup(args)
     cells = configs(args)
-    results = run_configs(cells, Path(args.out), data_dir=args.data_dir, skip_busy=args.skip_busy)
+    docs = Path(args.docs)
+    results = run_configs(cells, Path(args.out), data_dir=args.data_dir, skip_busy=args.skip_busy, keep=docs / "cells")
     rows = []
     for network in args.networks:
         for cell in args.cells:
@@ -131,7 +134,6 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             rows.append(row)
             logging.info("%s %s: NLL %.2f ± %.2f, ELBO %.2f", network, cell, row["test_nll"],
                          row["test_log_likelihood_se"], row["test_elbo"])
-    docs = Path(args.docs)
     docs.mkdir(parents=True, exist_ok=True)
     summary = {"rows": rows, "config": {k: v.to_dict() for k, v in cells.items()}}
     write_json(docs / "results.json", summary)

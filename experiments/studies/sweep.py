@@ -3,7 +3,10 @@
 Experiments that compare a few trained models (the β-VAE sweep, fixed vs learned σ, the VQ models,
 the Burda table) call :func:`run_configs`: a finished run (its ``metrics.json`` written for the
 same config) is skipped, an unfinished one resumes from its checkpoint, so a long sweep can be
-split across sessions or interrupted with Ctrl-C.
+split across sessions or interrupted with Ctrl-C. With ``keep``, each finished run's metrics are
+also copied to ``keep/<name>.json`` (a folder that is committed, unlike the run folders with their
+checkpoints), and a run whose copy there matches its config is not trained again: a sweep's
+finished cells survive a fresh checkout.
 """
 
 from __future__ import annotations
@@ -14,7 +17,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from pyrovae.app.config import TrainConfig, config_differences
-from pyrovae.app.run import OutputBusyError, train_and_evaluate
+from pyrovae.app.run import OutputBusyError, train_and_evaluate, write_json
 
 __all__ = ["finished_metrics", "run_configs"]
 
@@ -24,9 +27,12 @@ logger = logging.getLogger(__name__)
 CHUNKING = frozenset({"eval_chunk", "eval_batch"})
 
 
-def finished_metrics(folder: Path, config: TrainConfig) -> Optional[dict[str, Any]]:
-    """The ``metrics.json`` in ``folder`` if it was written for ``config`` (up to chunking)."""
-    path = Path(folder) / "metrics.json"
+def finished_metrics(path: Path, config: TrainConfig) -> Optional[dict[str, Any]]:
+    """The metrics at ``path`` (a run folder's ``metrics.json``, or that file itself) if they were
+    written for ``config`` (up to chunking)."""
+    path = Path(path)
+    if path.is_dir() or path.suffix != ".json":
+        path = path / "metrics.json"
     if not path.exists():
         return None
     metrics = json.loads(path.read_text())
@@ -43,6 +49,7 @@ def run_configs(
     progress: bool = False,
     after: Optional[Callable[[str, dict[str, Any]], None]] = None,
     skip_busy: bool = False,
+    keep: Optional[Path] = None,
 ) -> dict[str, dict[str, Any]]:
     """Train and evaluate every config in ``root/<name>`` (skipping finished ones, resuming
     unfinished ones) and return ``{name: metrics}``.
@@ -51,11 +58,15 @@ def run_configs(
     :param skip_busy: leave out (and log) a run that another process is training, instead of
         raising :class:`~pyrovae.app.run.OutputBusyError`; then several processes started with the
         same configs share the work, and the result lacks the runs the others hold.
+    :param keep: a folder for a copy of each finished run's metrics (``keep/<name>.json``), read
+        back when ``root/<name>`` holds no finished run for the config.
     """
     results = {}
     for name, config in configs.items():
         folder = Path(root) / name
         metrics = finished_metrics(folder, config)
+        if metrics is None and keep is not None:
+            metrics = finished_metrics(Path(keep) / f"{name}.json", config)
         if metrics is None:
             logger.info("%s: training", name)
             try:
@@ -68,6 +79,8 @@ def run_configs(
         else:
             logger.info("%s: finished earlier, skipped", name)
         results[name] = metrics
+        if keep is not None:
+            write_json(Path(keep) / f"{name}.json", metrics)
         if after is not None:
             after(name, metrics)
     return results
