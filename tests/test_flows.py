@@ -314,3 +314,15 @@ def test_the_sylvester_layer_is_the_dense_formula_with_q_the_product_of_its_refl
     pre = (s @ (q.transpose(-1, -2) @ x.unsqueeze(-1))).squeeze(-1) + b
     dense = x + (q @ r @ torch.tanh(pre).unsqueeze(-1)).squeeze(-1)
     assert torch.allclose(y, dense, atol=1e-12)
+
+
+@pytest.mark.parametrize("m_shape, v_shape", [((5, 4, 4), (7, 5, 4)), ((5, 4, 4), (2, 3, 5, 4)), ((4, 4), (6, 4)),
+                                              ((5, 4, 4), (5, 4)), ((1, 4, 4), (3, 5, 4)), ((2, 5, 4, 4), (3, 2, 5, 4))])
+def test_matvec_is_the_broadcast_matrix_vector_product(float64, m_shape, v_shape) -> None:  # type: ignore[no-untyped-def]
+    # The Sylvester layer multiplies each point's matrices by all its draws as one block (no copy
+    # of the matrices per draw); every broadcast the plain product allows must give its answer.
+    from pyrovae.guides.flows import _matvec
+
+    torch.manual_seed(0)
+    m, v = torch.randn(m_shape), torch.randn(v_shape)
+    assert torch.allclose(_matvec(m, v), (m @ v.unsqueeze(-1)).squeeze(-1), atol=1e-12)

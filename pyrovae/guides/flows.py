@@ -124,9 +124,9 @@ class _ConditionedSylvester(T.Transform):
     def _call(self, x: torch.Tensor) -> torch.Tensor:
         u, r, s, b = self._params()
         xq = _reflect(x, u, reverse=True)  # Qᵀ x = H_M ⋯ H_1 x
-        pre = (s @ xq.unsqueeze(-1)).squeeze(-1) + b  # S Qᵀ x + b
+        pre = _matvec(s, xq) + b  # S Qᵀ x + b
         h = torch.tanh(pre)
-        y = x + _reflect((r @ h.unsqueeze(-1)).squeeze(-1), u, reverse=False)  # Q R h = H_1 ⋯ H_M R h
+        y = x + _reflect(_matvec(r, h), u, reverse=False)  # Q R h = H_1 ⋯ H_M R h
         diagonal = torch.diagonal(r, dim1=-2, dim2=-1) * torch.diagonal(s, dim1=-2, dim2=-1)
         self._cached_log_det = torch.log1p((1 - h.pow(2)) * diagonal).sum(-1)
         return y
@@ -140,6 +140,19 @@ class _ConditionedSylvester(T.Transform):
             self(x)
         assert self._cached_log_det is not None
         return self._cached_log_det
+
+
+def _matvec(m: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """``m @ v`` for matrices ``m`` (shape ``(*batch, D, D)``) and vectors ``v`` (shape ``(*draws,
+    *batch, D)``). ``m @ v.unsqueeze(-1)`` would expand ``m`` to ``(*draws, *batch, D, D)`` (a copy
+    per draw: S·N·D² numbers for S draws at N points); here the draws become the columns of one
+    ``(*batch, D, S)`` block, so each point's matrix multiplies all its draws at once, uncopied."""
+    extra = v.dim() - 1 - (m.dim() - 2)
+    if extra <= 0 or v.shape[extra:-1] != m.shape[:-2]:
+        return (m @ v.unsqueeze(-1)).squeeze(-1)
+    draws = v.shape[:extra]
+    columns = v.reshape(-1, *v.shape[extra:]).movedim(0, -1)  # (*batch, D, S)
+    return (m @ columns).movedim(-1, 0).reshape(*draws, *v.shape[extra:-1], m.shape[-2])
 
 
 def _reflect(v: torch.Tensor, u: torch.Tensor, reverse: bool) -> torch.Tensor:
