@@ -14,8 +14,9 @@ prior, Trace_ELBO):
 
 - guides: **full-cov**, **iaf**, **planar** (--flow-layers layers);
 - prior: **vamp** (VampPrior, --pseudo-inputs pseudo-inputs);
-- objectives, all with 64 draws per point: **iwae** (K = 64), **miwae** (M = 4 groups of K = 16),
-  **piwae** (M = 4, K = 16), **ciwae** (K = 64, β = 0.5).
+- objectives, all with --objective-draws draws per point (default 64, Rainforth et al.'s): **iwae**
+  (K = 64), **miwae** (M = 4 groups of K = 16), **piwae** (M = 4, K = 16), **ciwae** (K = 64,
+  β = 0.5); on the networks --objectives-on names (default both).
 
 Each cell's test log-likelihood is importance-sampled with K = --eval-samples draws from its guide,
 over the full test set (one fixed binarization draw). Writes --docs/results.json and nll.png, and
@@ -42,6 +43,9 @@ NETWORKS: dict[str, dict[str, Any]] = {
     "burda": dict(hidden_sizes=(200, 200), activation="tanh", weight_init="glorot"),
 }
 
+#: MIWAE's and PIWAE's number of groups M (Rainforth et al. 2018 use M = 4 of K = 16).
+GROUPS = 4
+
 #: The cells: name -> the options it changes against ffg (flow_layers and the VampPrior's size
 #: come from the flags).
 CELLS: dict[str, dict[str, Any]] = {
@@ -50,11 +54,15 @@ CELLS: dict[str, dict[str, Any]] = {
     "iaf": dict(guide="iaf"),
     "planar": dict(guide="planar"),
     "vamp": dict(prior="vamp"),
-    "iwae": dict(objective="iwae", num_particles=64),
-    "miwae": dict(objective="miwae", num_particles=16, num_groups=4),
-    "piwae": dict(objective="piwae", num_particles=16, num_groups=4),
-    "ciwae": dict(objective="ciwae", num_particles=64, ciwae_beta=0.5),
+    "iwae": dict(objective="iwae"),
+    "miwae": dict(objective="miwae", num_groups=GROUPS),
+    "piwae": dict(objective="piwae", num_groups=GROUPS),
+    "ciwae": dict(objective="ciwae", ciwae_beta=0.5),
 }
+
+#: The objective cells, which draw --objective-draws per point per step (M = GROUPS groups of
+#: --objective-draws / M for MIWAE and PIWAE).
+OBJECTIVE_CELLS = ("iwae", "miwae", "piwae", "ciwae")
 
 #: What the table reports of each run's metrics.json.
 KEYS = ("test_log_likelihood", "test_log_likelihood_se", "test_nll", "test_elbo", "test_elbo_se", "kl",
@@ -70,28 +78,44 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--eval-samples", type=int, default=5000, help="K of the test log-likelihood")
     parser.add_argument("--flow-layers", type=int, default=4, help="layers of the iaf and planar guides")
     parser.add_argument("--pseudo-inputs", type=int, default=500, help="the VampPrior's pseudo-inputs")
+    parser.add_argument("--objective-draws", type=int, default=64,
+                        help=f"draws per point of the objective cells (a multiple of {GROUPS})")
+    parser.add_argument("--objectives-on", nargs="+", default=None, choices=list(NETWORKS),
+                        help="the networks that get the objective cells (default: every one of --networks)")
     parser.add_argument("--skip-busy", action="store_true",
                         help="leave out cells another process is training (to split the work over processes)")
     add_common_args(parser, epochs=20)
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.objective_draws < GROUPS or args.objective_draws % GROUPS:
+        parser.error(f"--objective-draws must be a positive multiple of {GROUPS} (MIWAE's groups), got {args.objective_draws}")
+    return args
 
 
 def cell_name(network: str, cell: str) -> str:
     return f"{network}_{cell}"
 
 
+def cells_of(args: argparse.Namespace) -> list[tuple[str, str]]:
+    """The (network, cell) pairs the flags ask for, in table order."""
+    objectives_on = args.networks if args.objectives_on is None else args.objectives_on
+    return [(network, cell) for network in args.networks for cell in args.cells
+            if cell not in OBJECTIVE_CELLS or network in objectives_on]
+
+
 def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     out = {}
-    for network in args.networks:
-        for cell in args.cells:
-            options = dict(CELLS[cell])
-            if options.get("guide") in ("iaf", "planar"):
-                options["flow_layers"] = args.flow_layers
-            if options.get("prior") == "vamp":
-                options["num_pseudo_inputs"] = args.pseudo_inputs
-            out[cell_name(network, cell)] = TrainConfig(
-                z_dim=50, epochs=args.epochs, eval_samples=args.eval_samples, num_train=args.num_train,
-                num_test=args.num_test, device=args.device, seed=args.seed, **NETWORKS[network], **options)
+    for network, cell in cells_of(args):
+        options = dict(CELLS[cell])
+        if options.get("guide") in ("iaf", "planar"):
+            options["flow_layers"] = args.flow_layers
+        if options.get("prior") == "vamp":
+            options["num_pseudo_inputs"] = args.pseudo_inputs
+        if cell in OBJECTIVE_CELLS:
+            grouped = cell in ("miwae", "piwae")
+            options["num_particles"] = args.objective_draws // GROUPS if grouped else args.objective_draws
+        out[cell_name(network, cell)] = TrainConfig(
+            z_dim=50, epochs=args.epochs, eval_samples=args.eval_samples, num_train=args.num_train,
+            num_test=args.num_test, device=args.device, seed=args.seed, **NETWORKS[network], **options)
     return out
 
 
@@ -124,16 +148,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     docs = Path(args.docs)
     results = run_configs(cells, Path(args.out), data_dir=args.data_dir, skip_busy=args.skip_busy, keep=docs / "cells")
     rows = []
-    for network in args.networks:
-        for cell in args.cells:
-            metrics = results.get(cell_name(network, cell))
-            if metrics is None:
-                continue
-            row = {"network": network, "cell": cell, **{k: metrics.get(k) for k in KEYS}}
-            row["train_seconds"] = sum(metrics["seconds_per_epoch"])  # every part of a resumed run
-            rows.append(row)
-            logging.info("%s %s: NLL %.2f ± %.2f, ELBO %.2f", network, cell, row["test_nll"],
-                         row["test_log_likelihood_se"], row["test_elbo"])
+    for network, cell in cells_of(args):
+        metrics = results.get(cell_name(network, cell))
+        if metrics is None:
+            continue
+        row = {"network": network, "cell": cell, **{k: metrics.get(k) for k in KEYS}}
+        row["train_seconds"] = sum(metrics["seconds_per_epoch"])  # every part of a resumed run
+        rows.append(row)
+        logging.info("%s %s: NLL %.2f ± %.2f, ELBO %.2f", network, cell, row["test_nll"],
+                     row["test_log_likelihood_se"], row["test_elbo"])
     docs.mkdir(parents=True, exist_ok=True)
     summary = {"rows": rows, "config": {k: v.to_dict() for k, v in cells.items()}}
     write_json(docs / "results.json", summary)

@@ -40,7 +40,7 @@ from pyrovae.infer.evaluate import (
     log_likelihood,
     posterior_means,
 )
-from pyrovae.infer.local import LocalFitHistory, optimize_local_guide
+from pyrovae.infer.local import LocalFitHistory, fit_local_guide, optimize_local_guide
 from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.infer.replay import LossAndGradsReplay, ReplayedELBO
@@ -53,8 +53,8 @@ __version__ = "0.1.0"
 
 __all__ = [
     "AmortizedGuide",
-    "CategoricalGuide",
     "CIWAE",
+    "CategoricalGuide",
     "DataNotFoundError",
     "Dataset",
     "Decoder",
@@ -63,26 +63,26 @@ __all__ = [
     "FlowNet",
     "FlowPrior",
     "FullCovarianceGuide",
-    "HierarchicalGuide",
-    "HierarchicalVAE",
     "GaussianEncoder",
     "GaussianMixture",
+    "HierarchicalGuide",
+    "HierarchicalVAE",
     "History",
     "IWAE",
     "ImportanceEstimate",
     "LazyAdam",
+    "LinearGaussian",
     "LocalFitHistory",
     "LossAndGradsReplay",
-    "LinearGaussian",
     "MIWAE",
+    "MLP",
     "MixturePrior",
     "MixturePriorGuide",
-    "MLP",
     "OBJECTIVES",
+    "PIWAE",
     "PerDatapointFlowGuide",
     "PerDatapointFullCovarianceGuide",
     "PerDatapointGuide",
-    "PIWAE",
     "PriorGuide",
     "ReplayedELBO",
     "Run",
@@ -95,6 +95,7 @@ __all__ = [
     "build",
     "evaluate_dataset",
     "fit",
+    "fit_local_guide",
     "gaussian_mixture",
     "glorot_init_",
     "importance_sampling",

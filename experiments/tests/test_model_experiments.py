@@ -6,6 +6,8 @@ from __future__ import annotations
 import math
 from pathlib import Path
 
+import pytest
+
 
 def test_beta_vae_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
     script = load_experiment("experiments/beta_vae.py")
@@ -67,18 +69,27 @@ def test_vq_models_smoke(load_experiment, tmp_path: Path, mnist_root: Path, draw
 def test_nll_guides_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
     script = load_experiment("experiments/nll_guides.py")
     cells = ["ffg", "planar", "vamp", "miwae"]
-    summary = script.main([
-        "--networks", "main", "--cells", *cells, "--epochs", "1", "--eval-samples", "8", "--flow-layers", "1",
-        "--pseudo-inputs", "5", "--num-train", "200", "--num-test", "30", "--data-dir", str(mnist_root),
-        "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
-    ])
-    assert [r["cell"] for r in summary["rows"]] == cells
+    argv = [
+        "--networks", "main", "burda", "--cells", *cells, "--objectives-on", "main", "--objective-draws", "8",
+        "--epochs", "1", "--eval-samples", "8", "--flow-layers", "1", "--pseudo-inputs", "5", "--num-train", "200",
+        "--num-test", "30", "--data-dir", str(mnist_root), "--docs", str(tmp_path / "docs"),
+    ]
+    summary = script.main([*argv, "--out", str(tmp_path / "runs")])
+    # the objective cells on the --objectives-on networks only
+    assert [(r["network"], r["cell"]) for r in summary["rows"]] == [("main", c) for c in cells] + [("burda", c) for c in cells[:3]]
     config = summary["config"]
     assert config["main_planar"]["guide"] == "planar" and config["main_planar"]["flow_layers"] == 1
     assert config["main_vamp"]["prior"] == "vamp" and config["main_vamp"]["num_pseudo_inputs"] == 5
-    assert (config["main_miwae"]["objective"], config["main_miwae"]["num_groups"]) == ("miwae", 4)
+    assert (config["main_miwae"]["objective"], config["main_miwae"]["num_groups"], config["main_miwae"]["num_particles"]) == ("miwae", 4, 2)
     for row in summary["rows"]:
         assert math.isclose(row["test_nll"], -row["test_log_likelihood"])
         assert row["test_log_likelihood"] >= row["test_elbo"] - 1e-3  # log-mean-exp ≥ mean of the same draws
     saved_json(tmp_path / "docs" / "results.json", summary)
     drawn(tmp_path / "docs" / "nll.png")
+    # A fresh checkout has the docs folder but not the run folders: the kept cells are read back,
+    # nothing is trained again.
+    again = script.main([*argv, "--out", str(tmp_path / "fresh")])
+    assert again["rows"] == summary["rows"]
+    assert not (tmp_path / "fresh").exists()
+    with pytest.raises(SystemExit):
+        script.main([*argv, "--out", str(tmp_path / "runs"), "--objective-draws", "6"])

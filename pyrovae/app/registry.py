@@ -100,7 +100,9 @@ class GuideSpec:
     :param help: one line for the command line's help.
     :param options: as :attr:`ModelSpec.options`.
     :param amortized: whether the trained guide serves new points (the test set); if not, the test
-        set gets a per-datapoint guide fitted with the model fixed (:func:`pyrovae.app.run.test_guide`).
+        set gets a guide of its own fitted with the model fixed (:func:`pyrovae.app.run.test_guide`).
+    :param fit_test: a non-amortized family's ``fit_test(config, model, x_test) -> guide``: a guide
+        of the family for the test points, fitted with the model fixed (``config.test_time_steps``).
     :param check: further checks of a resolved config, raising :class:`ConfigError`.
     """
 
@@ -110,6 +112,11 @@ class GuideSpec:
     options: tuple[str, ...] = ()
     amortized: bool = True
     check: Optional[Callable[["TrainConfig"], None]] = None
+    fit_test: Optional[Callable[["TrainConfig", Any, "torch.Tensor"], Any]] = None
+
+    def __post_init__(self) -> None:
+        if not self.amortized and self.fit_test is None:
+            raise ValueError(f"guide family {self.name!r} is not amortized: give it fit_test, the fit of its test-set guide")
 
 
 _MODELS: dict[str, ModelSpec] = {}

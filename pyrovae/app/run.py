@@ -30,7 +30,6 @@ from pyrovae.app.config import ConfigError, TrainConfig, check_device_name, obje
 from pyrovae.app.registry import guide_spec, model_spec
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.infer.evaluate import evaluate_dataset, posterior_means
-from pyrovae.infer.local import optimize_local_guide
 from pyrovae.infer.objectives import make_objective
 from pyrovae.protocols import ExactLikelihood, Reconstructs
 from pyrovae.runtime import distributed
@@ -234,13 +233,13 @@ def check_device(device: str) -> None:
 
 def test_guide(config: TrainConfig, model: Any, guide: Any, x_test: torch.Tensor) -> Any:
     """The guide to evaluate the test set with: the trained guide if it generalises to new points,
-    else a per-datapoint guide fitted to the test points with the model fixed (the guide family's
-    spec says which, :attr:`pyrovae.app.registry.GuideSpec.amortized`)."""
-    if guide_spec(config.guide).amortized:
+    else a guide of the same family fitted to the test points with the model fixed (the guide
+    family's spec says which and how, :attr:`pyrovae.app.registry.GuideSpec.fit_test`)."""
+    spec = guide_spec(config.guide)
+    if spec.amortized:
         return guide
-    return optimize_local_guide(
-        model, x_test, config.z_dim, steps=max(config.test_time_steps, 1), beta=config.beta
-    )
+    assert spec.fit_test is not None  # GuideSpec requires it of a non-amortized family
+    return spec.fit_test(config, model, x_test)
 
 
 def evaluate_run(
@@ -278,7 +277,7 @@ def evaluate_run(
         "active_units_by_site": summary["active_units"],
         "eval_samples": config.eval_samples,
         "num_test": int(x_test.shape[0]),
-        "test_guide": "amortized" if guide_test is guide else f"per-datapoint, {config.test_time_steps} Adam steps on the test set",
+        "test_guide": "amortized" if guide_test is guide else f"{config.guide}, {config.test_time_steps} Adam steps on the test set",
     }
     if isinstance(model, ExactLikelihood):
         with torch.no_grad():

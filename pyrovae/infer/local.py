@@ -1,5 +1,6 @@
 """Test-time per-datapoint inference: a fresh Gaussian per point fitted with the model held fixed
-(q* of the amortization gap), and the helpers that freeze parameters while it runs."""
+(q* of the amortization gap), the same for any per-datapoint family (:func:`fit_local_guide`), and
+the helpers that freeze parameters while it runs."""
 
 from __future__ import annotations
 
@@ -159,6 +160,72 @@ def _unit_scale(fn: Callable) -> Callable:
     return scaled
 
 
+def _local_svi(model: Callable, guide: PerDatapointGuide, x: torch.Tensor, objective: str, num_particles: int,
+               lr: float, lr_decay: float) -> tuple[SVI, set]:
+    """SVI on ``guide``'s rows alone (each row driven by its own point's ELBO, lazy Adam), and the
+    networks the model computes with (for :func:`_frozen_modules`)."""
+    from pyrovae.infer.objectives import make_objective
+
+    num_data = x.shape[0]
+    local_model, local_guide = _unit_scale(poutine.block(model, hide_types=["param"])), _unit_scale(guide)
+    index = torch.arange(num_data, device=x.device)
+    # Pyro would guess the plate nesting by a dry run that draws random numbers; guessing it here
+    # without drawing keeps the optimisation's draws a function of the seed alone. The same run
+    # shows which networks the model computes with (to freeze them).
+    with params.called_modules() as networks:
+        nesting = guess_max_plate_nesting(local_model, local_guide, (x[:1], index[:1], num_data), {})
+    loss = make_objective(objective, num_particles, max_plate_nesting=nesting)
+    optim = make_pyro_optimizer(lr, lr_decay, lazy_params=guide.local_param_names)
+    return SVI(local_model, local_guide, optim, loss=loss), networks
+
+
+def fit_local_guide(
+    model: Callable,
+    guide: PerDatapointGuide,
+    x: torch.Tensor,
+    *,
+    steps: int = 300,
+    lr: float = 1e-2,
+    lr_decay: float = 1.0,
+    num_particles: int = 1,
+    objective: str = "elbo",
+    progress: bool = False,
+) -> float:
+    """Fit a per-datapoint guide of any family (:class:`~pyrovae.PerDatapointGuide` or a subclass:
+    :class:`~pyrovae.guides.flows.PerDatapointFullCovarianceGuide`,
+    :class:`~pyrovae.guides.flows.PerDatapointFlowGuide`) to the points ``x`` (row i of the guide
+    to ``x[i]``), the model held fixed: ``steps`` full-batch Adam steps on the Monte Carlo ELBO
+    (``num_particles`` draws per point), each row driven by its own point's ELBO. Its rows start
+    where the param store has them (or at the guide's initialisation). :func:`optimize_local_guide`
+    is the diagonal-Gaussian version with a closed-form KL and a stopping rule.
+
+    :param objective: ``"elbo"``, or ``"elbo-stl"`` (sticking the landing: its gradient has zero
+        variance where q equals the posterior, so a family that holds the posterior lands on it;
+        refused for flow guides, whose log q cannot be re-scored with detached parameters).
+
+    :return: the seconds taken.
+    """
+    if steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    if x.shape[0] != guide.num_data:
+        raise ValueError(f"the guide has {guide.num_data} rows but x has {x.shape[0]} points: build it with "
+                         f"num_data={x.shape[0]}")
+    if objective not in ("elbo", "elbo-stl"):
+        raise ValueError(f"objective must be 'elbo' or 'elbo-stl', got {objective!r}")
+    num_data = x.shape[0]
+    index = torch.arange(num_data, device=x.device)
+    svi, networks = _local_svi(model, guide, x, objective, num_particles, lr, lr_decay)
+    local_names = guide.local_param_names
+    bar = _Checks(None, LocalFitHistory(), torch.zeros(0), torch.ones(0, dtype=torch.bool), steps, 1, progress)
+    trainer = Trainer(lambda x_rows, rows: StepResult(svi.step(x_rows, rows, num_data)), x,
+                      batches=lambda state: (index for _ in range(steps)), hooks=[bar])
+    start = time.perf_counter()
+    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
+            _frozen_modules(networks):
+        trainer.run(TrainState(), epochs=1)
+    return time.perf_counter() - start
+
+
 def optimize_local_guide(
     model: Callable,
     x: torch.Tensor,
@@ -206,8 +273,6 @@ def optimize_local_guide(
     :return: the guide, its params ``"<prefix>.z_loc"``/``"<prefix>.z_scale"`` in the param store
         (and the history with ``return_history=True``).
     """
-    from pyrovae.infer.objectives import make_objective
-
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if tol is not None and not tol >= 0:
@@ -232,17 +297,8 @@ def optimize_local_guide(
         z_scale0 = torch.ones(num_data, z_dim, device=x.device)
     pyro.param(f"{prefix}.z_loc", z_loc0.detach().clone(), event_dim=1)
     pyro.param(f"{prefix}.z_scale", z_scale0.detach().clone(), constraint=constraints.positive, event_dim=1)
-    local_model, local_guide = _unit_scale(poutine.block(model, hide_types=["param"])), _unit_scale(guide)
     index = torch.arange(num_data, device=x.device)
-    # Pyro would guess the plate nesting by a dry run that draws random numbers; guessing it here
-    # without drawing keeps the optimisation's draws a function of the seed alone. The same run
-    # shows which networks the model computes with (to freeze them).
-    with params.called_modules() as networks:
-        nesting = guess_max_plate_nesting(local_model, local_guide, (x[:1], index[:1], num_data), {})
-    loss = make_objective("elbo-analytic", num_particles, max_plate_nesting=nesting)
-    svi = SVI(
-        local_model, local_guide, make_pyro_optimizer(lr, lr_decay, lazy_params=guide.local_param_names), loss=loss
-    )
+    svi, networks = _local_svi(model, guide, x, "elbo-analytic", num_particles, lr, lr_decay)
     active = torch.ones(num_data, dtype=torch.bool, device=x.device)
     track = tol is not None or return_history
     history = LocalFitHistory()
