@@ -157,7 +157,8 @@ def test_choices_are_the_registries_names():
     fields = {f.name: (group, f) for group, f in option_fields()}
     assert field_choices(*fields["model"]) == tuple(model_specs()) == ("vae", "hvae", "vqvae", "vqvae2", "linear")
     assert field_choices(*fields["guide"]) == tuple(guide_specs()) == (
-        "amortized", "per-datapoint", "prior", "full-cov", "iaf", "planar", "sylvester", "spline")
+        "amortized", "per-datapoint", "per-datapoint-full-cov", "per-datapoint-planar", "per-datapoint-sylvester",
+        "prior", "full-cov", "iaf", "planar", "sylvester", "spline")
     assert field_choices(*fields["objective"]) == tuple(OBJECTIVES)
     assert field_choices(*fields["dataset"]) == get_args(DatasetName) == tuple(DATASET_DEFAULTS) == tuple(_DATASETS)
     parser = cli.build_parser()

@@ -305,7 +305,8 @@ class GuideConfig(_Group):
     """The guide q(z|x): its family and its options.
 
     :param guide: the guide family q(z|x), one of :func:`pyrovae.app.registry.guide_specs`
-        (``amortized``, ``per-datapoint``, ``prior``, ``full-cov``, ``iaf``, ``planar``, ``sylvester``,
+        (``amortized``, ``per-datapoint``, ``per-datapoint-full-cov``, ``per-datapoint-planar``,
+        ``per-datapoint-sylvester``, ``prior``, ``full-cov``, ``iaf``, ``planar``, ``sylvester``,
         ``spline``).
     :param reparameterized: sample the guide with pathwise gradients; off: score-function gradients only.
     :param commitment: vqvae/vqvae2: β of the commitment loss.
@@ -396,8 +397,8 @@ class EvalConfig(_Group):
     :param eval_samples: K of the importance-sampled test log-likelihood.
     :param eval_chunk: importance samples per vectorized pass.
     :param eval_batch: test points per vectorized pass.
-    :param test_time_steps: Adam steps fitting a per-datapoint guide to the test set (per-datapoint
-        guides only).
+    :param test_time_steps: Adam steps fitting a guide of the trained per-datapoint family to the test
+        set (non-amortized guides only).
     """
 
     eval_samples: int = option(5000, check=at_least(1))
