@@ -8,11 +8,12 @@ from pathlib import Path
 
 def test_inference_gaps_smoke(load_experiment, tmp_path: Path, mnist_root: Path, drawn, saved_json) -> None:  # type: ignore[no-untyped-def]
     script = load_experiment("experiments/inference_gaps.py")
-    summary = script.main([
+    argv = [
         "--epochs", "1", "--num-train", "200", "--num-points", "20", "--elbo-draws", "20", "--is-samples", "40",
         "--local-steps", "100", "--local-particles", "2", "--flow-steps", "30", "--data-dir", str(mnist_root),
-        "--out", str(tmp_path / "runs"), "--docs", str(tmp_path / "docs"),
-    ])
+        "--docs", str(tmp_path / "docs"),
+    ]
+    summary = script.main([*argv, "--out", str(tmp_path / "runs")])
     assert set(summary["columns"]) == {"ffg", "flow"}
     for name, column in summary["columns"].items():
         table = column["table"]
@@ -26,3 +27,8 @@ def test_inference_gaps_smoke(load_experiment, tmp_path: Path, mnist_root: Path,
         assert column["num_points"] == 20
     saved_json(tmp_path / "docs" / "results.json", summary)
     drawn(tmp_path / "docs" / "gaps.png")
+    # A fresh checkout (the docs folder, no run folders): the kept training metrics and columns are
+    # read back, nothing is trained or measured again.
+    again = script.main([*argv, "--out", str(tmp_path / "fresh")])
+    assert again["columns"] == summary["columns"]
+    assert not (tmp_path / "fresh").exists()
