@@ -83,12 +83,26 @@ class GaussianEncoder(nn.Module):
         return z_loc, F.softplus(z_scale_raw) + self.min_scale
 
 
+class ZeroLinear(nn.Linear):
+    """A linear layer that starts at zero (weights and bias), also under :func:`glorot_init_`: a head
+    whose output should start at nothing, e.g. the off-diagonal entries of a Cholesky factor."""
+
+    def reset_parameters(self) -> None:
+        nn.init.zeros_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
 class FullCovEncoder(nn.Module):
     """The amortized encoder of a full-covariance Gaussian q_φ(z|x) = N(z_loc(x), L(x) L(x)ᵀ).
 
     ``forward(x)`` returns ``(z_loc, scale_tril)``: the lower-triangular Cholesky factor ``L`` has a
     softplus diagonal (plus ``min_scale``) and free entries below it, ``z_dim (z_dim + 3) / 2``
-    outputs in all.
+    outputs in all. The entries below the diagonal come from their own head on the last hidden
+    layer, a :class:`ZeroLinear`: the encoder starts as a diagonal Gaussian one. From a random
+    start instead, the off-diagonal terms add up along each row of L, so the later coordinates of z
+    start with larger variances (up to 2.5 times the first's under Glorot init), and MNIST VAEs
+    learn markedly slower.
     """
 
     def __init__(
@@ -103,12 +117,19 @@ class FullCovEncoder(nn.Module):
         self.z_dim = z_dim
         self.min_scale = min_scale
         self.num_off_diagonal = z_dim * (z_dim - 1) // 2
-        self.net = MLP(x_dim, hidden_sizes, 2 * z_dim + self.num_off_diagonal, activation)
+        self.net = MLP(x_dim, hidden_sizes, 2 * z_dim, activation)
+        features = hidden_sizes[-1] if len(hidden_sizes) else x_dim
+        self.off_diagonal = ZeroLinear(features, self.num_off_diagonal)
         rows, cols = torch.tril_indices(z_dim, z_dim, offset=-1)
         self.register_buffer("_below", rows * z_dim + cols, persistent=False)  # flat positions under the diagonal
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        z_loc, diagonal, below = self.net(x).split([self.z_dim, self.z_dim, self.num_off_diagonal], dim=-1)
+        *layers, last = self.net
+        hidden = x
+        for layer in layers:  # to the MLP's last hidden layer (x itself for a linear map)
+            hidden = layer(hidden)
+        z_loc, diagonal = last(hidden).split([self.z_dim, self.z_dim], dim=-1)
+        below = self.off_diagonal(hidden)
         flat = below.new_zeros(*below.shape[:-1], self.z_dim * self.z_dim).index_copy(-1, self._below, below)
         scale_tril = flat.unflatten(-1, (self.z_dim, self.z_dim)) + torch.diag_embed(F.softplus(diagonal) + self.min_scale)
         return z_loc, scale_tril
@@ -325,11 +346,14 @@ def _conv_width(hidden_sizes: Sequence[int]) -> int:
 def glorot_init_(module: nn.Module) -> nn.Module:
     """Re-initialise every linear and convolutional layer of ``module`` in place: Glorot-uniform
     weights (Glorot and Bengio 2010, the scale meant for tanh networks) and zero biases, as in
-    Burda et al.'s IWAE code. torch's default draws smaller weights, U(±1/√fan_in).
+    Burda et al.'s IWAE code. torch's default draws smaller weights, U(±1/√fan_in). A
+    :class:`ZeroLinear` stays at zero.
 
     :return: ``module``.
     """
     for layer in module.modules():
+        if isinstance(layer, ZeroLinear):  # starts at zero by design
+            continue
         if isinstance(layer, (nn.Linear, nn.Conv2d, nn.ConvTranspose2d)):
             nn.init.xavier_uniform_(layer.weight)
             if layer.bias is not None:

@@ -349,3 +349,23 @@ def test_fit_local_guide_lands_a_full_covariance_row_per_point_on_the_posterior_
         assert torch.equal(store[name].detach(), value), name
     with pytest.raises(ValueError, match="has 16 rows but x has 8 points"):
         fit_local_guide(model, guide, x[:8])
+
+
+@pytest.mark.parametrize("glorot", [False, True])
+def test_the_full_covariance_encoder_starts_diagonal_and_learns_its_correlations(glorot: bool) -> None:
+    # The off-diagonal head is a ZeroLinear: L(x) starts diagonal (also under --weight-init glorot,
+    # which would otherwise give the later coordinates of z variances up to 2.5 times the first's),
+    # and its entries still get gradients, so the correlations are learned.
+    from pyrovae.nets import FullCovEncoder, glorot_init_
+
+    torch.manual_seed(0)
+    encoder = FullCovEncoder(20, 4, (16,))
+    if glorot:
+        glorot_init_(encoder)
+    x = torch.randn(8, 20)
+    _, tril = encoder(x)
+    assert torch.equal(torch.tril(tril, -1), torch.zeros_like(tril))
+    assert (torch.diagonal(tril, dim1=-2, dim2=-1) > 0).all()
+    target = torch.tril(torch.ones(4, 4), -1)
+    ((tril - target) ** 2).sum().backward()
+    assert encoder.off_diagonal.weight.grad.abs().sum() > 0
