@@ -16,6 +16,8 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
+from studies.provenance import command_line, git_state
+
 from pyrovae.app.config import TrainConfig, config_differences
 from pyrovae.app.run import OutputBusyError, train_and_evaluate, write_json
 
@@ -58,15 +60,18 @@ def run_configs(
     :param skip_busy: leave out (and log) a run that another process is training, instead of
         raising :class:`~pyrovae.app.run.OutputBusyError`; then several processes started with the
         same configs share the work, and the result lacks the runs the others hold.
-    :param keep: a folder for a copy of each finished run's metrics (``keep/<name>.json``), read
-        back when ``root/<name>`` holds no finished run for the config.
+    :param keep: a folder for a copy of each finished run's metrics (``keep/<name>.json``, with
+        ``kept_by``: the git state and command of the process that wrote it), read back when
+        ``root/<name>`` holds no finished run for the config.
     """
     results = {}
     for name, config in configs.items():
         folder = Path(root) / name
+        kept = False
         metrics = finished_metrics(folder, config)
         if metrics is None and keep is not None:
             metrics = finished_metrics(Path(keep) / f"{name}.json", config)
+            kept = metrics is not None
         if metrics is None:
             logger.info("%s: training", name)
             try:
@@ -78,9 +83,10 @@ def run_configs(
                 continue
         else:
             logger.info("%s: finished earlier, skipped", name)
-        results[name] = metrics
-        if keep is not None:
+        if keep is not None and not kept:  # kept by the process that has the run, with its commit
+            metrics = {**metrics, "kept_by": {"git": git_state(), "command": command_line()}}
             write_json(Path(keep) / f"{name}.json", metrics)
+        results[name] = metrics
         if after is not None:
             after(name, metrics)
     return results

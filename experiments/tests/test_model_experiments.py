@@ -3,6 +3,7 @@ experiments/beta_vae.py, experiments/gaussian_sigma.py and experiments/vq_models
 
 from __future__ import annotations
 
+import json
 import math
 from pathlib import Path
 
@@ -91,5 +92,7 @@ def test_nll_guides_smoke(load_experiment, tmp_path: Path, mnist_root: Path, dra
     again = script.main([*argv, "--out", str(tmp_path / "fresh")])
     assert again["rows"] == summary["rows"]
     assert not (tmp_path / "fresh").exists()
+    kept = json.loads((tmp_path / "docs" / "cells" / "main_ffg.json").read_text())
+    assert set(kept["kept_by"]) == {"git", "command"}  # the process that trained it, not the one that read it back
     with pytest.raises(SystemExit):
         script.main([*argv, "--out", str(tmp_path / "runs"), "--objective-draws", "6"])
