@@ -262,6 +262,16 @@ class M2:
         return torch.sigmoid(self.decoder(concat_broadcast(z, y)))
 
     @torch.no_grad()
+    def reconstruct(self, guide, x: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+        """Decode each point's guide mean of z at its most probable class: ``guide.predict`` (q(y|x)'s
+        argmax) and ``guide.encoder`` (``(z_loc, z_scale)`` from ``[x, y]``), e.g. an
+        :class:`pyrovae.guides.m2.M2Guide`."""
+        pixels = x[..., : self.x_dim]
+        y = nn.functional.one_hot(guide.predict(pixels), self.num_classes).to(pixels.dtype)
+        z_loc, _ = guide.encoder(torch.cat([pixels, y], dim=-1))
+        return self.decode(z_loc, y)
+
+    @torch.no_grad()
     def sample(self, num_samples: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ancestral sampling y ~ p(y), z ~ p(z), x ~ p_θ(x|y, z): ``(z, x_mean, x)``."""
         if num_samples < 1:

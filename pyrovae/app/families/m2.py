@@ -1,0 +1,110 @@
+"""``model="m2"``: Kingma et al. (2014)'s semi-supervised M2 (:mod:`pyrovae.models.m2`) with its guide
+q(y|x) q(z|x, y) (:class:`pyrovae.guides.m2.M2Guide`), trained on a data set whose training points
+carry ``labels`` of their labels (balanced, chosen with the run's seed) as one-hot columns; the
+test set is evaluated as unlabelled points, and ``test_error`` is the error of q(y|x)'s argmax."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from pyrovae.app.config import ConfigError
+from pyrovae.app.registry import ModelSpec
+
+#: The classes of the labels (MNIST's digits); the label columns of the data are this many.
+NUM_CLASSES = 10
+
+#: The objective each way of treating y trains with.
+OBJECTIVE_OF_Y_MODE = {"enum": "elbo-enum", "score": "elbo", "gumbel": "elbo"}
+
+
+def semi_supervised_data(config: Any, dataset: Any) -> Any:
+    """The data set with ``config.labels`` balanced training labels joined to the points (the others
+    unlabelled) and the test points joined to empty label columns (unlabelled)."""
+
+    from pyrovae.data import Dataset, partial_labels
+    from pyrovae.models.m2 import join_labels
+
+    if dataset.train_labels is None:
+        raise ConfigError(f"model='m2' learns from labels; the {dataset.name} data set has none", "model", "dataset")
+    seen = partial_labels(dataset.train_labels, config.labels, NUM_CLASSES, seed=config.seed)
+    return Dataset(
+        name=dataset.name, train=join_labels(dataset.train, seen, NUM_CLASSES),
+        test=join_labels(dataset.test, None, NUM_CLASSES), likelihood=dataset.likelihood,
+        binarize=dataset.binarize, train_labels=dataset.train_labels, test_labels=dataset.test_labels,
+        image_shape=None, truth=dict(dataset.truth, **{"m2_labels_seen": seen}),
+    )
+
+
+def m2_alpha(config: Any, num_data: int) -> float:
+    from pyrovae.models.m2 import paper_alpha
+
+    return config.m2_alpha if config.m2_alpha is not None else paper_alpha(num_data, config.labels)
+
+
+def build_m2(config: Any, dataset: Any) -> Any:
+    from pyrovae.models.m2 import M2
+    from pyrovae.nets import MLP
+
+    x_dim = dataset.x_dim - NUM_CLASSES
+    classifier = MLP(x_dim, config.hidden_sizes, NUM_CLASSES, config.activation)
+    decoder = MLP(config.z_dim + NUM_CLASSES, config.hidden_sizes, x_dim, config.activation)
+    return M2(decoder.to(config.device), classifier.to(config.device), x_dim, config.z_dim, NUM_CLASSES,
+              alpha=m2_alpha(config, dataset.num_train))
+
+
+def build_m2_guide(config: Any, dataset: Any, model: Any) -> Any:
+    from pyrovae.guides.m2 import M2Guide
+    from pyrovae.nets import GaussianEncoder
+
+    encoder = GaussianEncoder(model.x_dim + NUM_CLASSES, config.z_dim, config.hidden_sizes, config.activation)
+    return M2Guide(model.classifier, encoder.to(config.device), model.x_dim, NUM_CLASSES, y_mode=config.y_mode,
+                   temperature=config.gumbel_temperature)
+
+
+def check_m2(config: Any) -> None:
+    wanted = OBJECTIVE_OF_Y_MODE[config.y_mode]
+    if config.objective != wanted:
+        raise ConfigError(
+            f"model='m2' with y_mode={config.y_mode!r} trains with objective={wanted!r} (pyrovae's per-data-point "
+            f"objectives sample every site and refuse an enumerated one); got objective={config.objective!r}: use "
+            f"objective={wanted!r}", "objective", "y_mode",
+        )
+    if config.labels % NUM_CLASSES:
+        raise ConfigError(f"labels={config.labels} must be a multiple of {NUM_CLASSES} (the same number per class)",
+                          "labels")
+    if config.network != "mlp" or config.beta != 1.0:
+        raise ConfigError("model='m2' has MLP networks and no KL weight: drop network and beta", "network", "beta")
+
+
+def m2_defaults(flat: dict[str, Any]) -> dict[str, Any]:
+    return {"labels": 100} if flat.get("labels") is None else {}
+
+
+def m2_label_metrics(config: Any, model: Any, guide: Any, x_test: Any, test_labels: Any) -> dict[str, Any]:
+    """``test_error`` of q(y|x)'s argmax and the test ELBO with y summed out exactly (one z per class)."""
+    from pyrovae.infer.semi_supervised import classification_error, unlabelled_elbo
+
+    elbo = unlabelled_elbo(model, guide, x_test, num_particles=1, batch_size=config.eval_batch)
+    return {
+        "test_error": classification_error(guide, x_test, test_labels),
+        "test_elbo_enumerated": elbo.mean().item(),
+        "test_elbo_enumerated_se": (elbo.std() / len(elbo) ** 0.5).item(),
+        "labels": config.labels, "m2_alpha": model.alpha, "y_mode": config.y_mode,
+    }
+
+
+SPECS = (
+    ModelSpec(
+        name="m2",
+        build=build_m2,
+        help="semi-supervised M2 (Kingma et al. 2014): y ~ Cat, z ~ N(0, I), x ~ p(x|y, z); labels labelled points",
+        options=("labels", "m2_alpha", "y_mode", "gumbel_temperature"),
+        guides=("amortized",),
+        likelihoods=("bernoulli",),
+        amortized_guide=build_m2_guide,
+        check=check_m2,
+        defaults=m2_defaults,
+        prepare_data=semi_supervised_data,
+        label_metrics=m2_label_metrics,
+    ),
+)
