@@ -156,7 +156,7 @@ def test_choices_are_the_registries_names():
     from pyrovae.infer.objectives import OBJECTIVES
 
     fields = {f.name: (group, f) for group, f in option_fields()}
-    assert field_choices(*fields["model"]) == tuple(model_specs()) == ("vae", "hvae", "vqvae", "vqvae2", "linear")
+    assert field_choices(*fields["model"]) == tuple(model_specs()) == ("vae", "hvae", "vqvae", "vqvae2", "linear", "m2")
     assert field_choices(*fields["guide"]) == tuple(guide_specs()) == (
         "amortized", "per-datapoint", "per-datapoint-full-cov", "per-datapoint-planar", "per-datapoint-sylvester",
         "prior", "full-cov", "iaf", "planar", "sylvester", "spline")
