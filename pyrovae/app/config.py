@@ -328,8 +328,8 @@ class GuideConfig(_Group):
         layer's hypernetwork outputs two D × D matrices, so its last layer dominates the step: a
         narrow one (e.g. 100 for z_dim 50) makes it several times cheaper.
     :param y_mode: m2: how the guide treats an unlabelled point's class y: enum (summed out exactly;
-        objective elbo-enum), score (sampled, log-derivative gradient; objective elbo) or gumbel
-        (sampled by straight-through Gumbel-softmax; objective elbo).
+        objective elbo-enum), score (sampled, log-derivative gradient; objective elbo, or iwae with
+        VIMCO's baseline) or gumbel (sampled by straight-through Gumbel-softmax; objective elbo or iwae).
     :param gumbel_temperature: m2 with y_mode gumbel: the temperature τ of the relaxation.
     """
 
