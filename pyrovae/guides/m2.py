@@ -4,7 +4,7 @@ of an unlabelled point (:data:`pyrovae.models.m2.Y_MODES`)."""
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional
+from typing import TYPE_CHECKING, Optional
 
 import pyro
 import torch
@@ -21,6 +21,9 @@ from pyrovae.models.m2 import (
     y_distribution,
 )
 from pyrovae.params import register
+
+if TYPE_CHECKING:
+    from pyrovae.models.m2 import M2
 
 
 @dataclasses.dataclass
@@ -115,7 +118,7 @@ def m2_pair(
     alpha: float = 0.0,
     y_mode: str = "enum",
     temperature: float = 0.5,
-):  # type: ignore[no-untyped-def]
+) -> tuple["M2", M2Guide]:
     """An M2 model and guide with MLP networks (Kingma et al.: one hidden layer of 500 softplus
     units in each): decoder (z, y) -> x, classifier x -> y, encoder (x, y) -> z.
 

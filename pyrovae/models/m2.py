@@ -41,7 +41,7 @@ their choice is ``alpha = 0.1 N / N_l`` (:func:`paper_alpha`).
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -262,7 +262,7 @@ class M2:
         return torch.sigmoid(self.decoder(concat_broadcast(z, y)))
 
     @torch.no_grad()
-    def reconstruct(self, guide, x: torch.Tensor) -> torch.Tensor:  # type: ignore[no-untyped-def]
+    def reconstruct(self, guide: Any, x: torch.Tensor) -> torch.Tensor:
         """Decode each point's guide mean of z at its most probable class: ``guide.predict`` (q(y|x)'s
         argmax) and ``guide.encoder`` (``(z_loc, z_scale)`` from ``[x, y]``), e.g. an
         :class:`pyrovae.guides.m2.M2Guide`."""
