@@ -38,13 +38,15 @@ class M2Guide:
     ``y_mode`` says how an unknown label is treated:
 
     - ``"enum"``: the site is marked ``infer={"enumerate": "parallel"}``, so Pyro's
-      ``TraceEnum_ELBO(max_plate_nesting=1)`` sums it out exactly: U(x) = Σ_y q(y|x) (L(x, y) + ...) + H[q(y|x)],
-      one draw of z per class. Other objectives would sample it.
+      ``TraceEnum_ELBO(max_plate_nesting=1)`` sums it out exactly, U(x) = Σ_y q(y|x) L(x, y) + H[q(y|x)]
+      with one draw of z per class. pyrovae's per-data-point objectives (IWAE, ...) refuse the mark
+      (they would sample the site); :func:`pyrovae.importance_sampling` samples it (a valid proposal).
     - ``"score"``: y is sampled, with no pathwise gradient; ``Trace_ELBO`` then gives q(y|x) the
-      log-derivative gradient with each point's own ELBO as its learning signal (no baseline).
+      log-derivative gradient with each point's own ELBO as its learning signal (no baseline);
+      pyrovae's ``iwae`` with K >= 2 gives it VIMCO's leave-one-out signal instead.
     - ``"gumbel"``: y is sampled by straight-through Gumbel-softmax at ``temperature``
       (:class:`pyrovae.models.m2.StraightThroughCategorical`): an exact categorical draw, the gradient
-      of its relaxation (biased); train with ``Trace_ELBO``.
+      of its relaxation (biased); train with ``Trace_ELBO`` (or ``iwae``).
 
     :param classifier: ``nn.Module`` ``(..., x_dim) -> (..., C)``, the logits of q_φ(y|x); the model
         holds the same module (under ``classifier_name``) for the α term.

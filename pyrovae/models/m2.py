@@ -14,10 +14,11 @@ width ``x_dim`` alone (no label columns, e.g. a test set) are all unlabelled.
 
 - ``"y"``: the latent label, one-hot, for every point. For an unlabelled point the guide draws it
   from q(y|x) (or enumerates it). For a labelled point it is a stand-in that the model ignores and
-  that the guide draws from the prior itself, so it adds log p(y) - log q(y) = 0 exactly, and under
-  enumeration its C values each get weight 1/C and the same cost: the point's loss is counted once.
-  (Masking the site out for labelled points instead would give each of the C enumerated values
-  weight exp(0) = 1 in Pyro's ``TraceEnum_ELBO``, counting the point C times.)
+  that the guide draws from the prior itself, so it adds log p(y) - log q(y) = 0 exactly in every
+  mode, and under enumeration its C values each get weight 1/C: the point's loss is its supervised
+  ELBO averaged over C draws of z. (Masking the site out in both model and guide for labelled points
+  would do in expectation too: Pyro's ``TraceEnum_ELBO`` then weights the C draws by q(y|x) instead
+  of 1/C. Masking it in the guide alone would leave an extra log p(y) in the model.)
 - ``"y_label"``: the observed label, log p(y) (masked to the labelled points).
 - ``"z"``, ``"x"``: as in the VAE; x is decoded from (z, y) with y the label where there is one.
 - ``"y_classifier"``: the auxiliary classification term, log q_φ(y|x) of the labelled points scaled
