@@ -47,7 +47,7 @@ FLAT_FIELDS_BEFORE_GROUPS = (
 #: Options added since, each with its own flag (the flat view keeps every old name above).
 NEW_FIELDS = ["flow_layers", "flow_hidden_sizes", "num_groups", "ciwae_beta", "prior", "num_pseudo_inputs", "pseudo_input_init",
               "prior_components", "prior_flow", "prior_flow_layers", "fast_path", "labels", "m2_alpha", "y_mode",
-              "gumbel_temperature"]
+              "gumbel_temperature", "labelled_copies"]
 
 #: The train flags the README lists (and their spellings before the flags were generated).
 README_TRAIN_FLAGS = (

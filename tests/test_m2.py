@@ -36,9 +36,9 @@ class RecordZ(Messenger):
             self.z = msg["value"].detach()
 
 
-def pair(alpha: float = 0.0, y_mode: str = "enum"):  # type: ignore[no-untyped-def]
+def pair(alpha: float = 0.0, y_mode: str = "enum", labelled_weight: float = 1.0):  # type: ignore[no-untyped-def]
     torch.manual_seed(1)
-    return m2_pair(X_DIM, Z_DIM, C, hidden_sizes=(8,), alpha=alpha, y_mode=y_mode)
+    return m2_pair(X_DIM, Z_DIM, C, hidden_sizes=(8,), alpha=alpha, y_mode=y_mode, labelled_weight=labelled_weight)
 
 
 def batch(labels: list[int]) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -88,10 +88,12 @@ def test_enumerated_loss_of_unlabelled_points_is_the_brute_force_sum_over_the_cl
     assert abs(loss - (expected + entropy)) > 1e3 * 1e-12 * abs(expected)
 
 
-def test_a_labelled_points_loss_is_its_supervised_elbo_plus_alpha_times_minus_log_q() -> None:
+@pytest.mark.parametrize("weight", [1.0, 0.25], ids=["once", "copies4"])
+def test_a_labelled_points_loss_is_its_supervised_elbo_plus_alpha_times_minus_log_q(weight: float) -> None:
+    """... times ``labelled_weight`` (1/r for a data set holding each labelled point r times)."""
     labels = [3, -1, 7, -1, 0]
     alpha = 2.5
-    model, guide = pair(alpha=alpha)
+    model, guide = pair(alpha=alpha, labelled_weight=weight)
     x, y, x_joined = batch(labels)
     loss, z = enum_loss(model, guide, x_joined)
     labelled = y >= 0
@@ -105,14 +107,14 @@ def test_a_labelled_points_loss_is_its_supervised_elbo_plus_alpha_times_minus_lo
         y_true = F.one_hot(y.clamp_min(0), C).double().expand(C, 5, C)
         supervised = supervised_terms(model, guide, x, y_true, z).mean(0)
         classifier = log_q_y.gather(-1, y.clamp_min(0).unsqueeze(-1)).squeeze(-1)
-        per_point = torch.where(labelled, supervised + alpha * classifier, unlabelled)
+        per_point = torch.where(labelled, weight * (supervised + alpha * classifier), unlabelled)
     assert loss == pytest.approx(-(NUM_DATA / 5) * per_point.sum().item(), rel=1e-12)
 
     # α enters exactly as α Σ_labelled -log q(y|x) (the same draws: the α term draws nothing)
-    model0 = pair(alpha=0.0)[0]
+    model0 = pair(alpha=0.0, labelled_weight=weight)[0]
     model0.decoder.load_state_dict(model.decoder.state_dict())
     loss0, _ = enum_loss(model0, guide, x_joined)
-    aux = -(NUM_DATA / 5) * classifier[labelled].sum().item()
+    aux = -(NUM_DATA / 5) * weight * classifier[labelled].sum().item()
     assert loss - loss0 == pytest.approx(alpha * aux, rel=1e-10)
 
 
@@ -408,6 +410,39 @@ def test_config_refuses_an_objective_that_does_not_fit_y_mode_and_options_of_m2_
         TrainConfig(model="m2", objective="elbo-enum", labels=105)
     with pytest.raises(ConfigError, match="labels=100 is an option of model 'm2'"):
         TrainConfig(labels=100)
+
+
+def test_labelled_copies_keep_the_objective_and_put_labels_in_more_batches() -> None:
+    """Each labelled point r times, weighted 1/r: the weights of every site sum to one per distinct
+    point, so the full-data objective is the one without copies."""
+    from pyro import poutine
+
+    from pyrovae.app.build import build
+    from pyrovae.app.config import TrainConfig
+    from pyrovae.app.families.m2 import semi_supervised_data
+    from pyrovae.data import Dataset
+
+    config = TrainConfig(model="m2", objective="elbo-enum", labels=20, labelled_copies=3, z_dim=2,
+                         hidden_sizes=(4,)).resolved()
+    raw = Dataset(name="mnist", train=torch.rand(60, 784), test=torch.rand(10, 784), likelihood="bernoulli",
+                  train_labels=torch.arange(60) % 10, test_labels=torch.arange(10) % 10)
+    data = semi_supervised_data(config, raw)
+    assert data.train.shape == (60 + 2 * 20, 794) and data.train_labels.shape == (100,)
+    assert data.train[:, 784:].sum() == 3 * 20 and torch.equal(data.train[60:80], data.train[80:])
+    model, guide = build(config, data)
+    assert model.alpha == pytest.approx(0.1 * 60 / 20) and model.labelled_weight == guide.labelled_weight == 1 / 3
+    index = torch.arange(100)
+    guide_trace = poutine.trace(guide).get_trace(data.train, index, 100)
+    model_trace = poutine.trace(poutine.replay(model, trace=guide_trace)).get_trace(data.train, index, 100)
+    for trace, name in ((model_trace, "x"), (model_trace, "z"), (guide_trace, "z"), (guide_trace, "y")):
+        scale = trace.nodes[name]["scale"]
+        assert torch.as_tensor(scale).sum().item() == pytest.approx(60), name
+    # the α term, on the labelled rows only (its mask): α per distinct labelled point
+    labelled = data.train[:, 784:].sum(-1) == 1
+    aux_scale = torch.as_tensor(model_trace.nodes["y_classifier"]["scale"])
+    assert aux_scale[labelled].sum().item() == pytest.approx(model.alpha * 20)
+    with pytest.raises(ValueError, match="labelled_copies"):
+        TrainConfig(model="m2", objective="iwae", y_mode="score", labelled_copies=2)
 
 
 @pytest.mark.parametrize("y_mode", ["enum", "score", "gumbel"])

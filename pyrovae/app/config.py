@@ -280,6 +280,9 @@ class ModelConfig(_Group):
         (default 100).
     :param m2_alpha: m2: the weight of each labelled point's -log q(y|x) in the loss (default
         0.1 N / labels: Kingma et al.'s α = 0.1 N on the mean over the labelled points).
+    :param labelled_copies: m2: hold each labelled training point this many times, its terms weighted
+        by 1/copies: the same objective, with the labelled points in that many times more minibatches
+        (the ELBO objectives only).
     """
 
     model: Optional[str] = option(None, choices=_model_choices)
@@ -306,6 +309,7 @@ class ModelConfig(_Group):
     prior_flow_layers: int = option(2, check=at_least(1))
     labels: Optional[int] = option(None, check=at_least(1), hint="a multiple of the number of classes, e.g. 100")
     m2_alpha: Optional[float] = option(None, check=NON_NEGATIVE, hint="or None: 0.1 N / labels")
+    labelled_copies: int = option(1, check=at_least(1))
 
 
 @dataclass(frozen=True)

@@ -16,6 +16,7 @@ from pyrovae.models.m2 import (
     Y_MODES,
     concat_broadcast,
     label_where_known,
+    labelled_scale,
     prior_logits,
     split_labels,
     y_distribution,
@@ -56,6 +57,8 @@ class M2Guide:
     :param num_classes: C.
     :param y_mode: one of :data:`~pyrovae.models.m2.Y_MODES`.
     :param temperature: τ of ``y_mode="gumbel"``.
+    :param labelled_weight: the scale of a labelled point's sites; the model's
+        (:class:`pyrovae.models.m2.M2` ``labelled_weight``).
     """
 
     classifier: nn.Module
@@ -66,6 +69,7 @@ class M2Guide:
     temperature: float = 0.5
     name: str = "encoder"
     classifier_name: str = "classifier"
+    labelled_weight: float = 1.0
     amortized = True
 
     def __post_init__(self) -> None:
@@ -73,6 +77,8 @@ class M2Guide:
             raise ValueError(f"unknown y_mode {self.y_mode!r}; choose one of {Y_MODES}")
         if not self.temperature > 0:
             raise ValueError(f"temperature must be positive, got {self.temperature}")
+        if not 0 < self.labelled_weight <= 1:
+            raise ValueError(f"labelled_weight must be in (0, 1], the model's, got {self.labelled_weight}")
 
     def with_mode(self, y_mode: str) -> "M2Guide":
         """The same guide (the same networks, under the same names) treating y as ``y_mode`` says,
@@ -104,7 +110,7 @@ class M2Guide:
         prior = prior_logits(self.num_classes, x.device, logits.dtype).expand_as(logits)
         logits = torch.where(labelled.unsqueeze(-1), prior, logits)
         infer = {"enumerate": "parallel"} if self.y_mode == "enum" else {}
-        with data_plate(x, index, num_data):
+        with data_plate(x, index, num_data), labelled_scale(labelled, self.labelled_weight):
             y_latent = pyro.sample("y", y_distribution(logits, self.y_mode, self.temperature), infer=infer)
             y = label_where_known(y_latent, y_observed, labelled)
             z_loc, z_scale = self.encoder(concat_broadcast(pixels, y))
@@ -120,6 +126,7 @@ def m2_pair(
     alpha: float = 0.0,
     y_mode: str = "enum",
     temperature: float = 0.5,
+    labelled_weight: float = 1.0,
 ) -> tuple["M2", M2Guide]:
     """An M2 model and guide with MLP networks (Kingma et al.: one hidden layer of 500 softplus
     units in each): decoder (z, y) -> x, classifier x -> y, encoder (x, y) -> z.
@@ -132,8 +139,9 @@ def m2_pair(
     classifier = MLP(x_dim, hidden_sizes, num_classes, activation)
     decoder = MLP(z_dim + num_classes, hidden_sizes, x_dim, activation)
     encoder = GaussianEncoder(x_dim + num_classes, z_dim, hidden_sizes, activation)
-    model = M2(decoder, classifier, x_dim, z_dim, num_classes, alpha=alpha)
-    guide = M2Guide(classifier, encoder, x_dim, num_classes, y_mode=y_mode, temperature=temperature)
+    model = M2(decoder, classifier, x_dim, z_dim, num_classes, alpha=alpha, labelled_weight=labelled_weight)
+    guide = M2Guide(classifier, encoder, x_dim, num_classes, y_mode=y_mode, temperature=temperature,
+                    labelled_weight=labelled_weight)
     return model, guide
 
 

@@ -42,6 +42,7 @@ their choice is ``alpha = 0.1 N / N_l`` (:func:`paper_alpha`).
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import pyro
@@ -131,6 +132,15 @@ def label_where_known(y_latent: torch.Tensor, y_observed: torch.Tensor, labelled
     return torch.where(labelled.unsqueeze(-1), y_observed, y_latent)
 
 
+def labelled_scale(labelled: torch.Tensor, labelled_weight: float) -> Any:
+    """``poutine.scale`` by ``labelled_weight`` on the labelled points (1 elsewhere), for data sets
+    that hold each labelled point several times (:class:`M2` ``labelled_weight``); a no-op at 1."""
+    if labelled_weight == 1.0:
+        return contextlib.nullcontext()
+    ones = torch.ones(labelled.shape, device=labelled.device)
+    return poutine.scale(scale=torch.where(labelled, labelled_weight * ones, ones))
+
+
 def concat_broadcast(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
     """``cat([a, b], -1)`` after broadcasting their batch dimensions (enumerated or particle dims)."""
     shape = torch.broadcast_shapes(a.shape[:-1], b.shape[:-1])
@@ -197,6 +207,11 @@ class M2:
     :param num_classes: C.
     :param alpha: weight of each labelled point's -log q_φ(y|x) in the loss (0: no classification
         term; Kingma et al.: :func:`paper_alpha`).
+    :param labelled_weight: every term of a labelled point is scaled by this (the guide's too: build
+        it with the same value). A training set that holds each labelled point r times with
+        ``labelled_weight = 1/r`` has the same objective, with labelled points in r times more
+        minibatches (with 100 labels among 60,000 points a batch of 100 holds 0.17 on average).
+        Meant for the ELBO objectives: inside IWAE's log-mean-exp it would temper the weights.
 
     **References**
 
@@ -214,14 +229,18 @@ class M2:
         alpha: float = 0.0,
         name: str = "decoder",
         classifier_name: str = "classifier",
+        labelled_weight: float = 1.0,
     ) -> None:
         if num_classes < 2:
             raise ValueError(f"num_classes must be at least 2, got {num_classes}")
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0 (0: no classification term), got {alpha}")
+        if not 0 < labelled_weight <= 1:
+            raise ValueError(f"labelled_weight must be in (0, 1] (1/r for r copies of each labelled point), got {labelled_weight}")
         self.decoder, self.classifier = decoder, classifier
         self.x_dim, self.z_dim, self.num_classes = int(x_dim), int(z_dim), int(num_classes)
         self.alpha = float(alpha)
+        self.labelled_weight = float(labelled_weight)
         self.name, self.classifier_name = name, classifier_name
 
     def __call__(
@@ -243,7 +262,7 @@ class M2:
                 check_data(pixels, "bernoulli")
             batch = x.shape[0]
         logits_y = prior_logits(self.num_classes, device, y_observed.dtype).expand(batch, self.num_classes)
-        with data_plate(x, index, num_data):
+        with data_plate(x, index, num_data), labelled_scale(labelled, self.labelled_weight):
             y_latent = pyro.sample("y", dist.OneHotCategorical(logits=logits_y))
             with poutine.mask(mask=labelled):
                 pyro.sample("y_label", dist.OneHotCategorical(logits=logits_y), obs=y_observed)

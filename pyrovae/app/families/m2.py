@@ -21,7 +21,9 @@ OBJECTIVES_OF_Y_MODE = {"enum": ("elbo-enum",), "score": ("elbo", "iwae"), "gumb
 
 def semi_supervised_data(config: Any, dataset: Any) -> Any:
     """The data set with ``config.labels`` balanced training labels joined to the points (the others
-    unlabelled) and the test points joined to empty label columns (unlabelled)."""
+    unlabelled; the labelled ones appended ``labelled_copies - 1`` more times) and the test points
+    joined to empty label columns (unlabelled)."""
+    import torch
 
     from pyrovae.data import Dataset, partial_labels
     from pyrovae.models.m2 import join_labels
@@ -29,18 +31,25 @@ def semi_supervised_data(config: Any, dataset: Any) -> Any:
     if dataset.train_labels is None:
         raise ConfigError(f"model='m2' learns from labels; the {dataset.name} data set has none", "model", "dataset")
     seen = partial_labels(dataset.train_labels, config.labels, NUM_CLASSES, seed=config.seed)
+    train, train_labels = join_labels(dataset.train, seen, NUM_CLASSES), dataset.train_labels
+    copies = config.labelled_copies - 1
+    if copies:
+        known = seen >= 0
+        train = torch.cat([train, train[known].repeat(copies, 1)])
+        train_labels = torch.cat([train_labels, train_labels[known].repeat(copies)])
     return Dataset(
-        name=dataset.name, train=join_labels(dataset.train, seen, NUM_CLASSES),
-        test=join_labels(dataset.test, None, NUM_CLASSES), likelihood=dataset.likelihood,
-        binarize=dataset.binarize, train_labels=dataset.train_labels, test_labels=dataset.test_labels,
-        image_shape=None, truth=dict(dataset.truth, **{"m2_labels_seen": seen}),
+        name=dataset.name, train=train, test=join_labels(dataset.test, None, NUM_CLASSES),
+        likelihood=dataset.likelihood, binarize=dataset.binarize, train_labels=train_labels,
+        test_labels=dataset.test_labels, image_shape=None, truth=dict(dataset.truth),
     )
 
 
 def m2_alpha(config: Any, num_data: int) -> float:
+    """``m2_alpha``, or Kingma et al.'s 0.1 N / labels with N the training points before any copies."""
     from pyrovae.models.m2 import paper_alpha
 
-    return config.m2_alpha if config.m2_alpha is not None else paper_alpha(num_data, config.labels)
+    distinct = num_data - (config.labelled_copies - 1) * config.labels
+    return config.m2_alpha if config.m2_alpha is not None else paper_alpha(distinct, config.labels)
 
 
 def build_m2(config: Any, dataset: Any) -> Any:
@@ -51,7 +60,7 @@ def build_m2(config: Any, dataset: Any) -> Any:
     classifier = MLP(x_dim, config.hidden_sizes, NUM_CLASSES, config.activation)
     decoder = MLP(config.z_dim + NUM_CLASSES, config.hidden_sizes, x_dim, config.activation)
     return M2(decoder.to(config.device), classifier.to(config.device), x_dim, config.z_dim, NUM_CLASSES,
-              alpha=m2_alpha(config, dataset.num_train))
+              alpha=m2_alpha(config, dataset.num_train), labelled_weight=1.0 / config.labelled_copies)
 
 
 def build_m2_guide(config: Any, dataset: Any, model: Any) -> Any:
@@ -60,7 +69,7 @@ def build_m2_guide(config: Any, dataset: Any, model: Any) -> Any:
 
     encoder = GaussianEncoder(model.x_dim + NUM_CLASSES, config.z_dim, config.hidden_sizes, config.activation)
     return M2Guide(model.classifier, encoder.to(config.device), model.x_dim, NUM_CLASSES, y_mode=config.y_mode,
-                   temperature=config.gumbel_temperature)
+                   temperature=config.gumbel_temperature, labelled_weight=model.labelled_weight)
 
 
 def check_m2(config: Any) -> None:
@@ -71,6 +80,12 @@ def check_m2(config: Any) -> None:
             f"model='m2' with y_mode={config.y_mode!r} trains with {choices} (pyrovae's per-data-point "
             f"objectives sample every site and refuse an enumerated one); got objective={config.objective!r}: use "
             f"{choices}", "objective", "y_mode",
+        )
+    if config.labelled_copies > 1 and config.objective == "iwae":
+        raise ConfigError(
+            f"labelled_copies={config.labelled_copies} weights a labelled point's terms by 1/copies, which inside "
+            "IWAE's log-mean-exp tempers its weights instead of keeping the objective: use objective='elbo', or "
+            "labelled_copies=1", "labelled_copies", "objective",
         )
     if config.labels % NUM_CLASSES:
         raise ConfigError(f"labels={config.labels} must be a multiple of {NUM_CLASSES} (the same number per class)",
@@ -101,7 +116,7 @@ SPECS = (
         name="m2",
         build=build_m2,
         help="semi-supervised M2 (Kingma et al. 2014): y ~ Cat, z ~ N(0, I), x ~ p(x|y, z); labels labelled points",
-        options=("labels", "m2_alpha", "y_mode", "gumbel_temperature"),
+        options=("labels", "m2_alpha", "labelled_copies", "y_mode", "gumbel_temperature"),
         guides=("amortized",),
         likelihoods=("bernoulli",),
         amortized_guide=build_m2_guide,
