@@ -11,10 +11,12 @@ from pyrovae.app.run import Run, load_run
 from pyrovae.data import (
     DataNotFoundError,
     Dataset,
+    balanced_label_subset,
     gaussian_mixture,
     linear_gaussian,
     load_dataset,
     load_mnist,
+    partial_labels,
 )
 from pyrovae.guides import (
     AmortizedGuide,
@@ -24,12 +26,14 @@ from pyrovae.guides import (
     FlowNet,
     FullCovarianceGuide,
     HierarchicalGuide,
+    M2Guide,
     MixturePriorGuide,
     PerDatapointFlowGuide,
     PerDatapointFullCovarianceGuide,
     PerDatapointGuide,
     PriorGuide,
     SemiAmortizedGuide,
+    m2_pair,
 )
 from pyrovae.infer.evaluate import (
     ImportanceEstimate,
@@ -43,8 +47,9 @@ from pyrovae.infer.evaluate import (
 from pyrovae.infer.local import LocalFitHistory, fit_local_guide, optimize_local_guide
 from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
+from pyrovae.infer.semi_supervised import classification_error, unlabelled_elbo
 from pyrovae.infer.replay import LossAndGradsReplay, ReplayedELBO
-from pyrovae.models import VAE, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior
+from pyrovae.models import M2, VAE, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior, join_labels
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit
@@ -74,6 +79,8 @@ __all__ = [
     "LinearGaussian",
     "LocalFitHistory",
     "LossAndGradsReplay",
+    "M2",
+    "M2Guide",
     "MIWAE",
     "MLP",
     "MixturePrior",
@@ -92,7 +99,9 @@ __all__ = [
     "VAE",
     "VampPrior",
     "active_units",
+    "balanced_label_subset",
     "build",
+    "classification_error",
     "evaluate_dataset",
     "fit",
     "fit_local_guide",
@@ -100,6 +109,7 @@ __all__ = [
     "glorot_init_",
     "importance_sampling",
     "init_output_bias_",
+    "join_labels",
     "kl_to_prior",
     "linear_gaussian",
     "load_dataset",
@@ -107,9 +117,12 @@ __all__ = [
     "load_params",
     "load_run",
     "log_likelihood",
+    "m2_pair",
     "make_objective",
     "make_pyro_optimizer",
     "optimize_local_guide",
+    "partial_labels",
     "posterior_means",
     "save_params",
+    "unlabelled_elbo",
 ]

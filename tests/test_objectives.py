@@ -32,7 +32,7 @@ from pyrovae.models import LinearGaussian
 from pyrovae.nets import GaussianEncoder
 
 X_DIM, Z_DIM, NOISE_SCALE = 4, 2, 0.5
-NAMES = ("elbo", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score", "miwae", "piwae", "ciwae")
+NAMES = ("elbo", "elbo-enum", "elbo-analytic", "elbo-stl", "iwae", "iwae-stl", "iwae-dreg", "score", "miwae", "piwae", "ciwae")
 Z_MAX = 5.0  # every stochastic check: |estimate - truth| < 5 standard errors
 
 

@@ -92,8 +92,25 @@ CASES = {
 }
 
 
+#: Objectives whose step reads values into Python, so it is never traced (tested below).
+EAGER_CASES = {"elbo-enum": {"num_particles": 2}}  # Pyro's TraceEnum_ELBO
+
+
 def test_every_registered_objective_has_a_case():
-    assert set(CASES) == set(OBJECTIVES)
+    assert set(CASES) | set(EAGER_CASES) == set(OBJECTIVES) and not set(CASES) & set(EAGER_CASES)
+
+
+@pytest.mark.parametrize("name", sorted(EAGER_CASES))
+def test_an_objective_that_reads_values_stays_eager_with_pyros_results(name: str) -> None:
+    pyro.clear_param_store()
+    model, guide = _pair()
+    options = dict(EAGER_CASES[name])
+    objective = make_objective(name, options.pop("num_particles", 1), **options)
+    replay = LossAndGradsReplay(objective)
+    x, index = _batch()
+    _warm(replay, model, guide, x, index)
+    assert replay.stats.traced == 0 and replay.stats.replayed == 0, replay.status
+    _assert_same(_eager(objective, model, guide, x, index, seed=2), _replayed(replay, model, guide, x, index, seed=2))
 
 
 @pytest.mark.parametrize("name", sorted(CASES))

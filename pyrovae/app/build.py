@@ -49,4 +49,7 @@ def modules_of(*fns: Any) -> dict[str, torch.nn.Module]:
             module = getattr(fn, attr, None)
             if isinstance(module, torch.nn.Module):
                 found[fn.name] = module
+        classifier = getattr(fn, "classifier", None)  # M2's q(y|x), shared by its model and guide
+        if isinstance(classifier, torch.nn.Module):
+            found[fn.classifier_name] = classifier
     return found

@@ -49,6 +49,7 @@ PriorName = Literal["normal", "vamp", "mog", "flow"]
 PseudoInputInit = Literal["random", "data"]
 FlowPriorName = Literal["affine", "spline"]
 FastPathName = Literal["replay", "inductor", "eager"]
+YModeName = Literal["enum", "score", "gumbel"]
 
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
@@ -274,6 +275,14 @@ class ModelConfig(_Group):
     :param prior_flow: prior flow: affine (masked autoregressive flow, Pyro's affine_autoregressive) or
         spline (Pyro's spline_autoregressive) layers.
     :param prior_flow_layers: prior flow: the number of flow layers.
+    :param labels: m2: the number of labelled training points, the same number per class, chosen with
+        the run's seed (Kingma et al. 2014: 100, 600, 1000 or 3000); the others are unlabelled
+        (default 100).
+    :param m2_alpha: m2: the weight of each labelled point's -log q(y|x) in the loss (default
+        0.1 N / labels: Kingma et al.'s α = 0.1 N on the mean over the labelled points).
+    :param labelled_copies: m2: hold each labelled training point this many times, its terms weighted
+        by 1/copies: the same objective, with the labelled points in that many times more minibatches
+        (the ELBO objectives only).
     """
 
     model: Optional[str] = option(None, choices=_model_choices)
@@ -298,6 +307,9 @@ class ModelConfig(_Group):
     prior_components: int = option(10, check=at_least(1))
     prior_flow: FlowPriorName = option("affine")
     prior_flow_layers: int = option(2, check=at_least(1))
+    labels: Optional[int] = option(None, check=at_least(1), hint="a multiple of the number of classes, e.g. 100")
+    m2_alpha: Optional[float] = option(None, check=NON_NEGATIVE, hint="or None: 0.1 N / labels")
+    labelled_copies: int = option(1, check=at_least(1))
 
 
 @dataclass(frozen=True)
@@ -319,6 +331,10 @@ class GuideConfig(_Group):
         parameters from the encoder's context), e.g. 100 (default max(10 z_dim, 32)). A Sylvester
         layer's hypernetwork outputs two D × D matrices, so its last layer dominates the step: a
         narrow one (e.g. 100 for z_dim 50) makes it several times cheaper.
+    :param y_mode: m2: how the guide treats an unlabelled point's class y: enum (summed out exactly;
+        objective elbo-enum), score (sampled, log-derivative gradient; objective elbo, or iwae with
+        VIMCO's baseline) or gumbel (sampled by straight-through Gumbel-softmax; objective elbo or iwae).
+    :param gumbel_temperature: m2 with y_mode gumbel: the temperature τ of the relaxation.
     """
 
     guide: str = option("amortized", choices=_guide_choices)
@@ -328,6 +344,8 @@ class GuideConfig(_Group):
     local_lr: float = option(3e-2, check=POSITIVE, hint="e.g. 3e-2")
     flow_layers: int = option(2, check=at_least(1))
     flow_hidden_sizes: Optional[tuple[int, ...]] = option(None, check=POSITIVE_ENTRIES)
+    y_mode: YModeName = option("enum")
+    gumbel_temperature: float = option(0.5, check=POSITIVE, hint="e.g. 0.5")
 
 
 @dataclass(frozen=True)
@@ -335,7 +353,7 @@ class ObjectiveConfig(_Group):
     """The training objective.
 
     :param objective: the training objective, one of :data:`pyrovae.infer.objectives.OBJECTIVES`
-        (``elbo``, ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``, ``iwae-dreg``, ``score``,
+        (``elbo``, ``elbo-enum``, ``elbo-analytic``, ``elbo-stl``, ``iwae``, ``iwae-stl``, ``iwae-dreg``, ``score``,
         ``miwae``, ``piwae``, ``ciwae``).
     :param num_particles: K samples per data point in the objective (per group for miwae and piwae,
         which draw num_groups × K).

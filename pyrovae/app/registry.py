@@ -52,6 +52,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "pyrovae.app.families.per_datapoint",
     "pyrovae.app.families.prior",
     "pyrovae.app.families.flows",
+    "pyrovae.app.families.m2",
 )
 
 
@@ -75,6 +76,10 @@ class ModelSpec:
     :param defaults: ``(resolved flat config) -> {option: value}``: its defaults for options left ``None``.
     :param evaluate: ``(model, guide, x_test) -> metrics``: its own test metrics (with ``test_elbo``,
         ``test_log_likelihood``, ``test_nll``, ``kl``, ``active_units``) instead of importance sampling.
+    :param prepare_data: ``(config, dataset) -> dataset``: the data as this model reads them, made when
+        the data are loaded (M2: the labels it may see joined to the training points).
+    :param label_metrics: ``(config, model, guide, x_test, test_labels) -> metrics``: test metrics that
+        need the test labels (M2's ``test_error``), added to the others when the data have labels.
     """
 
     name: str
@@ -89,6 +94,8 @@ class ModelSpec:
     data_init: Optional[Callable[["TrainConfig", "Dataset", Any], None]] = None
     defaults: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
     evaluate: Optional[Callable[[Any, Any, "torch.Tensor"], dict[str, Any]]] = None
+    prepare_data: Optional[Callable[["TrainConfig", "Dataset"], "Dataset"]] = None
+    label_metrics: Optional[Callable[["TrainConfig", Any, Any, "torch.Tensor", "torch.Tensor"], dict[str, Any]]] = None
 
 
 @dataclass(frozen=True)

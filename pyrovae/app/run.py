@@ -98,7 +98,8 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
             image_shape=dataset.image_shape,
             truth=dataset.truth,
         )
-    return dataset
+    prepare = model_spec(config.model).prepare_data
+    return dataset if prepare is None else prepare(config, dataset)
 
 
 def _can_write_in(folder: pathlib.Path) -> bool:
@@ -249,9 +250,12 @@ def evaluate_run(
     config = config.resolved()
     x_test = evaluation_data(dataset, "test", config.seed)
     start = time.perf_counter()
-    own_evaluation = model_spec(config.model).evaluate
-    if own_evaluation is not None:  # e.g. the VQ-VAE's point-mass guide: importance sampling would repeat one draw
-        return {**own_evaluation(model, guide, x_test), "eval_seconds": time.perf_counter() - start}, guide
+    spec = model_spec(config.model)
+    labelled: dict[str, Any] = {}
+    if spec.label_metrics is not None and dataset.test_labels is not None:
+        labelled = spec.label_metrics(config, model, guide, x_test, dataset.test_labels)
+    if spec.evaluate is not None:  # e.g. the VQ-VAE's point-mass guide: importance sampling would repeat one draw
+        return {**spec.evaluate(model, guide, x_test), **labelled, "eval_seconds": time.perf_counter() - start}, guide
     guide_test = test_guide(config, model, guide, x_test)
     result = evaluate_dataset(
         model,
@@ -282,6 +286,7 @@ def evaluate_run(
     if isinstance(model, ExactLikelihood):
         with torch.no_grad():
             metrics["test_log_likelihood_exact"] = model.log_marginal(x_test).mean().item()
+    metrics.update(labelled)
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics, guide_test
 

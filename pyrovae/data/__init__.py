@@ -25,6 +25,7 @@ from __future__ import annotations
 from pyrovae.checks import Likelihood, check_data
 from pyrovae.data.batching import index_batches
 from pyrovae.data.dataset import Binarize, Dataset, DatasetName
+from pyrovae.data.labels import balanced_label_subset, partial_labels
 from pyrovae.data.load import load_dataset
 from pyrovae.data.mnist import (
     DATA_ENV_VAR,
@@ -41,11 +42,13 @@ __all__ = [
     "Dataset",
     "DatasetName",
     "Likelihood",
+    "balanced_label_subset",
     "check_data",
     "gaussian_mixture",
     "index_batches",
     "linear_gaussian",
     "load_dataset",
     "load_mnist",
+    "partial_labels",
     "resolve_data_dir",
 ]

@@ -11,6 +11,7 @@ from pyrovae.guides.flows import (
     PerDatapointFullCovarianceGuide,
 )
 from pyrovae.guides.hierarchical import HierarchicalGuide
+from pyrovae.guides.m2 import M2Guide, m2_pair
 from pyrovae.guides.per_datapoint import PerDatapointGuide
 from pyrovae.guides.prior import PriorGuide
 from pyrovae.guides.semi_amortized import (
@@ -27,6 +28,7 @@ __all__ = [
     "FlowNet",
     "FullCovarianceGuide",
     "HierarchicalGuide",
+    "M2Guide",
     "MixturePriorGuide",
     "PerDatapointFlowGuide",
     "PerDatapointFullCovarianceGuide",
@@ -34,5 +36,6 @@ __all__ = [
     "PriorGuide",
     "SemiAmortizedGuide",
     "gaussian_elbo",
+    "m2_pair",
     "refine_gaussian",
 ]

@@ -2,6 +2,7 @@
 
 from pyrovae.models.hierarchical import HierarchicalVAE, latent_site_names
 from pyrovae.models.linear_gaussian import LinearGaussian
+from pyrovae.models.m2 import M2, join_labels, split_labels
 from pyrovae.models.mixture import GaussianMixture
 from pyrovae.models.priors import FlowPrior, MixturePrior, StandardNormalPrior, VampPrior
 from pyrovae.models.vae import LIKELIHOODS, VAE
@@ -12,9 +13,12 @@ __all__ = [
     "HierarchicalVAE",
     "LIKELIHOODS",
     "LinearGaussian",
+    "M2",
     "MixturePrior",
     "StandardNormalPrior",
     "VAE",
     "VampPrior",
+    "join_labels",
     "latent_site_names",
+    "split_labels",
 ]

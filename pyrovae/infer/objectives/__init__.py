@@ -14,7 +14,7 @@ from pyrovae.infer.objectives.iwae import (
     STLELBO,
     vimco_learning_signal,
 )
-from pyrovae.infer.objectives.quiet import QuietTrace_ELBO, QuietTraceMeanField_ELBO
+from pyrovae.infer.objectives.quiet import QuietTrace_ELBO, QuietTraceEnum_ELBO, QuietTraceMeanField_ELBO
 from pyrovae.infer.objectives.score import ScoreFunctionELBO
 from pyrovae.infer.objectives.tighter import CIWAE, MIWAE, PIWAE
 
@@ -29,9 +29,16 @@ def _mean_field_elbo(num_particles: int, **kwargs: Any) -> ELBO:
     return QuietTraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
 
+def _enum_elbo(num_particles: int, **kwargs: Any) -> ELBO:
+    # Pyro's TraceEnum_ELBO: guide sites marked infer={"enumerate": "parallel"} are summed out
+    # exactly (the label of M2); `fit` sets max_plate_nesting from its dry run when it is not given.
+    return QuietTraceEnum_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
+
+
 #: name -> (constructor, one-line description)
 OBJECTIVES: dict[str, tuple[Callable[..., ELBO], str]] = {
     "elbo": (_trace_elbo, "ELBO with a Monte Carlo KL term (Pyro Trace_ELBO)"),
+    "elbo-enum": (_enum_elbo, "ELBO with enumerated discrete guide sites summed out exactly (Pyro TraceEnum_ELBO)"),
     "elbo-analytic": (_mean_field_elbo, "ELBO with the KL in closed form (Pyro TraceMeanField_ELBO)"),
     "elbo-stl": (STLELBO, "ELBO with the sticking-the-landing gradient (log q with detached parameters)"),
     "iwae": (IWAE, "importance-weighted bound with K samples (VIMCO gradient for non-reparameterized sites)"),
@@ -56,7 +63,7 @@ def objective_parameters(name: str) -> Optional[frozenset[str]]:
         fixed = set(constructor.keywords)
     parameters = inspect.signature(constructor).parameters.values()
     if any(p.kind is inspect.Parameter.VAR_KEYWORD for p in parameters):
-        if constructor in (_trace_elbo, _mean_field_elbo):
+        if constructor in (_trace_elbo, _mean_field_elbo, _enum_elbo):
             return _ELBO_PARAMETERS - {"num_particles", "vectorize_particles"}
         return None
     return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL) - fixed - {
@@ -72,7 +79,7 @@ def objectives_taking(parameter: str) -> list[str]:
 def make_objective(name: str, num_particles: int = 1, **kwargs: Any) -> ELBO:
     """Build an objective by name.
 
-    :param name: one of :data:`OBJECTIVES`: ``elbo``, ``elbo-analytic``, ``elbo-stl``, ``iwae``,
+    :param name: one of :data:`OBJECTIVES`: ``elbo``, ``elbo-enum``, ``elbo-analytic``, ``elbo-stl``, ``iwae``,
         ``iwae-stl``, ``iwae-dreg``, ``score``, ``miwae``, ``piwae``, ``ciwae``.
     :param num_particles: Monte Carlo samples per data point (K for ``iwae``; K per group for
         ``miwae`` and ``piwae``, which draw ``num_groups`` × K).

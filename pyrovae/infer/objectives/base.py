@@ -72,6 +72,7 @@ class PerDatapointObjective(ELBO):
         model_trace, guide_trace = vectorized_traces(
             model, guide, args, kwargs, self.num_draws, int(self.max_plate_nesting)
         )
+        refuse_enumerated_sites(guide_trace, type(self).__name__)
         finish = self.prepare_traces(model_trace, guide_trace)
         weights = per_datapoint_log_weights(
             model_trace, guide_trace, self.num_draws, int(self.max_plate_nesting), self.plate_name
@@ -105,6 +106,24 @@ class PerDatapointObjective(ELBO):
         if loss.requires_grad:
             loss.backward()
         return reported_loss(loss)  # type: ignore[return-value]  # a tensor only while a replay traces
+
+
+def refuse_enumerated_sites(guide_trace: Any, objective: str) -> None:
+    """Refuse a guide site marked for enumeration (``infer={"enumerate": ...}``): a per-data-point
+    objective draws every guide site from its K importance samples and sums none out, so it would
+    sample the site while the guide asks for its exact sum, silently.
+
+    :raises ValueError: naming the site and the two fixes.
+    """
+    for name, site in guide_trace.nodes.items():
+        if site["type"] == "sample" and not site["is_observed"] and site["infer"].get("enumerate"):
+            raise ValueError(
+                f"guide site {name!r} is marked for enumeration (infer={{'enumerate': "
+                f"{site['infer']['enumerate']!r}}}), but {objective} samples every guide site and sums "
+                "none out, so it would sample it instead; sum it out with pyro.infer.TraceEnum_ELBO("
+                "max_plate_nesting=1) (make_objective('elbo-enum')), or drop the mark to sample it on "
+                "purpose (for M2: guide.with_mode('score') or guide.with_mode('gumbel'))"
+            )
 
 
 def log_mean_exp(log_w: torch.Tensor, dim: int = 0) -> torch.Tensor:

@@ -14,11 +14,17 @@ import contextlib
 import logging
 from typing import Any, Callable, Iterator
 
-from pyro.infer import Trace_ELBO, TraceMeanField_ELBO
+from pyro.infer import Trace_ELBO, TraceEnum_ELBO, TraceMeanField_ELBO
 
 from pyrovae.infer.weights import rng_preserved
 
-__all__ = ["QuietPlateNesting", "QuietTraceMeanField_ELBO", "QuietTrace_ELBO", "quiet_plate_nesting_guess"]
+__all__ = [
+    "QuietPlateNesting",
+    "QuietTraceEnum_ELBO",
+    "QuietTraceMeanField_ELBO",
+    "QuietTrace_ELBO",
+    "quiet_plate_nesting_guess",
+]
 
 _PYRO_ELBO_LOGGER = logging.getLogger("pyro.infer.elbo")
 
@@ -56,3 +62,7 @@ class QuietTrace_ELBO(QuietPlateNesting, Trace_ELBO):
 
 class QuietTraceMeanField_ELBO(QuietPlateNesting, TraceMeanField_ELBO):
     """``pyro.infer.TraceMeanField_ELBO``, guessing ``max_plate_nesting`` quietly."""
+
+
+class QuietTraceEnum_ELBO(QuietPlateNesting, TraceEnum_ELBO):
+    """``pyro.infer.TraceEnum_ELBO``, guessing ``max_plate_nesting`` quietly."""
