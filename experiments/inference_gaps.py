@@ -86,6 +86,7 @@ def column_of(folder: Path, keep: Path, name: str, settings: "study.Settings", d
     flow_layers = int(CELLS["flow"]["flow_layers"])  # type: ignore[call-overload]
     column = study.gaps_of_run(folder / "checkpoint.pt", name, settings, flow_layers, data_dir=data_dir)
     write_json(path, {"settings": settings.to_dict(), "column": column})
+    write_run_record(keep, settings=settings.to_dict(), seed=settings.seed, kept=name)
     return column
 
 

@@ -16,7 +16,7 @@ import logging
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from studies.provenance import command_line, git_state
+from studies.provenance import command_line, git_state, write_run_record
 
 from pyrovae.app.config import TrainConfig, config_differences
 from pyrovae.app.run import OutputBusyError, train_and_evaluate, write_json
@@ -61,7 +61,8 @@ def run_configs(
         raising :class:`~pyrovae.app.run.OutputBusyError`; then several processes started with the
         same configs share the work, and the result lacks the runs the others hold.
     :param keep: a folder for a copy of each finished run's metrics (``keep/<name>.json``, with
-        ``kept_by``: the git state and command of the process that wrote it), read back when
+        ``kept_by``: the git state and command of the process that wrote it; ``keep/run.json`` holds
+        the record of every process that kept a run there), read back when
         ``root/<name>`` holds no finished run for the config.
     """
     results = {}
@@ -86,6 +87,7 @@ def run_configs(
         if keep is not None and not kept:  # kept by the process that has the run, with its commit
             metrics = {**metrics, "kept_by": {"git": git_state(), "command": command_line()}}
             write_json(Path(keep) / f"{name}.json", metrics)
+            write_run_record(keep, configs={name: config.to_dict()}, device=config.device, seed=config.seed, kept=name)
         results[name] = metrics
         if after is not None:
             after(name, metrics)

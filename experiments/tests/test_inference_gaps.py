@@ -32,3 +32,5 @@ def test_inference_gaps_smoke(load_experiment, tmp_path: Path, mnist_root: Path,
     again = script.main([*argv, "--out", str(tmp_path / "fresh")])
     assert again["columns"] == summary["columns"]
     assert not (tmp_path / "fresh").exists()
+    for kept in ("training", "columns"):  # each kept part says which process made it
+        assert (tmp_path / "docs" / kept / "run.json").exists()
