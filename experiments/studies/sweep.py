@@ -68,11 +68,11 @@ def run_configs(
     results = {}
     for name, config in configs.items():
         folder = Path(root) / name
-        kept = False
-        metrics = finished_metrics(folder, config)
-        if metrics is None and keep is not None:
-            metrics = finished_metrics(Path(keep) / f"{name}.json", config)
-            kept = metrics is not None
+        # the kept copy first: it names the process that trained the run, and stays as it is
+        metrics = finished_metrics(Path(keep) / f"{name}.json", config) if keep is not None else None
+        kept = metrics is not None
+        if metrics is None:
+            metrics = finished_metrics(folder, config)
         if metrics is None:
             logger.info("%s: training", name)
             try:

@@ -96,5 +96,8 @@ def test_nll_guides_smoke(load_experiment, tmp_path: Path, mnist_root: Path, dra
     assert set(kept["kept_by"]) == {"git", "command"}  # the process that trained it, not the one that read it back
     record = json.loads((tmp_path / "docs" / "cells" / "run.json").read_text())
     assert record["kept"] and len(record["earlier_runs"]) == len(summary["rows"]) - 1  # one record per kept cell
+    before = (tmp_path / "docs" / "cells" / "main_ffg.json").read_bytes()
+    script.main([*argv, "--out", str(tmp_path / "runs")])  # the run folders are there too: the kept copy wins, untouched
+    assert (tmp_path / "docs" / "cells" / "main_ffg.json").read_bytes() == before
     with pytest.raises(SystemExit):
         script.main([*argv, "--out", str(tmp_path / "runs"), "--objective-draws", "6"])
