@@ -62,8 +62,8 @@ def run_configs(
         same configs share the work, and the result lacks the runs the others hold.
     :param keep: a folder for a copy of each finished run's metrics (``keep/<name>.json``, with
         ``kept_by``: the git state and command of the process that wrote it; ``keep/run.json`` holds
-        the record of every process that kept a run there), read back when
-        ``root/<name>`` holds no finished run for the config.
+        the record of every process that kept a run there), read back (before ``root/<name>``)
+        when it was written for the config.
     """
     results = {}
     for name, config in configs.items():
