@@ -179,6 +179,19 @@ def _local_svi(model: Callable, guide: PerDatapointGuide, x: torch.Tensor, objec
     return SVI(local_model, local_guide, optim, loss=loss), networks
 
 
+def _run_local(svi: SVI, networks: set, guide: PerDatapointGuide, x: torch.Tensor, rows: Callable[[], torch.Tensor],
+               steps: int, hook: Hook) -> None:
+    """``steps`` SVI steps on the rows ``rows()`` (each step's), with every param but the guide's rows
+    and the model's networks frozen."""
+    num_data = x.shape[0]
+    local_names = guide.local_param_names
+    trainer = Trainer(lambda x_rows, index: StepResult(svi.step(x_rows, index, num_data)), x,
+                      batches=lambda state: (rows() for _ in range(steps)), hooks=[hook])
+    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
+            _frozen_modules(networks):
+        trainer.run(TrainState(), epochs=1)
+
+
 def fit_local_guide(
     model: Callable,
     guide: PerDatapointGuide,
@@ -215,14 +228,9 @@ def fit_local_guide(
     num_data = x.shape[0]
     index = torch.arange(num_data, device=x.device)
     svi, networks = _local_svi(model, guide, x, objective, num_particles, lr, lr_decay)
-    local_names = guide.local_param_names
     bar = _Checks(None, LocalFitHistory(), torch.zeros(0), torch.ones(0, dtype=torch.bool), steps, 1, progress)
-    trainer = Trainer(lambda x_rows, rows: StepResult(svi.step(x_rows, rows, num_data)), x,
-                      batches=lambda state: (index for _ in range(steps)), hooks=[bar])
     start = time.perf_counter()
-    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
-            _frozen_modules(networks):
-        trainer.run(TrainState(), epochs=1)
+    _run_local(svi, networks, guide, x, lambda: index, steps, bar)
     return time.perf_counter() - start
 
 
@@ -329,13 +337,8 @@ def optimize_local_guide(
         history.num_active.append(int(active.sum()))
         history.seconds.append(time.perf_counter() - start)
 
-    local_names = guide.local_param_names
     checks = _Checks(check if track else None, history, last, active, steps, check_every, progress)
-    trainer = Trainer(lambda x_rows, rows: StepResult(svi.step(x_rows, rows, num_data)), x,
-                      batches=lambda state: (index[active] for _ in range(steps)), hooks=[checks])
-    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
-            _frozen_modules(networks):
-        trainer.run(TrainState(), epochs=1)
+    _run_local(svi, networks, guide, x, lambda: index[active], steps, checks)
     if track:
         history.stopped_at = stopped_at.cpu()
         history.final_elbo = last.cpu()
