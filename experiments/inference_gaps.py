@@ -20,6 +20,9 @@ draw), with the decoder fixed:
   steps with --local-particles draws per point.
 - **log p̂(x)**: importance sampling with K = --is-samples draws from q*_Flow.
 
+q*_Flow is fitted and evaluated --flow-chunk points at a time (each point's fit is independent
+of the others': the chunks change only the random draws and the memory).
+
 approximation gap = log p̂(x) − L[q*] and amortization gap = L[q*] − L[q], with q* in the family of
 the guide the decoder was trained with. Writes --docs/results.json, gaps.png and run.json; each
 cell's training metrics and measured column are kept in --docs/training/ and --docs/columns/, so a
@@ -59,6 +62,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--local-particles", type=int, default=2, help="draws per point per step of the q*_Flow fit")
     parser.add_argument("--flow-steps", type=int, default=1000, help="Adam steps of the q*_Flow fit")
     parser.add_argument("--flow-lr", type=float, default=3e-3, help="initial step size of the q*_Flow fit (decays to 1 %%)")
+    parser.add_argument("--flow-chunk", type=int, default=250,
+                        help="points per q*_Flow fit (memory; each point's fit is independent of the others')")
     parser.add_argument("--train-only", action="store_true", help="train the cells, skip the study")
     add_common_args(parser, epochs=100)
     return parser.parse_args(argv)
@@ -73,7 +78,8 @@ def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     }
 
 
-def column_of(folder: Path, keep: Path, name: str, settings: "study.Settings", data_dir: str | None) -> dict:
+def column_of(folder: Path, keep: Path, name: str, settings: "study.Settings", data_dir: str | None,
+              flow_chunk: int = 250) -> dict:
     """The cell's column (from the run in ``folder``), measured once per settings and kept in
     ``keep/<name>.json`` (so the two columns can be measured by separate processes, or in separate
     sessions: ``keep`` is committed with the results)."""
@@ -84,7 +90,8 @@ def column_of(folder: Path, keep: Path, name: str, settings: "study.Settings", d
             logging.info("%s: gaps measured earlier, read from %s", name, path)
             return saved["column"]
     flow_layers = int(CELLS["flow"]["flow_layers"])  # type: ignore[call-overload]
-    column = study.gaps_of_run(folder / "checkpoint.pt", name, settings, flow_layers, data_dir=data_dir)
+    column = study.gaps_of_run(folder / "checkpoint.pt", name, settings, flow_layers, data_dir=data_dir,
+                               flow_chunk=flow_chunk)
     write_json(path, {"settings": settings.to_dict(), "column": column})
     write_run_record(keep, settings=settings.to_dict(), seed=settings.seed, kept=name)
     return column
@@ -102,7 +109,8 @@ def main(argv: list[str] | None = None) -> dict:
                               local_steps=args.local_steps, local_particles=args.local_particles, flow_steps=args.flow_steps,
                               flow_lr=args.flow_lr, seed=args.seed)
     docs.mkdir(parents=True, exist_ok=True)
-    columns = {name: column_of(Path(args.out) / name, docs / "columns", name, settings, args.data_dir) for name in cells}
+    columns = {name: column_of(Path(args.out) / name, docs / "columns", name, settings, args.data_dir,
+                                 args.flow_chunk) for name in cells}
     for name, column in columns.items():
         column["training"] = {k: trained[name][k] for k in ("epochs", "train_seconds", "test_elbo", "test_log_likelihood")}
         logging.info("%s: %s", name, {k: round(v, 2) for k, v in column["table"].items()})

@@ -10,7 +10,7 @@ def test_inference_gaps_smoke(load_experiment, tmp_path: Path, mnist_root: Path,
     script = load_experiment("experiments/inference_gaps.py")
     argv = [
         "--epochs", "1", "--num-train", "200", "--num-points", "20", "--elbo-draws", "20", "--is-samples", "40",
-        "--local-steps", "100", "--local-particles", "2", "--flow-steps", "30", "--data-dir", str(mnist_root),
+        "--local-steps", "100", "--local-particles", "2", "--flow-steps", "30", "--flow-chunk", "7", "--data-dir", str(mnist_root),
         "--docs", str(tmp_path / "docs"),
     ]
     summary = script.main([*argv, "--out", str(tmp_path / "runs")])
