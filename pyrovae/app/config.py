@@ -287,7 +287,7 @@ class ModelConfig(_Group):
     :param quadrants: cvae: how many of each image's four quadrants are observed, 1, 2 or 3 (Pyro's
         order: bottom-left, then top-left, then top-right); the model predicts the others (default 1).
     :param cvae_baseline_epochs: cvae: epochs of the deterministic baseline, trained by maximum
-        likelihood before the CVAE (whose prior network reads its prediction) (default: epochs).
+        likelihood before the CVAE (whose prior network reads its prediction).
     """
 
     model: Optional[str] = option(None, choices=_model_choices)
@@ -316,7 +316,7 @@ class ModelConfig(_Group):
     m2_alpha: Optional[float] = option(None, check=NON_NEGATIVE, hint="or None: 0.1 N / labels")
     labelled_copies: int = option(1, check=at_least(1))
     quadrants: Optional[int] = option(None, check=QUADRANTS, hint="how many of the four quadrants are observed")
-    cvae_baseline_epochs: Optional[int] = option(None, check=at_least(1), hint="or None: as epochs")
+    cvae_baseline_epochs: int = option(10, check=at_least(1))
 
 
 @dataclass(frozen=True)

@@ -89,6 +89,8 @@ class ModelSpec:
         importance-sampled ones (the CVAE's baseline NLL).
     :param figures: ``(out, dataset, model, guide, seed) -> None``: its figures instead of
         ``samples.png`` and ``reconstructions.png`` (the CVAE's ``completions.png``).
+    :param conditional: a model of some of each point's features given the others (the CVAE): it has
+        no unconditional samples, so ``pyrovae sample`` refuses it.
     """
 
     name: str
@@ -108,6 +110,7 @@ class ModelSpec:
     pretrain: Optional[Callable[..., None]] = None
     metrics: Optional[Callable[["TrainConfig", Any, Any, "torch.Tensor", Any], dict[str, Any]]] = None
     figures: Optional[Callable[[Any, "Dataset", Any, Any, int], None]] = None
+    conditional: bool = False
 
 
 @dataclass(frozen=True)

@@ -557,6 +557,12 @@ def sample_checkpoint(
         )
     config, state = load_run_checkpoint(checkpoint, device)
     config = config.resolved()
+    if model_spec(config.model).conditional:
+        raise ConfigError(
+            f"model={config.model!r} models the unobserved part of each image given the observed part, so it has "
+            "no unconditional samples: see completions.png in the run's folder, or draw completions with "
+            "pyrovae.load_run(...).model.complete(x)", "checkpoint",
+        )
     info = state["dataset"]
     image_shape = tuple(info["image_shape"]) if info["image_shape"] else None
     stub = Dataset(

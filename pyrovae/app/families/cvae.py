@@ -54,12 +54,7 @@ def check_cvae(config: Any) -> None:
 
 
 def cvae_defaults(flat: dict[str, Any]) -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    if flat.get("quadrants") is None:
-        out["quadrants"] = 1
-    if flat.get("cvae_baseline_epochs") is None:
-        out["cvae_baseline_epochs"] = flat["epochs"]
-    return out
+    return {"quadrants": 1} if flat.get("quadrants") is None else {}
 
 
 def pretrain_baseline(config: Any, dataset: Any, model: Any, *, checkpoint_path: Any, resume: bool,
@@ -146,5 +141,6 @@ SPECS = (
         pretrain=pretrain_baseline,
         metrics=cvae_metrics,
         figures=save_completions,
+        conditional=True,
     ),
 )
