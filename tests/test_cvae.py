@@ -212,6 +212,9 @@ def test_baseline_nll_is_the_bernoulli_nll_of_its_prediction_and_its_elbo_with_n
 @pytest.mark.usefixtures("float64")
 def test_bernoulli_cvae_estimate_matches_quadrature_over_a_one_dimensional_z() -> None:
     model, guide = small_pair(2, z_dim=1)
+    with torch.no_grad():  # make y depend strongly on z, and the prior on the baseline's prediction
+        model.generation_net[0].weight[:, :1] *= 4.0
+        model.prior_net.net[0].weight *= 4.0
     x = binary_data(4)
     mask = model.mask
     x_obs, y = split_quadrants(x, mask)
@@ -220,6 +223,8 @@ def test_bernoulli_cvae_estimate_matches_quadrature_over_a_one_dimensional_z() -
         filled = x_obs.clone()
         filled[:, ~mask] = torch.sigmoid(model.baseline.net(x_obs))[:, ~mask]
         prior_loc, prior_scale = model.prior_net(filled)
+        prior = poutine.trace(model).get_trace(x).nodes["z"]["fn"].base_dist
+        assert torch.allclose(prior.loc, prior_loc, atol=1e-12) and torch.allclose(prior.scale, prior_scale, atol=1e-12)
         grid = prior_loc[:, 0] + prior_scale[:, 0] * torch.linspace(-12, 12, 8001)[:, None]  # (G, B)
         logits = model.generation_net(torch.cat([grid[..., None], x_obs.expand(len(grid), -1, -1)], -1))[..., ~mask]
         log_joint = torch.distributions.Normal(prior_loc[:, 0], prior_scale[:, 0]).log_prob(grid) + bernoulli_log_prob(logits, y)
