@@ -10,7 +10,6 @@ from __future__ import annotations
 import json
 import math
 
-import pyro
 import pytest
 import torch
 from pyro import poutine
