@@ -350,7 +350,27 @@ def test_cli_trains_resumes_and_load_run_evaluates_on_mnist(mnist_root, tmp_path
     second = json.loads((out / "metrics.json").read_text())
     assert second["epochs"] == 2 and second["train_elbo"][0] == first["train_elbo"][0]
     assert second["baseline_test_nll"] == first["baseline_test_nll"]
+    # a run stopped after its baseline (only baseline_checkpoint.pt there) resumes from it
+    for name in ("checkpoint.pt", "metrics.json", "completions.png", "curves.png"):
+        (out / name).unlink()
+    baseline_file = (out / "baseline_checkpoint.pt").read_bytes()
+    assert main([*argv, "--epochs", "1", "--resume"]) == 0
+    assert (out / "baseline_checkpoint.pt").read_bytes() == baseline_file  # finished: not trained again
+    assert json.loads((out / "metrics.json").read_text())["baseline_test_nll"] == first["baseline_test_nll"]
+    assert main([*argv, "--epochs", "2", "--resume"]) == 0
+    second = json.loads((out / "metrics.json").read_text())
+    # evaluate reads the run; sample refuses a conditional model with the fix
+    assert main(["evaluate", "--checkpoint", str(out / "checkpoint.pt"), "--eval-samples", "20",
+                 "--data-dir", str(mnist_root), "--out", str(tmp_path / "eval.json"), "--no-progress"]) == 0
+    evaluated = json.loads((tmp_path / "eval.json").read_text())
+    assert evaluated["baseline_test_nll"] == pytest.approx(second["baseline_test_nll"], abs=1e-4)
+    assert evaluated["eval_samples"] == 20
     capsys.readouterr()
+    with pytest.raises(SystemExit) as exit:
+        main(["sample", "--checkpoint", str(out / "checkpoint.pt"), "--num", "4", "--out", str(tmp_path / "s.png")])
+    assert exit.value.code == 2
+    err = capsys.readouterr().err
+    assert "complete" in err and "Traceback" not in err, err
     # load_run rebuilds the run; its baseline's exact NLL and the CVAE's estimate agree with metrics.json
     run = load_run(out, data_dir=str(mnist_root))
     x_test = evaluation_data(run.dataset, "test", run.config.seed)
