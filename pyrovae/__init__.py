@@ -13,14 +13,18 @@ from pyrovae.data import (
     Dataset,
     balanced_label_subset,
     gaussian_mixture,
+    join_quadrants,
     linear_gaussian,
     load_dataset,
     load_mnist,
     partial_labels,
+    quadrant_mask,
+    split_quadrants,
 )
 from pyrovae.guides import (
     AmortizedGuide,
     CategoricalGuide,
+    CVAEGuide,
     ExactPosteriorGuide,
     FlowGuide,
     FlowNet,
@@ -33,8 +37,10 @@ from pyrovae.guides import (
     PerDatapointGuide,
     PriorGuide,
     SemiAmortizedGuide,
+    cvae_pair,
     m2_pair,
 )
+from pyrovae.infer.conditional import baseline_log_likelihood, no_latents
 from pyrovae.infer.evaluate import (
     ImportanceEstimate,
     active_units,
@@ -49,16 +55,20 @@ from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, Scor
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.infer.semi_supervised import classification_error, unlabelled_elbo
 from pyrovae.infer.replay import LossAndGradsReplay, ReplayedELBO
-from pyrovae.models import M2, VAE, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior, join_labels
+from pyrovae.models import CVAE, M2, VAE, CVAEBaseline, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior, join_labels
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit
+from pyrovae.train.baseline import fit_baseline
 
 __version__ = "0.1.0"
 
 __all__ = [
     "AmortizedGuide",
     "CIWAE",
+    "CVAE",
+    "CVAEBaseline",
+    "CVAEGuide",
     "CategoricalGuide",
     "DataNotFoundError",
     "Dataset",
@@ -100,16 +110,20 @@ __all__ = [
     "VampPrior",
     "active_units",
     "balanced_label_subset",
+    "baseline_log_likelihood",
     "build",
     "classification_error",
+    "cvae_pair",
     "evaluate_dataset",
     "fit",
+    "fit_baseline",
     "fit_local_guide",
     "gaussian_mixture",
     "glorot_init_",
     "importance_sampling",
     "init_output_bias_",
     "join_labels",
+    "join_quadrants",
     "kl_to_prior",
     "linear_gaussian",
     "load_dataset",
@@ -120,9 +134,12 @@ __all__ = [
     "m2_pair",
     "make_objective",
     "make_pyro_optimizer",
+    "no_latents",
     "optimize_local_guide",
     "partial_labels",
     "posterior_means",
+    "quadrant_mask",
     "save_params",
+    "split_quadrants",
     "unlabelled_elbo",
 ]

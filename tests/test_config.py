@@ -47,7 +47,7 @@ FLAT_FIELDS_BEFORE_GROUPS = (
 #: Options added since, each with its own flag (the flat view keeps every old name above).
 NEW_FIELDS = ["flow_layers", "flow_hidden_sizes", "num_groups", "ciwae_beta", "prior", "num_pseudo_inputs", "pseudo_input_init",
               "prior_components", "prior_flow", "prior_flow_layers", "fast_path", "labels", "m2_alpha", "y_mode",
-              "gumbel_temperature", "labelled_copies"]
+              "gumbel_temperature", "labelled_copies", "quadrants", "cvae_baseline_epochs"]
 
 #: The train flags the README lists (and their spellings before the flags were generated).
 README_TRAIN_FLAGS = (
@@ -156,7 +156,7 @@ def test_choices_are_the_registries_names():
     from pyrovae.infer.objectives import OBJECTIVES
 
     fields = {f.name: (group, f) for group, f in option_fields()}
-    assert field_choices(*fields["model"]) == tuple(model_specs()) == ("vae", "hvae", "vqvae", "vqvae2", "linear", "m2")
+    assert field_choices(*fields["model"]) == tuple(model_specs()) == ("vae", "hvae", "vqvae", "vqvae2", "linear", "m2", "cvae")
     assert field_choices(*fields["guide"]) == tuple(guide_specs()) == (
         "amortized", "per-datapoint", "per-datapoint-full-cov", "per-datapoint-planar", "per-datapoint-sylvester",
         "prior", "full-cov", "iaf", "planar", "sylvester", "spline")

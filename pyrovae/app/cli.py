@@ -233,7 +233,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             )
             if metrics is not None:  # rank 0 (or the only process)
                 _print_metrics(metrics)
-                print(f"wrote {args.out}/metrics.json, checkpoint.pt, samples.png, reconstructions.png, curves.png")
+                written = [name for name in run.RESULT_FILES if os.path.isfile(os.path.join(args.out, name))]
+                print(f"wrote {args.out}/{', '.join(written)}")
         elif args.command == "evaluate":
             metrics = run.evaluate_checkpoint(
                 args.checkpoint, eval_samples=args.eval_samples, data_dir=args.data_dir,

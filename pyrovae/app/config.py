@@ -96,6 +96,7 @@ OPEN_UNIT = Check(lambda v: 0 < v < 1, "in (0, 1)")
 HALF_OPEN_UNIT = Check(lambda v: 0 < v <= 1, "in (0, 1]")
 UNIT_INTERVAL = Check(lambda v: 0 <= v <= 1, "in [0, 1]")
 POSITIVE_ENTRIES = Check(lambda v: all(h >= 1 for h in v), "positive integers")
+QUADRANTS = Check(lambda v: v in (1, 2, 3), "1, 2 or 3")
 DEVICE = Check(lambda v: re.fullmatch(r"(cpu|cuda)(:\d+)?", v) is not None, "'cpu', 'cuda' or 'cuda:N'")
 
 
@@ -283,6 +284,10 @@ class ModelConfig(_Group):
     :param labelled_copies: m2: hold each labelled training point this many times, its terms weighted
         by 1/copies: the same objective, with the labelled points in that many times more minibatches
         (the ELBO objectives only).
+    :param quadrants: cvae: how many of each image's four quadrants are observed, 1, 2 or 3 (Pyro's
+        order: bottom-left, then top-left, then top-right); the model predicts the others (default 1).
+    :param cvae_baseline_epochs: cvae: epochs of the deterministic baseline, trained by maximum
+        likelihood before the CVAE (whose prior network reads its prediction).
     """
 
     model: Optional[str] = option(None, choices=_model_choices)
@@ -310,6 +315,8 @@ class ModelConfig(_Group):
     labels: Optional[int] = option(None, check=at_least(1), hint="a multiple of the number of classes, e.g. 100")
     m2_alpha: Optional[float] = option(None, check=NON_NEGATIVE, hint="or None: 0.1 N / labels")
     labelled_copies: int = option(1, check=at_least(1))
+    quadrants: Optional[int] = option(None, check=QUADRANTS, hint="how many of the four quadrants are observed")
+    cvae_baseline_epochs: int = option(10, check=at_least(1))
 
 
 @dataclass(frozen=True)

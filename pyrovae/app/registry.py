@@ -53,6 +53,7 @@ FAMILY_MODULES: tuple[str, ...] = (
     "pyrovae.app.families.prior",
     "pyrovae.app.families.flows",
     "pyrovae.app.families.m2",
+    "pyrovae.app.families.cvae",
 )
 
 
@@ -80,6 +81,16 @@ class ModelSpec:
         the data are loaded (M2: the labels it may see joined to the training points).
     :param label_metrics: ``(config, model, guide, x_test, test_labels) -> metrics``: test metrics that
         need the test labels (M2's ``test_error``), added to the others when the data have labels.
+    :param pretrain: ``(config, dataset, model, *, checkpoint_path, resume, progress) -> None``: a
+        training of a part of the model before the main one, checkpointed at ``checkpoint_path``
+        (the CVAE's baseline); skipped when a run resumes from its main checkpoint, which holds it.
+    :param metrics: ``(config, model, guide, x_test, evaluation) -> metrics``: test metrics of its own
+        (``evaluation``: the run's :class:`~pyrovae.infer.evaluate.DatasetEvaluation` of the pair), added to the
+        importance-sampled ones (the CVAE's baseline NLL).
+    :param figures: ``(out, dataset, model, guide, seed) -> None``: its figures instead of
+        ``samples.png`` and ``reconstructions.png`` (the CVAE's ``completions.png``).
+    :param conditional: a model of some of each point's features given the others (the CVAE): it has
+        no unconditional samples, so ``pyrovae sample`` refuses it.
     """
 
     name: str
@@ -96,6 +107,10 @@ class ModelSpec:
     evaluate: Optional[Callable[[Any, Any, "torch.Tensor"], dict[str, Any]]] = None
     prepare_data: Optional[Callable[["TrainConfig", "Dataset"], "Dataset"]] = None
     label_metrics: Optional[Callable[["TrainConfig", Any, Any, "torch.Tensor", "torch.Tensor"], dict[str, Any]]] = None
+    pretrain: Optional[Callable[..., None]] = None
+    metrics: Optional[Callable[["TrainConfig", Any, Any, "torch.Tensor", Any], dict[str, Any]]] = None
+    figures: Optional[Callable[[Any, "Dataset", Any, Any, int], None]] = None
+    conditional: bool = False
 
 
 @dataclass(frozen=True)

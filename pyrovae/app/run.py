@@ -37,9 +37,12 @@ from pyrovae.runtime.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.train import evaluation_data, fit
 
 CHECKPOINT = "checkpoint.pt"
+#: The checkpoint of a model family's training before the main one (:attr:`ModelSpec.pretrain`).
+PRETRAIN_CHECKPOINT = "baseline_checkpoint.pt"
 METRICS = "metrics.json"
 #: Everything `pyrovae train` writes into its output folder; ``overwrite=True`` removes these and nothing else.
-RESULT_FILES = (METRICS, CHECKPOINT, "samples.png", "reconstructions.png", "curves.png")
+RESULT_FILES = (METRICS, CHECKPOINT, PRETRAIN_CHECKPOINT, "samples.png", "reconstructions.png", "curves.png",
+                "completions.png")
 #: The image formats :func:`sample_checkpoint` writes, by file suffix (no suffix: PNG).
 IMAGE_FORMATS = {"": "png", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
@@ -177,7 +180,7 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
             remove_stale_temporaries(out / CHECKPOINT)
             if removed:
                 logger.info("overwrite: removed %s from %s", ", ".join(removed), out)
-        elif not (resume and (out / CHECKPOINT).is_file()):
+        elif not (resume and any((out / name).is_file() for name in (CHECKPOINT, PRETRAIN_CHECKPOINT))):
             listed = ", ".join(present[:5]) + (", ..." if len(present) > 5 else "")
             fix = (
                 "resume=True needs a checkpoint.pt there; pass overwrite=True to start again in it"
@@ -286,6 +289,8 @@ def evaluate_run(
     if isinstance(model, ExactLikelihood):
         with torch.no_grad():
             metrics["test_log_likelihood_exact"] = model.log_marginal(x_test).mean().item()
+    if spec.metrics is not None:
+        metrics.update(spec.metrics(config, model, guide_test, x_test, result))
     metrics.update(labelled)
     metrics["eval_seconds"] = time.perf_counter() - start
     return metrics, guide_test
@@ -362,6 +367,11 @@ def train_and_evaluate(
         pyro.clear_param_store()
         pyro.set_rng_seed(config.seed)
         model, guide = build(local, dataset)
+        family = model_spec(config.model)
+        if family.pretrain is not None and not (resume and (out / CHECKPOINT).is_file()):
+            # a resumed main run holds the pretrained part in its checkpoint
+            family.pretrain(local, dataset, model, checkpoint_path=out / PRETRAIN_CHECKPOINT, resume=resume,
+                            progress=progress)
         objective = make_objective(
             config.objective, num_particles=config.num_particles, **objective_options(config)
         )
@@ -392,7 +402,11 @@ def train_and_evaluate(
             "torch_threads": torch.get_num_threads(),
             "config": config.to_dict(),
         }
-        save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
+        if family.figures is not None:
+            family.figures(out, dataset, model, guide_test, config.seed)
+            plots.plot_curves(history.to_dict(), out / "curves.png", title=f"{dataset.name}")
+        else:
+            save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
         write_json(out / METRICS, metrics)
         return metrics
 
@@ -543,6 +557,12 @@ def sample_checkpoint(
         )
     config, state = load_run_checkpoint(checkpoint, device)
     config = config.resolved()
+    if model_spec(config.model).conditional:
+        raise ConfigError(
+            f"model={config.model!r} models the unobserved part of each image given the observed part, so it has "
+            "no unconditional samples: see completions.png in the run's folder, or draw completions with "
+            "pyrovae.load_run(...).model.complete(x)", "checkpoint",
+        )
     info = state["dataset"]
     image_shape = tuple(info["image_shape"]) if info["image_shape"] else None
     stub = Dataset(

@@ -2,6 +2,7 @@
 
 from pyrovae.guides.amortized import AmortizedGuide
 from pyrovae.guides.categorical import CategoricalGuide, MixturePriorGuide
+from pyrovae.guides.cvae import CVAEGuide, cvae_pair
 from pyrovae.guides.exact import ExactPosteriorGuide
 from pyrovae.guides.flows import (
     FlowGuide,
@@ -22,6 +23,7 @@ from pyrovae.guides.semi_amortized import (
 
 __all__ = [
     "AmortizedGuide",
+    "CVAEGuide",
     "CategoricalGuide",
     "ExactPosteriorGuide",
     "FlowGuide",
@@ -36,6 +38,7 @@ __all__ = [
     "PriorGuide",
     "SemiAmortizedGuide",
     "gaussian_elbo",
+    "cvae_pair",
     "m2_pair",
     "refine_gaussian",
 ]

@@ -1,5 +1,6 @@
 """Generative models: one file per model family."""
 
+from pyrovae.models.cvae import CVAE, CVAEBaseline
 from pyrovae.models.hierarchical import HierarchicalVAE, latent_site_names
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.m2 import M2, join_labels, split_labels
@@ -8,6 +9,8 @@ from pyrovae.models.priors import FlowPrior, MixturePrior, StandardNormalPrior, 
 from pyrovae.models.vae import LIKELIHOODS, VAE
 
 __all__ = [
+    "CVAE",
+    "CVAEBaseline",
     "FlowPrior",
     "GaussianMixture",
     "HierarchicalVAE",
