@@ -110,7 +110,8 @@ def test_mlflow_tracking_uri_is_used(tmp_path):
     pytest.importorskip("mlflow")
     out, store = tmp_path / "run", f"sqlite:///{tmp_path / 'elsewhere.db'}"
     assert main([*GMM, "--out", str(out), "--log", "mlflow", "--tracking-uri", store]) == 0
-    assert not (out / "mlruns").exists()
+    assert not (out / "mlruns" / "mlflow.db").exists()
+    assert (out / "mlruns" / "artifacts").is_dir()  # not MLflow's ./mlruns in the working directory
     _, _, series = _mlflow_series(store)
     _check_against_metrics(series, json.loads((out / "metrics.json").read_text()))
 

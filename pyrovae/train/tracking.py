@@ -396,7 +396,8 @@ class MLflowLogger(TrackingLogger):
     images (``MlflowClient.log_image``).
 
     Without ``tracking_uri`` the run goes into a local store in ``log_dir``, no server needed: the
-    SQLite database ``log_dir/mlflow.db`` and the artifacts under ``log_dir/artifacts`` (MLflow 3
+    SQLite database ``log_dir/mlflow.db`` and the artifacts under ``log_dir/artifacts`` (also those
+    of a new experiment in a ``sqlite:`` or ``file:`` store given as ``tracking_uri``; MLflow 3
     refuses its plain-file store unless ``MLFLOW_ALLOW_FILE_STORE`` is set); look at it with
     ``mlflow ui --backend-store-uri sqlite:///LOG_DIR/mlflow.db``.
 
@@ -414,7 +415,9 @@ class MLflowLogger(TrackingLogger):
         self._entities = _require("mlflow.entities", "mlflow", "MLflowLogger (log='mlflow')")
         super().__init__(**options)
         self.log_dir = pathlib.Path(log_dir).absolute()
-        self._local = tracking_uri is None
+        # A local store (ours, or a sqlite/file URI given) keeps its artifacts in log_dir, not in
+        # MLflow's default ./mlruns of the working directory; a server keeps its own.
+        self._local = tracking_uri is None or tracking_uri.startswith(("sqlite:", "file:"))
         self.tracking_uri = tracking_uri or f"sqlite:///{self.log_dir / 'mlflow.db'}"
         self.experiment, self.run_name = experiment, run_name
         self.client: Any = None
