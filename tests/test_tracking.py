@@ -215,3 +215,15 @@ def test_bad_tracking_flags_are_clear_errors(tmp_path, capsys, args, message):
         main(["train", "--dataset", "gmm", "--out", str(tmp_path / "o"), *args])
     assert stop.value.code == 2
     assert message in capsys.readouterr().err
+
+
+def test_a_resumed_run_continues_the_curves(tmp_path):
+    pytest.importorskip("tensorboard")
+    out = tmp_path / "run"
+    one = [a if a != "2" or i != GMM.index("--epochs") + 1 else "1" for i, a in enumerate(GMM)]
+    assert main([*one, "--out", str(out), "--log", "tensorboard"]) == 0
+    assert main([*GMM, "--out", str(out), "--log", "tensorboard", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    _, _, series = _tensorboard_series(out / "tb")
+    # both sessions' event files: epochs 1 and 2 once each, the steps numbered across the sessions
+    _check_against_metrics(series, metrics)
