@@ -24,6 +24,9 @@ the model and guide families, in :func:`pyrovae.app.registry.check_combination`,
 :class:`TrainConfig` runs on construction. The command line (:mod:`pyrovae.app.cli`) generates its
 flags from these fields (their docstrings are the flags' help) and its choices from the registries.
 
+:class:`TrackingConfig` (``--log``, ``--log-dir``, ...) is checked and made into flags the same way
+but is not a group of :class:`TrainConfig`: it says how a run is watched, not what it is.
+
 Errors are :class:`ConfigError` (a ``ValueError``) and name Python parameters (``batch_size=0``);
 only the command line speaks of flags.
 """
@@ -454,8 +457,10 @@ def _logger_choices() -> dict[str, str]:
 
 @dataclass(frozen=True)
 class TrackingConfig(_Group):
-    """Experiment tracking (:mod:`pyrovae.train.tracking`): how a run is watched, not what it is, so
-    it is not a group of :class:`TrainConfig` (not saved with the run, free to change on resume).
+    """Experiment tracking: TensorBoard or MLflow (pyrovae.train.tracking).
+
+    How a run is watched, not what it is: not a group of :class:`TrainConfig` (not saved with the
+    run, free to change on resume).
 
     :param log: log the run to a tracker, one of :data:`pyrovae.train.tracking.LOGGERS` (``none``,
         ``tensorboard``, ``mlflow``); needs the extra of that name, e.g. pip install "pyrovae[tensorboard]".
