@@ -20,6 +20,7 @@ from typing import Any, Optional, Protocol, runtime_checkable
 import torch
 
 __all__ = [
+    "Decodes",
     "ExactLikelihood",
     "Guide",
     "LocalGuide",
@@ -93,6 +94,14 @@ class Reconstructs(Protocol):
     reconstructed by decoding the guide's posterior mean."""
 
     def reconstruct(self, guide: Any, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Decodes(Protocol):
+    """A model that maps latents ``z`` ``(B, z_dim)`` to the means of p(x|z) ``(B, x_dim)`` (the
+    tracking loggers' reconstructions of models without :class:`Reconstructs`)."""
+
+    def decode(self, z: torch.Tensor) -> torch.Tensor: ...
 
 
 @runtime_checkable

@@ -23,6 +23,7 @@ from typing import Any, Optional, Sequence
 from pyrovae.app.config import (
     GROUPS,
     ConfigError,
+    TrackingConfig,
     TrainConfig,
     base_type,
     field_choices,
@@ -58,35 +59,48 @@ def _field_help(group: type) -> dict[str, str]:
     return {name: " ".join(text.split()) for name, text in found}
 
 
+#: Flag groups generated like the config's that are not part of :class:`TrainConfig` (run options).
+RUN_GROUPS: dict[str, type] = {"tracking": TrackingConfig}
+
+
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    for group_name, group in GROUPS.items():
-        title = (group.__doc__ or group_name).strip().splitlines()[0].rstrip(".")
-        section = parser.add_argument_group(f"{group_name} ({group.__name__})", title)
-        helps = _field_help(group)
-        for f in dataclasses.fields(group):
-            kind = base_type(field_types(group)[f.name])
-            text = re.sub(r":\w+:`~?([^`]*)`", r"\1", helps.get(f.name, ""))
-            text = re.sub(r"``([^`]*)``", r"\1", text)
-            if f.metadata.get("choices") is not None:  # a registry's names, each with its line
-                text = re.sub(r", one of [^)]*\)", "", text) + " Choices: " + "; ".join(
-                    f"{name}: {line}" for name, line in f.metadata["choices"]().items())
-            text = text.replace("%", "%%")
-            if f.default is not None and f.default != ():
-                text += f" [default: {f.default}]"
-            common: dict[str, Any] = dict(dest=f.name, default=f.default, help=text)
-            if kind is bool:
-                section.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **common)
-            elif kind is tuple:
-                # nargs="*": no values is the empty tuple (e.g. --hidden-sizes alone: linear networks)
-                section.add_argument(flag_name(f), type=int, nargs="*", metavar="N", **common)
-            else:
-                choices = field_choices(group, f) or None
-                section.add_argument(flag_name(f), type=kind, choices=choices, **common)
+    for group_name, group in {**GROUPS, **RUN_GROUPS}.items():
+        _add_group_flags(parser, group_name, group)
+
+
+def _add_group_flags(parser: argparse.ArgumentParser, group_name: str, group: type) -> None:
+    title = (group.__doc__ or group_name).strip().splitlines()[0].rstrip(".")
+    section = parser.add_argument_group(f"{group_name} ({group.__name__})", title)
+    helps = _field_help(group)
+    for f in dataclasses.fields(group):
+        kind = base_type(field_types(group)[f.name])
+        text = re.sub(r":\w+:`~?([^`]*)`", r"\1", helps.get(f.name, ""))
+        text = re.sub(r"``([^`]*)``", r"\1", text)
+        if f.metadata.get("choices") is not None:  # a registry's names, each with its line
+            text = re.sub(r", one of [^)]*\)", "", text) + " Choices: " + "; ".join(
+                f"{name}: {line}" for name, line in f.metadata["choices"]().items())
+        text = text.replace("%", "%%")
+        if f.default is not None and f.default != ():
+            text += f" [default: {f.default}]"
+        common: dict[str, Any] = dict(dest=f.name, default=f.default, help=text)
+        if kind is bool:
+            section.add_argument(flag_name(f), action=argparse.BooleanOptionalAction, **common)
+        elif kind is tuple:
+            # nargs="*": no values is the empty tuple (e.g. --hidden-sizes alone: linear networks)
+            section.add_argument(flag_name(f), type=int, nargs="*", metavar="N", **common)
+        else:
+            choices = field_choices(group, f) or None
+            section.add_argument(flag_name(f), type=kind, choices=choices, **common)
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:
     """The :class:`TrainConfig` that parsed ``train`` flags describe."""
     return TrainConfig(**{f.name: getattr(args, f.name) for _, f in option_fields()})
+
+
+def tracking_from_args(args: argparse.Namespace) -> TrackingConfig:
+    """The :class:`TrackingConfig` that parsed ``train`` flags describe."""
+    return TrackingConfig(**{f.name: getattr(args, f.name) for f in dataclasses.fields(TrackingConfig)})
 
 
 def config_to_argv(config: TrainConfig) -> list[str]:
@@ -116,7 +130,8 @@ def config_to_argv(config: TrainConfig) -> list[str]:
 
 def _flags_of_parameters() -> dict[str, tuple[str, bool]]:
     """parameter name -> (flag, is a switch)."""
-    flags = {f.name: (flag_name(f), base_type(field_types(g)[f.name]) is bool) for g, f in option_fields()}
+    fields = [*option_fields(), *((g, f) for g in RUN_GROUPS.values() for f in dataclasses.fields(g))]
+    flags = {f.name: (flag_name(f), base_type(field_types(g)[f.name]) is bool) for g, f in fields}
     switches = {"resume", "overwrite", "download", "progress"}
     flags.update({name: (flag, name in switches) for name, flag in RUN_FLAGS.items()})
     return flags
@@ -230,6 +245,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             metrics = run.train_and_evaluate(
                 config, args.out, data_dir=args.data_dir, download=args.download,
                 resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                tracking=tracking_from_args(args),
             )
             if metrics is not None:  # rank 0 (or the only process)
                 _print_metrics(metrics)

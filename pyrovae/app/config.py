@@ -24,6 +24,9 @@ the model and guide families, in :func:`pyrovae.app.registry.check_combination`,
 :class:`TrainConfig` runs on construction. The command line (:mod:`pyrovae.app.cli`) generates its
 flags from these fields (their docstrings are the flags' help) and its choices from the registries.
 
+:class:`TrackingConfig` (``--log``, ``--log-dir``, ...) is checked and made into flags the same way
+but is not a group of :class:`TrainConfig`: it says how a run is watched, not what it is.
+
 Errors are :class:`ConfigError` (a ``ValueError``) and name Python parameters (``batch_size=0``);
 only the command line speaks of flags.
 """
@@ -451,6 +454,41 @@ class RuntimeConfig(_Group):
     def __post_init__(self) -> None:
         super().__post_init__()
         check_device_name(self.device)
+
+
+def _logger_choices() -> dict[str, str]:
+    from pyrovae.train.tracking import LOGGERS
+
+    return {"none": "no experiment tracking", **{name: line for name, (line, _) in LOGGERS.items()}}
+
+
+@dataclass(frozen=True)
+class TrackingConfig(_Group):
+    """Experiment tracking: TensorBoard or MLflow (pyrovae.train.tracking).
+
+    How a run is watched, not what it is: not a group of :class:`TrainConfig` (not saved with the
+    run, free to change on resume).
+
+    :param log: log the run to a tracker, one of :data:`pyrovae.train.tracking.LOGGERS` (``none``,
+        ``tensorboard``, ``mlflow``); needs the extra of that name, e.g. pip install "pyrovae[tensorboard]".
+    :param log_dir: the tracker's folder (default: the run folder's tb/ for tensorboard, mlruns/ for mlflow).
+    :param tracking_uri: mlflow: the tracking server or store URI (default: a local store in log_dir).
+    :param log_every: log the step's loss and gradient norm every this many steps.
+    """
+
+    log: str = option("none", choices=_logger_choices)
+    log_dir: Optional[str] = option(None)
+    tracking_uri: Optional[str] = option(None)
+    log_every: int = option(10, check=at_least(1))
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        if self.tracking_uri is not None and self.log != "mlflow":
+            raise ConfigError(f"tracking_uri={self.tracking_uri!r} is MLflow's; set log='mlflow' or leave "
+                              "`tracking_uri` unset", "tracking_uri", "log")
+        if self.log_dir is not None and self.log == "none":
+            raise ConfigError(f"log_dir={self.log_dir!r} needs a tracker: set log='tensorboard' or log='mlflow'",
+                              "log_dir", "log")
 
 
 #: The groups of :class:`TrainConfig`: attribute name -> class.

@@ -26,7 +26,7 @@ import torch
 from pyrovae.app import plots
 from pyrovae import params
 from pyrovae.app.build import build, build_model
-from pyrovae.app.config import ConfigError, TrainConfig, check_device_name, objective_options
+from pyrovae.app.config import ConfigError, TrackingConfig, TrainConfig, check_device_name, objective_options
 from pyrovae.app.registry import guide_spec, model_spec
 from pyrovae.data import Dataset, load_dataset
 from pyrovae.infer.evaluate import evaluate_dataset, posterior_means
@@ -35,6 +35,7 @@ from pyrovae.protocols import ExactLikelihood, Reconstructs
 from pyrovae.runtime import distributed
 from pyrovae.runtime.checkpoint import load_checkpoint, remove_stale_temporaries
 from pyrovae.train import evaluation_data, fit
+from pyrovae.train.tracking import MissingExtraError, TrackingLogger, make_logger
 
 CHECKPOINT = "checkpoint.pt"
 #: The checkpoint of a model family's training before the main one (:attr:`ModelSpec.pretrain`).
@@ -321,6 +322,32 @@ def save_figures(
         plots.plot_curves(history, out / "curves.png", title=f"{dataset.name}")
 
 
+#: The default folder of each tracker inside the run folder.
+TRACKING_DIRS = {"tensorboard": "tb", "mlflow": "mlruns"}
+
+
+def make_trackers(tracking: Optional[TrackingConfig], out: str | os.PathLike,
+                  config: TrainConfig) -> list[TrackingLogger]:
+    """The tracking hooks ``tracking`` asks for (none for ``log='none'``), logging ``config`` resolved,
+    into ``tracking.log_dir`` or the run folder's :data:`TRACKING_DIRS` entry.
+
+    :raises ConfigError: naming ``log`` when the tracker's package is not installed.
+    """
+    if tracking is None or tracking.log == "none":
+        return []
+    log_dir = tracking.log_dir or pathlib.Path(out) / TRACKING_DIRS[tracking.log]
+    options: dict[str, Any] = {"log_every": tracking.log_every, "config": config.resolved().to_dict()}
+    if tracking.log == "mlflow":
+        options["run_name"] = pathlib.Path(out).name or None
+    try:
+        return [make_logger(tracking.log, log_dir, tracking.tracking_uri, **options)]
+    except MissingExtraError as error:
+        raise ConfigError(
+            f"log={tracking.log!r} needs the {error.extra} package, which is not installed: "
+            f"pip install \"pyrovae[{error.extra}]\"", "log",
+        ) from None
+
+
 def train_and_evaluate(
     config: TrainConfig,
     out: str | os.PathLike,
@@ -330,6 +357,7 @@ def train_and_evaluate(
     resume: bool = False,
     overwrite: bool = False,
     progress: bool = True,
+    tracking: Optional[TrackingConfig] = None,
 ) -> Optional[dict[str, Any]]:
     """The main job: train per ``config``, evaluate on the test set, write into ``out``:
     ``metrics.json``, ``checkpoint.pt``, ``samples.png``, ``reconstructions.png``, ``curves.png``.
@@ -343,10 +371,14 @@ def train_and_evaluate(
     parallel (:mod:`pyrovae.runtime.distributed`); rank 0 then evaluates and writes every file, and the
     other ranks return ``None`` once training is done.
 
+    ``tracking`` logs the run to TensorBoard or MLflow as it trains (:func:`make_trackers`), and the
+    test metrics of ``metrics.json`` after it (as ``final/...``).
+
     :return: the metrics written to ``metrics.json`` (``None`` on ranks other than 0).
     """
     config = config.resolved()  # a TrainConfig is checked when made: before anything is written to `out`
     check_device(config.device)
+    trackers = make_trackers(tracking, out, config)  # a missing package is refused before any work
     world, device = distributed.init_process_group(config.device)
     with contextlib.ExitStack() as held:
 
@@ -380,7 +412,7 @@ def train_and_evaluate(
             epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
             seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
             config=config.to_dict(), progress=progress, clip_norm=config.clip_norm, fast_path=config.fast_path,
-            local_steps=config.local_steps, local_lr=config.local_lr,
+            local_steps=config.local_steps, local_lr=config.local_lr, hooks=trackers,
         )
         # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this
         # call alone would count the last part only).
@@ -408,6 +440,9 @@ def train_and_evaluate(
         else:
             save_figures(out, dataset, model, guide_test, history.to_dict(), config.seed)
         write_json(out / METRICS, metrics)
+        for tracker in trackers:
+            tracker.log_metrics(metrics)
+            tracker.close()
         return metrics
 
 

@@ -41,11 +41,15 @@ __all__ = [
 class StepResult:
     """:ivar loss: the loss of the global batch (what one process with the whole batch reports).
     :ivar stop: some process asked to stop (see :class:`pyrovae.runtime.interrupt.StopSignals`).
-    :ivar problem: why no update was made (a non-finite loss or gradient), else ``None``."""
+    :ivar problem: why no update was made (a non-finite loss or gradient), else ``None``.
+    :ivar grad_norm: the global L2 norm of the gradient before clipping, as a 0-dim tensor on the
+        parameters' device, not read back (``.item()`` syncs the device: read it only when needed),
+        or ``None`` when the step does not report it."""
 
     loss: float
     stop: bool = False
     problem: Optional[str] = None
+    grad_norm: Optional[torch.Tensor] = None
 
 
 @dataclass

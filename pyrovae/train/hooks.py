@@ -1,12 +1,13 @@
 """The hooks :func:`pyrovae.fit` is made of: the test bound per epoch, progress, stop signals,
-checkpoints. (Budgets and evaluation schedules, which any loop may use, are in
-:mod:`pyrovae.infer.loop`.)"""
+checkpoints; and :class:`FitHook`, a hook that ``fit`` tells what it trains (:class:`FitContext`).
+(Budgets and evaluation schedules, which any loop may use, are in :mod:`pyrovae.infer.loop`.)"""
 
 from __future__ import annotations
 
 import logging
 import math
 import sys
+from dataclasses import dataclass, field
 from typing import IO, Any, Callable, Optional
 
 import torch
@@ -17,9 +18,57 @@ from pyrovae.runtime.checkpoint import save_checkpoint
 from pyrovae.runtime.distributed import World, all_reduce_sum_, barrier
 from pyrovae.runtime.interrupt import StopSignals
 
-__all__ = ["Checkpoint", "EpochLog", "Progress", "StopOnSignal", "TestBound"]
+__all__ = ["Checkpoint", "EpochLog", "FitContext", "FitHook", "Progress", "StopOnSignal", "TestBound"]
 
 logger = logging.getLogger("pyrovae.train")
+
+
+@dataclass
+class FitContext:
+    """What :func:`pyrovae.fit` trains, for the hooks that need more than the state (:class:`FitHook`).
+
+    :ivar model: the model; :ivar guide: the guide; :ivar objective: the ``pyro.infer.ELBO``.
+    :ivar train: the training points as stored ``(N, ...)``; ``prepare(x, generator)`` turns them
+        into what the model sees (dynamic binarization), ``None``: as they are.
+    :ivar test: the test points as evaluated (one fixed binarization), or ``None`` (none given, or
+        ``test_bound=False``).
+    :ivar generalises: the guide has no per-datapoint rows, so it can be evaluated on new points.
+    :ivar image_shape: ``(C, H, W)`` of one point when the data are images, else ``None``.
+    :ivar lr: Adam's initial step size; it is multiplied by ``lr_decay`` over each epoch.
+    :ivar settings: fit's own arguments (epochs, batch_size, lr, ...) by name.
+    :ivar config: the ``config`` passed to ``fit`` (``None`` if none was).
+    :ivar is_main: this process is rank 0 (or the only one): the one that writes files.
+    """
+
+    model: Callable
+    guide: Callable
+    objective: Any
+    train: torch.Tensor
+    prepare: Optional[Callable[[torch.Tensor, torch.Generator], torch.Tensor]]
+    test: Optional[torch.Tensor]
+    generalises: bool
+    image_shape: Optional[tuple[int, ...]]
+    lr: float
+    lr_decay: float
+    seed: int
+    settings: dict[str, Any] = field(default_factory=dict)
+    config: Optional[dict[str, Any]] = None
+    is_main: bool = True
+
+    def epoch_lr(self, epoch: int) -> float:
+        """The step size at the start of ``epoch`` (1-based): ``lr · lr_decay^(epoch - 1)``."""
+        return self.lr * self.lr_decay ** (epoch - 1)
+
+
+class FitHook(Hook):
+    """A hook that needs the model, guide and data: :func:`pyrovae.fit` calls :meth:`bind` with its
+    :class:`FitContext` before the run starts (a :class:`~pyrovae.infer.loop.Trainer` of one's own
+    calls it itself)."""
+
+    context: Optional[FitContext] = None
+
+    def bind(self, context: FitContext) -> None:
+        self.context = context
 
 
 class TestBound(Hook):

@@ -133,7 +133,9 @@ def fit(
         own ELBO with the model fixed; the step then updates the model alone, the rows held fixed
         (stochastic variational inference with local and global steps, Hoffman et al. 2013).
         0: the rows take one Adam step with the model, like any parameter.
-    :param hooks: more :class:`pyrovae.train.hooks.Hook` s, run after fit's own at every event.
+    :param hooks: more :class:`pyrovae.train.hooks.Hook` s, run after fit's own at every event; a
+        :class:`~pyrovae.train.hooks.FitHook` (e.g. :class:`pyrovae.train.tracking.TensorBoardLogger`)
+        is first told the model, guide and data (:class:`~pyrovae.train.hooks.FitContext`).
     :param fast_path: how each step runs (:mod:`pyrovae.infer.replay`): ``"replay"`` (default)
         traces the objective's ``loss_and_grads`` once per batch shape and replays the recorded
         tensor ops: the same kernels in the same order, so the same bits as Pyro's step (checked
@@ -170,6 +172,16 @@ def fit(
         step = FitStep(GradientStep(model, guide, objective, optimizer, local_params=local, clip_norm=clip_norm,
                                     world=world, fast_path=backend), data.num_train, world, signals, guide, local_steps, local_lr)
         show = H.Progress() if progress else H.EpochLog()
+        context = H.FitContext(
+            model, guide, objective, data.train, data.batch, data.test, generalises,
+            tuple(data.record["image_shape"]) if data.record.get("image_shape") else None, lr, lr_decay, seed,
+            settings=dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, seed=seed,
+                          clip_norm=clip_norm, objective=type(objective).__name__, bound=state.history.bound_name,
+                          num_particles=objective.num_particles, local_steps=local_steps, fast_path=str(fast_path)),
+            config=config, is_main=world.is_main)
+        for hook in hooks:
+            if isinstance(hook, H.FitHook):
+                hook.bind(context)
         trainer = Trainer(step, data.train, batch_size=batch_size, prepare=data.batch, advice=(
             f"Lower lr (--lr, now {lr}), clip gradients (clip_norm, --clip-norm), or check the data."),
             hooks=[H.TestBound(bound), *([show] if world.is_main else []), checkpoint,
