@@ -113,6 +113,9 @@ def main(argv: list[str] | None = None) -> dict:
                                  args.flow_chunk) for name in cells}
     for name, column in columns.items():
         column["training"] = {k: trained[name][k] for k in ("epochs", "train_seconds", "test_elbo", "test_log_likelihood")}
+        # how much the per-image flow gains on the per-image Gaussian: small when the decoder's
+        # posteriors are close to diagonal Gaussians (Cremer et al.: the decoder adapts to its guide)
+        column["qstar_flow_gain"] = column["table"]["elbo_qstar_flow"] - column["table"]["elbo_qstar_ffg"]
         logging.info("%s: %s", name, {k: round(v, 2) for k, v in column["table"].items()})
     summary = {"columns": columns, "settings": settings.to_dict(), "config": {k: v.to_dict() for k, v in cells.items()}}
     write_json(docs / "results.json", summary)
