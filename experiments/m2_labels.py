@@ -156,6 +156,10 @@ def row_of(labels: int, treatment: str, metrics: dict[str, Any]) -> dict[str, An
            "y_mode": config["y_mode"], "objective": config["objective"], "num_particles": config["num_particles"],
            "gumbel_temperature": config["gumbel_temperature"] if config["y_mode"] == "gumbel" else None,
            "labelled_copies": config["labelled_copies"], **{k: metrics.get(k) for k in KEYS}}
+    num_test = metrics.get("num_test") or 10000
+    row["test_error_se"] = (row["test_error"] * (1 - row["test_error"]) / num_test) ** 0.5  # binomial, over test points
+    num_train = config["num_train"] or 60000
+    row["train_rows_per_epoch"] = num_train + (config["labelled_copies"] - 1) * labels
     row["seconds_per_epoch"] = seconds
     row["mean_seconds_per_epoch"] = sum(seconds) / len(seconds)
     row["train_seconds"] = sum(seconds)  # every part of a resumed run
@@ -173,7 +177,7 @@ def table(rows: list[dict[str, Any]]) -> str:
         quoted = r["kingma_m2_error_quoted"]
         quoted_text = f"{quoted:.2f} <!-- quoted: {quoted:.2f} -->" if quoted is not None else ""
         lines.append(
-            f"| {r['labels']} | {y} | {objective} | {100 * r['test_error']:.2f} | {quoted_text} | "
+            f"| {r['labels']} | {y} | {objective} | {100 * r['test_error']:.2f} ± {100 * r['test_error_se']:.2f} | {quoted_text} | "
             f"{r['test_elbo_enumerated']:.2f} ± {r['test_elbo_enumerated_se']:.2f} | "
             f"{r['test_log_likelihood']:.2f} ± {r['test_log_likelihood_se']:.2f} | {r['mean_seconds_per_epoch']:.1f} |")
     return "\n".join(lines) + "\n"

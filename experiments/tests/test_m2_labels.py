@@ -33,12 +33,14 @@ def test_m2_labels_smoke(load_experiment, tmp_path: Path, mnist_root: Path, draw
         assert math.isfinite(row["test_elbo_enumerated"]) and row["test_elbo_enumerated"] < 0
         assert row["test_elbo_enumerated_se"] > 0
         assert len(row["seconds_per_epoch"]) == 1 and row["mean_seconds_per_epoch"] > 0
+        # 300 points, the 20 labelled ones held `copies` times
+        assert row["train_rows_per_epoch"] == 300 + (row["labelled_copies"] - 1) * 20
+        assert row["test_error_se"] == pytest.approx((row["test_error"] * (1 - row["test_error"]) / 100) ** 0.5)
         metrics = json.loads((tmp_path / "runs" / row["cell"] / "metrics.json").read_text())
         assert metrics["test_error"] == row["test_error"] and metrics["labels"] == 20
         assert metrics["config"]["num_particles"] == (3 if row["treatment"] == "score-vimco" else 1)
     assert rows[0]["kingma_m2_error_quoted"] is None  # Kingma et al. have no 20-label cell
-    # 20 labels held 3 times in 300 points: the training set holds 40 more rows
-    assert summary["config"]["l20_enum"]["labelled_copies"] == 3
+    assert summary["epochs"] == 1 and summary["config"]["l20_enum"]["labelled_copies"] == 3  # round(60 / 20)
 
     grads = summary["gradients"]
     assert grads["source"] == "trained" and grads["cell"] == "l20_enum" and grads["batch"] == 30
