@@ -31,8 +31,8 @@ def _activation(name: str) -> type[nn.Module]:
 
 
 class MLP(nn.Sequential):
-    """A multi-layer perceptron ``in_dim -> hidden_sizes... -> out_dim`` with a hidden activation
-    and a linear output layer.
+    """A multi-layer perceptron ``in_dim -> hidden_sizes[0] -> … -> out_dim`` with a hidden
+    activation and a linear output layer.
 
     :param in_dim: input features.
     :param hidden_sizes: width of each hidden layer (may be empty: a linear map).

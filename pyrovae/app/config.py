@@ -1,16 +1,16 @@
 """The training configuration: one typed stdlib dataclass per concern, composed by :class:`TrainConfig`.
 
-=====================  ============================================================================
-``config.data``        :class:`DataConfig`: which data set, its binarization, how many points
-``config.generative``  :class:`ModelConfig`: the model family (:data:`pyrovae.app.registry` names it)
-                       and its networks and likelihood
-``config.variational`` :class:`GuideConfig`: the guide family and its options
-``config.loss``        :class:`ObjectiveConfig`: the objective (:data:`pyrovae.infer.objectives.OBJECTIVES`),
-                       its particles and the KL weight β
-``config.optim``       :class:`OptimConfig`: epochs, minibatches, Adam's step size and its schedule
-``config.evaluation``  :class:`EvalConfig`: the test-set estimates
-``config.runtime``     :class:`RuntimeConfig`: seed and device
-=====================  ============================================================================
+=======================  ============================================================================
+``config.data``          :class:`DataConfig`: which data set, its binarization, how many points
+``config.generative``    :class:`ModelConfig`: the model family (:data:`pyrovae.app.registry` names it)
+                         and its networks and likelihood
+``config.variational``   :class:`GuideConfig`: the guide family and its options
+``config.loss``          :class:`ObjectiveConfig`: the objective (:data:`pyrovae.infer.objectives.OBJECTIVES`),
+                         its particles and the KL weight β
+``config.optim``         :class:`OptimConfig`: epochs, minibatches, Adam's step size and its schedule
+``config.evaluation``    :class:`EvalConfig`: the test-set estimates
+``config.runtime``       :class:`RuntimeConfig`: seed and device
+=======================  ============================================================================
 
 Every option lives in exactly one group under a name unique across groups, so the flat view still
 works: ``TrainConfig(z_dim=5, lr=1e-2)``, ``config.z_dim``, ``dataclasses.replace(config, seed=1)``

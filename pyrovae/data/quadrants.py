@@ -13,9 +13,9 @@ and :func:`join_quadrants` puts the two back together. The quadrants are observe
 
 **References**
 
-[1] K. Sohn, H. Lee, X. Yan, "Learning Structured Output Representation using Deep Conditional
-    Generative Models", NeurIPS 2015.
-[2] Pyro example ``examples/cvae`` (``util.py``'s ``MaskImages``).
+- [1] K. Sohn, H. Lee, X. Yan, "Learning Structured Output Representation using Deep Conditional
+  Generative Models", NeurIPS 2015.
+- [2] Pyro example ``examples/cvae`` (``util.py``'s ``MaskImages``).
 """
 
 from __future__ import annotations

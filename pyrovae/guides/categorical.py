@@ -66,7 +66,7 @@ class CategoricalGuide:
 
     **References**
 
-    [1] A. Mnih, D. J. Rezende, "Variational Inference for Monte Carlo Objectives", ICML 2016.
+    - [1] A. Mnih, D. J. Rezende, "Variational Inference for Monte Carlo Objectives", ICML 2016.
     """
 
     amortized = True

@@ -391,6 +391,7 @@ class PerDatapointFlowGuide(PerDatapointGuide):
     :param kind: ``"planar"`` or ``"sylvester"``.
     :param num_layers: flow layers.
     :param seed: seed of the initial flow parameters.
+
     Other arguments as :class:`~pyrovae.PerDatapointGuide`.
     """
 

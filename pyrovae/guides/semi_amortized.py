@@ -168,12 +168,12 @@ class SemiAmortizedGuide:
 
     **References**
 
-    [1] Y. Kim, S. Wiseman, A. C. Miller, D. Sontag, A. M. Rush, "Semi-Amortized Variational
-        Autoencoders", ICML 2018.
-    [2] R. G. Krishnan, D. Liang, M. D. Hoffman, "On the challenges of learning with inference
-        networks on sparse, high-dimensional data", AISTATS 2018.
-    [3] C. Cremer, X. Li, D. Duvenaud, "Inference Suboptimality in Variational Autoencoders",
-        ICML 2018.
+    - [1] Y. Kim, S. Wiseman, A. C. Miller, D. Sontag, A. M. Rush, "Semi-Amortized Variational
+      Autoencoders", ICML 2018.
+    - [2] R. G. Krishnan, D. Liang, M. D. Hoffman, "On the challenges of learning with inference
+      networks on sparse, high-dimensional data", AISTATS 2018.
+    - [3] C. Cremer, X. Li, D. Duvenaud, "Inference Suboptimality in Variational Autoencoders",
+      ICML 2018.
     """
 
     amortized = True

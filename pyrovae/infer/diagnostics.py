@@ -15,10 +15,10 @@ of z for a few data points under several guides into one ``InferenceData`` (netC
 
 **References**
 
-[1] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance Sampling",
-    JMLR 25(72), 2024.
-[2] Y. Yao, A. Vehtari, D. Simpson, A. Gelman, "Yes, but Did It Work?: Evaluating Variational
-    Inference", ICML 2018.
+- [1] A. Vehtari, D. Simpson, A. Gelman, Y. Yao, J. Gabry, "Pareto Smoothed Importance Sampling",
+  JMLR 25(72), 2024.
+- [2] Y. Yao, A. Vehtari, D. Simpson, A. Gelman, "Yes, but Did It Work?: Evaluating Variational
+  Inference", ICML 2018.
 """
 
 from __future__ import annotations

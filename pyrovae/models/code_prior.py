@@ -13,8 +13,8 @@ so ``pyro.infer.SVI`` with an empty guide and ``Trace_ELBO`` is maximum likeliho
 
 **References**
 
-[1] A. van den Oord, N. Kalchbrenner, K. Kavukcuoglu, "Pixel Recurrent Neural Networks", ICML 2016.
-[2] A. van den Oord et al., "Neural Discrete Representation Learning", NeurIPS 2017.
+- [1] A. van den Oord, N. Kalchbrenner, K. Kavukcuoglu, "Pixel Recurrent Neural Networks", ICML 2016.
+- [2] A. van den Oord et al., "Neural Discrete Representation Learning", NeurIPS 2017.
 """
 
 from __future__ import annotations

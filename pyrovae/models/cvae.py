@@ -45,9 +45,9 @@ not move it (its output enters the prior network detached).
 
 **References**
 
-[1] K. Sohn, H. Lee, X. Yan, "Learning Structured Output Representation using Deep Conditional
-    Generative Models", NeurIPS 2015.
-[2] Pyro example ``examples/cvae`` (``cvae.py``, ``baseline.py``).
+- [1] K. Sohn, H. Lee, X. Yan, "Learning Structured Output Representation using Deep Conditional
+  Generative Models", NeurIPS 2015.
+- [2] Pyro example ``examples/cvae`` (``cvae.py``, ``baseline.py``).
 """
 
 from __future__ import annotations

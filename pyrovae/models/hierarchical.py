@@ -34,9 +34,9 @@ class HierarchicalVAE(VAE):
 
     **References**
 
-    [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
-    [2] C. K. Sønderby et al., "Ladder Variational Autoencoders", NeurIPS 2016.
-    [3] A. Vahdat, J. Kautz, "NVAE: A Deep Hierarchical Variational Autoencoder", NeurIPS 2020.
+    - [1] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+    - [2] C. K. Sønderby et al., "Ladder Variational Autoencoders", NeurIPS 2016.
+    - [3] A. Vahdat, J. Kautz, "NVAE: A Deep Hierarchical Variational Autoencoder", NeurIPS 2020.
     """
 
     def __init__(

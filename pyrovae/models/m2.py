@@ -35,9 +35,9 @@ their choice is ``alpha = 0.1 N / N_l`` (:func:`paper_alpha`).
 
 **References**
 
-[1] D. P. Kingma, D. J. Rezende, S. Mohamed, M. Welling, "Semi-Supervised Learning with Deep
-    Generative Models", NeurIPS 2014.
-[2] Pyro example ``examples/vae/ss_vae_M2.py``.
+- [1] D. P. Kingma, D. J. Rezende, S. Mohamed, M. Welling, "Semi-Supervised Learning with Deep
+  Generative Models", NeurIPS 2014.
+- [2] Pyro example ``examples/vae/ss_vae_M2.py``.
 """
 
 from __future__ import annotations
@@ -215,8 +215,8 @@ class M2:
 
     **References**
 
-    [1] D. P. Kingma, D. J. Rezende, S. Mohamed, M. Welling, "Semi-Supervised Learning with Deep
-        Generative Models", NeurIPS 2014.
+    - [1] D. P. Kingma, D. J. Rezende, S. Mohamed, M. Welling, "Semi-Supervised Learning with Deep
+      Generative Models", NeurIPS 2014.
     """
 
     def __init__(

@@ -45,8 +45,8 @@ class GaussianMixture:
 
     **References**
 
-    [1] C. M. Bishop, "Pattern Recognition and Machine Learning", Springer 2006, ch. 9.
-    [2] Pyro tutorial "Gaussian Mixture Model" (enumeration of the assignment variable).
+    - [1] C. M. Bishop, "Pattern Recognition and Machine Learning", Springer 2006, ch. 9.
+    - [2] Pyro tutorial "Gaussian Mixture Model" (enumeration of the assignment variable).
     """
 
     def __init__(

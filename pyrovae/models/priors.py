@@ -7,18 +7,18 @@ called, so they are params in Pyro's store like the decoder's: trained by :func:
 saved in checkpoints and restored by :func:`pyrovae.load_run`. Densities are Pyro's, never written
 by hand:
 
-===================== ===================================================== ===========================
-class                 p(z)                                                  Pyro pieces
-===================== ===================================================== ===========================
-:class:`StandardNormalPrior`  N(0, I) (what ``VAE`` uses without a prior)   ``Normal``
-:class:`MixturePrior` Σ_k π_k N(μ_k, diag σ_k²), K learned components and   ``MixtureSameFamily``,
-                      learned weights π = softmax(logits)                   ``Categorical``, ``Normal``
-:class:`VampPrior`    (1/K) Σ_k q(z | u_k): the encoder's posteriors at K    the same, components from
-                      learned pseudo-inputs u_k (Tomczak & Welling 2018)    the guide's encoder
-:class:`FlowPrior`    N(0, I) pushed through a learned masked autoregressive ``TransformedDistribution``,
-                      flow (Papamakarios et al. 2017): z = h⁻¹(ε),          ``affine_autoregressive`` /
-                      log p(z) = log N(h(z)) + log|det ∂h/∂z|               ``spline_autoregressive``
-===================== ===================================================== ===========================
+============================ ====================================================== ===========================
+class                        p(z)                                                   Pyro pieces
+============================ ====================================================== ===========================
+:class:`StandardNormalPrior` N(0, I) (what ``VAE`` uses without a prior)            ``Normal``
+:class:`MixturePrior`        Σ_k π_k N(μ_k, diag σ_k²), K learned components and    ``MixtureSameFamily``,
+                             learned weights π = softmax(logits)                    ``Categorical``, ``Normal``
+:class:`VampPrior`           (1/K) Σ_k q(z | u_k): the encoder's posteriors at K    the same, components from
+                             learned pseudo-inputs u_k (Tomczak & Welling 2018)     the guide's encoder
+:class:`FlowPrior`           N(0, I) pushed through a learned masked autoregressive ``TransformedDistribution``,
+                             flow (Papamakarios et al. 2017): z = h⁻¹(ε),           ``affine_autoregressive`` /
+                             log p(z) = log N(h(z)) + log|det ∂h/∂z|                ``spline_autoregressive``
+============================ ====================================================== ===========================
 
 **The VampPrior shares the guide's encoder.** Its components q(z | u_k) are the amortized guide's
 own posteriors, so it is given the guide's encoder network and registers it under the same
@@ -40,10 +40,10 @@ draw), and :func:`pyrovae.kl_to_prior` does the same.
 
 **References**
 
-[1] J. M. Tomczak, M. Welling, "VAE with a VampPrior", AISTATS 2018.
-[2] G. Papamakarios, T. Pavlakou, I. Murray, "Masked Autoregressive Flow for Density Estimation",
-    NeurIPS 2017.
-[3] C. Durkan, A. Bekasov, I. Murray, G. Papamakarios, "Neural Spline Flows", NeurIPS 2019.
+- [1] J. M. Tomczak, M. Welling, "VAE with a VampPrior", AISTATS 2018.
+- [2] G. Papamakarios, T. Pavlakou, I. Murray, "Masked Autoregressive Flow for Density Estimation",
+  NeurIPS 2017.
+- [3] C. Durkan, A. Bekasov, I. Murray, G. Papamakarios, "Neural Spline Flows", NeurIPS 2019.
 """
 
 from __future__ import annotations
@@ -205,14 +205,14 @@ class MixturePrior:
 
 def paper_pseudo_inputs(num: int, x_dim: int, mean: float = 0.05, std: float = 0.01) -> torch.Tensor:
     """Tomczak & Welling's initialisation of the pseudo-inputs (their code's default for MNIST):
-    every pixel N(``mean``, ``std``²) = N(0.05, 0.01²)."""
+    every pixel N(mean, std²), by default N(0.05, 0.01²)."""
     return mean + std * torch.randn(num, x_dim)
 
 
 def pseudo_inputs_from_data(num: int, data: torch.Tensor, std: float = 0.01) -> torch.Tensor:
     """Tomczak & Welling's ``--use_training_data_init``: ``num`` training points (here drawn at
     random without replacement; with replacement if there are fewer than ``num``) plus
-    N(0, ``std``²) noise."""
+    N(0, std²) noise."""
     data = data.reshape(data.shape[0], -1).detach()
     n = data.shape[0]
     rows = torch.randperm(n, device=data.device)[:num] if n >= num else torch.randint(n, (num,), device=data.device)

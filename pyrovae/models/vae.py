@@ -49,9 +49,9 @@ class VAE:
 
     **References**
 
-    [1] D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
-    [2] I. Higgins et al., "β-VAE: Learning Basic Visual Concepts with a Constrained Variational
-        Framework", ICLR 2017.
+    - [1] D. P. Kingma, M. Welling, "Auto-Encoding Variational Bayes", ICLR 2014.
+    - [2] I. Higgins et al., "β-VAE: Learning Basic Visual Concepts with a Constrained Variational
+      Framework", ICLR 2017.
     """
 
     def __init__(

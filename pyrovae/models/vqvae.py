@@ -32,8 +32,8 @@ uniform prior).
 
 **References**
 
-[1] A. van den Oord, O. Vinyals, K. Kavukcuoglu, "Neural Discrete Representation Learning",
-    NeurIPS 2017.
+- [1] A. van den Oord, O. Vinyals, K. Kavukcuoglu, "Neural Discrete Representation Learning",
+  NeurIPS 2017.
 """
 
 from __future__ import annotations
@@ -407,8 +407,8 @@ class VQVAE2(VAE):
 
     **References**
 
-    [1] A. Razavi, A. van den Oord, O. Vinyals, "Generating Diverse High-Fidelity Images with
-        VQ-VAE-2", NeurIPS 2019.
+    - [1] A. Razavi, A. van den Oord, O. Vinyals, "Generating Diverse High-Fidelity Images with
+      VQ-VAE-2", NeurIPS 2019.
     """
 
     def __init__(self, networks: VQ2Networks, likelihood: Likelihood = "bernoulli", x_scale: float = 1.0,

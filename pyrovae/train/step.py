@@ -27,9 +27,9 @@ class GradientStep:
     """``loss_and_grads`` → all-reduce → finiteness check → clip → optimizer step → zero grads.
 
     **Data parallel.** Each process passes its slice ``index`` of the global batch
-    ``batch_index`` (the data plate scales its loss by N/|slice|). Gradients are multiplied by
+    ``batch_index`` (the data plate scales its loss by ``N / |slice|``). Gradients are multiplied by
     ``|slice| / |batch|`` and summed over processes, which gives exactly the gradient of the global
-    batch's loss (scale N/|batch|) for any split of the batch. Network weights and other global
+    batch's loss (scale ``N / |batch|``) for any split of the batch. Network weights and other global
     parameters are reduced whole. Per-datapoint parameters (``local_params``, shape ``(N, ...)``)
     have non-zero gradient only in the rows of the batch, so only those rows are reduced and written
     back: every process then holds the same table and makes the same lazy update

@@ -24,11 +24,11 @@ q(z_2 | z_1) would also cut their dependence on z_1, which is not a score term.
 
 **References**
 
-[1] G. Roeder, Y. Wu, D. Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
-    Estimators for Variational Inference", NeurIPS 2017.
-[2] G. Tucker, D. Lawson, S. Gu, C. J. Maddison, "Doubly Reparameterized Gradient Estimators for
-    Monte Carlo Objectives", ICLR 2019.
-[3] T. Rainforth et al., "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
+- [1] G. Roeder, Y. Wu, D. Duvenaud, "Sticking the Landing: Simple, Lower-Variance Gradient
+  Estimators for Variational Inference", NeurIPS 2017.
+- [2] G. Tucker, D. Lawson, S. Gu, C. J. Maddison, "Doubly Reparameterized Gradient Estimators for
+  Monte Carlo Objectives", ICLR 2019.
+- [3] T. Rainforth et al., "Tighter Variational Bounds are Not Necessarily Better", ICML 2018.
 """
 
 from __future__ import annotations

@@ -35,10 +35,10 @@ class ScoreFunctionELBO(PerDatapointObjective):
 
     **References**
 
-    [1] R. J. Williams, "Simple statistical gradient-following algorithms for connectionist
-        reinforcement learning", Machine Learning 1992.
-    [2] J. Paisley, D. Blei, M. Jordan, "Variational Bayesian Inference with Stochastic Search",
-        ICML 2012.
+    - [1] R. J. Williams, "Simple statistical gradient-following algorithms for connectionist
+      reinforcement learning", Machine Learning 1992.
+    - [2] J. Paisley, D. Blei, M. Jordan, "Variational Bayesian Inference with Stochastic Search",
+      ICML 2012.
     """
 
     def __init__(

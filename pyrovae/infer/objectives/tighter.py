@@ -32,9 +32,9 @@ parameter both use (e.g. an encoder shared by a VampPrior) gets the sum of both 
 
 **References**
 
-[1] T. Rainforth, A. R. Kosiorek, T. A. Le, C. J. Maddison, M. Igl, F. Wood, Y. W. Teh, "Tighter
-    Variational Bounds are Not Necessarily Better", ICML 2018.
-[2] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
+- [1] T. Rainforth, A. R. Kosiorek, T. A. Le, C. J. Maddison, M. Igl, F. Wood, Y. W. Teh, "Tighter
+  Variational Bounds are Not Necessarily Better", ICML 2018.
+- [2] Y. Burda, R. Grosse, R. Salakhutdinov, "Importance Weighted Autoencoders", ICLR 2016.
 """
 
 from __future__ import annotations
