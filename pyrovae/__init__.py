@@ -13,13 +13,10 @@ from pyrovae.data import (
     Dataset,
     balanced_label_subset,
     gaussian_mixture,
-    join_quadrants,
     linear_gaussian,
     load_dataset,
     load_mnist,
     partial_labels,
-    quadrant_mask,
-    split_quadrants,
 )
 from pyrovae.guides import (
     AmortizedGuide,
@@ -55,7 +52,7 @@ from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, Scor
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
 from pyrovae.infer.semi_supervised import classification_error, unlabelled_elbo
 from pyrovae.infer.replay import LossAndGradsReplay, ReplayedELBO
-from pyrovae.models import CVAE, M2, VAE, CVAEBaseline, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior, join_labels
+from pyrovae.models import CVAE, M2, VAE, CVAEBaseline, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior, join_labels, join_quadrants, quadrant_mask, split_quadrants
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit

@@ -1,5 +1,5 @@
 """The CVAE of the quadrant task (:mod:`pyrovae.models.cvae`, :mod:`pyrovae.guides.cvae`,
-:mod:`pyrovae.data.quadrants`) against exact answers: the masks cut the quadrants Pyro's example
+:mod:`pyrovae.models.quadrants`) against exact answers: the masks cut the quadrants Pyro's example
 cuts; a linear-Gaussian CVAE's importance-sampled log p(y|x_obs) equals its closed-form Gaussian
 marginal exactly with the exact posterior as guide and within Monte Carlo error with another; a
 Bernoulli CVAE's estimate matches quadrature over a 1-D z; the baseline's NLL is the Bernoulli NLL
@@ -17,7 +17,7 @@ from pyro.infer import Trace_ELBO
 from torch import nn
 from torch.nn import functional as F
 
-from pyrovae.data.quadrants import UNOBSERVED, join_quadrants, quadrant_mask, split_quadrants
+from pyrovae.models.quadrants import UNOBSERVED, join_quadrants, quadrant_mask, split_quadrants
 from pyrovae.guides.cvae import CVAEGuide, cvae_pair
 from pyrovae.infer.conditional import baseline_log_likelihood, no_latents
 from pyrovae.infer.evaluate import evaluate_dataset, importance_sampling, log_likelihood_se

@@ -27,7 +27,6 @@ from pyrovae.data.batching import index_batches
 from pyrovae.data.dataset import Binarize, Dataset, DatasetName
 from pyrovae.data.labels import balanced_label_subset, partial_labels
 from pyrovae.data.load import load_dataset
-from pyrovae.data.quadrants import join_quadrants, quadrant_mask, split_quadrants
 from pyrovae.data.mnist import (
     DATA_ENV_VAR,
     DataNotFoundError,
@@ -47,12 +46,9 @@ __all__ = [
     "check_data",
     "gaussian_mixture",
     "index_batches",
-    "join_quadrants",
     "linear_gaussian",
     "load_dataset",
     "load_mnist",
     "partial_labels",
-    "quadrant_mask",
     "resolve_data_dir",
-    "split_quadrants",
 ]

@@ -60,11 +60,11 @@ def cvae_pair(
     example: 500 500 ReLU, z_dim 200): the baseline x_obs -> y, the prior network x̃ -> z, the
     generation network (z, x_obs) -> y, the recognition network x -> z.
 
-    :param num_quadrants: the observed quadrants, 1, 2 or 3 (:func:`pyrovae.data.quadrants.quadrant_mask`).
+    :param num_quadrants: the observed quadrants, 1, 2 or 3 (:func:`pyrovae.models.quadrants.quadrant_mask`).
     :return: ``(model, guide)``; ``model.baseline`` is the :class:`~pyrovae.models.cvae.CVAEBaseline`,
         to be trained first (:func:`pyrovae.train.baseline.fit_baseline`).
     """
-    from pyrovae.data.quadrants import quadrant_mask
+    from pyrovae.models.quadrants import quadrant_mask
     from pyrovae.nets import MLP, GaussianEncoder
 
     mask = quadrant_mask(num_quadrants, image_shape)

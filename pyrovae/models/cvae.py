@@ -1,4 +1,4 @@
-r"""The conditional VAE of Sohn, Lee & Yan (2015) on the quadrant task (:mod:`pyrovae.data.quadrants`),
+r"""The conditional VAE of Sohn, Lee & Yan (2015) on the quadrant task (:mod:`pyrovae.models.quadrants`),
 and the deterministic baseline it is built on (Pyro's ``examples/cvae``).
 
 Given the observed quadrants x_obs of an image, the model of the unobserved pixels y is
@@ -13,7 +13,7 @@ network q_φ(z|x_obs, y).
 
 **How the data reach the model.** As with every pyrovae model, ``model(x, index, num_data)``: a row
 of ``x`` is the *whole* image; the model splits it with its fixed quadrant mask into x_obs and y
-(:func:`pyrovae.data.quadrants.split_quadrants`). So minibatches, dynamic binarization,
+(:func:`pyrovae.models.quadrants.split_quadrants`). So minibatches, dynamic binarization,
 checkpoints and resume need nothing of their own.
 
 **Sites**, in the ``data`` plate: ``"z"`` (latent, drawn from the prior network) and ``"y"`` (observed:
@@ -61,7 +61,7 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae.checks import check_data
-from pyrovae.data.quadrants import join_quadrants, split_quadrants
+from pyrovae.models.quadrants import join_quadrants, split_quadrants
 from pyrovae.distributions import BernoulliEvent, diag_normal
 from pyrovae.handlers import data_plate
 from pyrovae.models.m2 import concat_broadcast
@@ -71,7 +71,7 @@ from pyrovae.params import register
 CVAE_LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 
 NEEDS_X = ("the CVAE models the unobserved quadrants given the observed ones, so it needs the images x "
-           "(whole rows; see pyrovae.data.quadrants); to draw completions use model.complete(x)")
+           "(whole rows; see pyrovae.models.quadrants); to draw completions use model.complete(x)")
 
 
 def y_distribution(out: torch.Tensor, likelihood: str, y_scale: float = 1.0) -> dist.TorchDistribution:
@@ -94,7 +94,7 @@ class _Conditional:
     def __init__(self, mask: torch.Tensor, likelihood: str, y_scale: float) -> None:
         if mask.dtype != torch.bool or mask.dim() != 1 or not mask.any() or mask.all():
             raise ValueError("mask must be a 1-D boolean tensor with observed (True) and unobserved (False) "
-                             "pixels, e.g. pyrovae.data.quadrants.quadrant_mask(1)")
+                             "pixels, e.g. pyrovae.models.quadrants.quadrant_mask(1)")
         if likelihood not in CVAE_LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {CVAE_LIKELIHOODS}")
         if not y_scale > 0:
@@ -123,7 +123,7 @@ class CVAEBaseline(_Conditional):
 
     :param net: ``nn.Module`` ``(..., D) -> (..., D)``: x_obs (unobserved pixels at -1) to an output
         per pixel, of which the unobserved ones are used (logits, or means if Gaussian).
-    :param mask: ``(D,)`` boolean, ``True`` where observed (:func:`pyrovae.data.quadrants.quadrant_mask`).
+    :param mask: ``(D,)`` boolean, ``True`` where observed (:func:`pyrovae.models.quadrants.quadrant_mask`).
     :param likelihood: ``"bernoulli"`` or ``"gaussian"`` (N(f(x_obs), y_scale² I)).
     :param name: the ``pyro.module`` name of ``net``.
     """

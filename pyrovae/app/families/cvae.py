@@ -24,7 +24,7 @@ SHOWN, SAMPLES_SHOWN = 10, 4
 
 
 def cvae_mask(config: Any, dataset: Any) -> Any:
-    from pyrovae.data.quadrants import quadrant_mask
+    from pyrovae.models.quadrants import quadrant_mask
 
     return quadrant_mask(config.quadrants, dataset.image_shape).to(config.device)
 
