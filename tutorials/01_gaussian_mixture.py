@@ -56,7 +56,8 @@ from pyrovae import (
 from pyrovae.infer.loop import Hook
 
 SMALL = os.environ.get("PYROVAE_TUTORIAL_SMALL") == "1"  # CI-sized settings
-FIGURES = os.path.join(os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else ".", "figures")
+HERE = os.path.dirname(os.path.abspath(__file__)) if "__file__" in globals() else "."
+FIGURES = os.environ.get("PYROVAE_TUTORIAL_FIGURES", os.path.join(HERE, "figures"))  # the tests write elsewhere
 os.makedirs(FIGURES, exist_ok=True)
 torch.set_num_threads(1)
 pyro.set_rng_seed(0)
