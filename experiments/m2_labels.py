@@ -5,11 +5,14 @@ sampled by straight-through Gumbel-softmax (issue 20, M2 half).
 **Cells.** One `pyrovae train --model m2` run per cell (resumable, in --out/<cell>; each finished
 cell's metrics kept in --docs/cells/ and read back instead of retraining), on dynamically binarized
 MNIST, Bernoulli decoder, Kingma et al.'s networks (one hidden layer of 500 softplus units in the
-classifier, the encoder and the decoder; z of dimension 50), α = 0.1 N / labels (their α = 0.1 N on the
-mean over the labelled points), Adam at --lr, batch 100, --epochs passes, seed --seed; the labels
+classifier, the encoder and the decoder; z of dimension 50), α = 0.1 N / labels per labelled point (their
+α = 0.1 N on the mean over the labelled points: in their code, dpkingma/nips14-ssl learn_yz_x_ss.py, each
+labelled point's log q(y|x) is scaled by ``alpha * n_tot / n_labeled`` with alpha = 0.1), Adam at --lr, batch 100, --epochs passes, seed --seed; the labels
 balanced (labels/10 per class) and fixed by the seed, the rest of the 60,000 unlabelled:
 
 - ``l<n>_enum`` for each n of --labels: y enumerated (``--y-mode enum --objective elbo-enum``);
+- for the smallest n, ``l<n>_enum-a<α>`` for each α of --extra-alphas: the same with that α per labelled
+  point (the default 6000 = 0.1 N: the weight if their expectation over the labelled points were a sum);
 - for the smallest n (100 by default) also ``l<n>_score-elbo`` (y sampled, ``--objective elbo``: the
   log-derivative trick with each point's ELBO as its signal, no baseline), ``l<n>_score-vimco`` (y
   sampled, ``--objective iwae --num-particles K``: VIMCO's leave-one-out signal; the IWAE bound of K
@@ -76,6 +79,9 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                         help="numbers of labelled training points (multiples of 10), one enum cell each")
     parser.add_argument("--sampled", nargs="*", default=list(SAMPLED), choices=list(SAMPLED),
                         help="the sampled-y cells, run with the smallest --labels")
+    parser.add_argument("--extra-alphas", type=float, nargs="*", default=[6000.0],
+                        help="α per labelled point beside Kingma et al.'s 0.1 N / labels, one more enum cell each at "
+                             "the smallest --labels (6000 = 0.1 N: the weight if their expectation were a sum)")
     parser.add_argument("--gumbel-temperature", type=float, default=0.5, help="τ of the Gumbel cell")
     parser.add_argument("--vimco-particles", type=int, default=5, help="K of the VIMCO cell and estimator")
     parser.add_argument("--labelled-per-epoch", type=int, default=6000,
@@ -105,6 +111,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     for name in ("epochs", "eval_samples", "z_dim", "grad_batch", "style_images"):
         if getattr(args, name) < 1:
             parser.error(f"--{name.replace('_', '-')} must be at least 1, got {getattr(args, name)}")
+    for alpha in args.extra_alphas:
+        if not alpha > 0:
+            parser.error(f"--extra-alphas must be positive, got {alpha:g}")
+    args.extra_alphas = sorted(set(args.extra_alphas))
     if args.replicates < 3:
         parser.error(f"--replicates must be at least 3, got {args.replicates}")
     if args.vimco_particles < 2:
@@ -124,9 +134,15 @@ def copies_for(labels: int, per_epoch: int) -> int:
     return max(1, round(per_epoch / labels))
 
 
+def alpha_treatment(alpha: float) -> str:
+    """The treatment name of an enum cell with its own α."""
+    return f"enum-a{alpha:g}"
+
+
 def cells_of(args: argparse.Namespace) -> list[tuple[int, str]]:
     """The (labels, treatment) pairs, in table order."""
-    return [(n, "enum") for n in args.labels] + [(args.labels[0], t) for t in args.sampled]
+    return ([(n, "enum") for n in args.labels] + [(args.labels[0], alpha_treatment(a)) for a in args.extra_alphas]
+            + [(args.labels[0], t) for t in args.sampled])
 
 
 def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
@@ -134,7 +150,10 @@ def configs(args: argparse.Namespace) -> dict[str, TrainConfig]:
     for n, treatment in cells_of(args):
         options: dict[str, Any] = {"y_mode": "enum", "objective": "elbo-enum"}
         copies = copies_for(n, args.labelled_per_epoch)
-        if treatment == "score-elbo":
+        alphas = {alpha_treatment(a): a for a in args.extra_alphas}
+        if treatment in alphas:
+            options["m2_alpha"] = alphas[treatment]
+        elif treatment == "score-elbo":
             options = {"y_mode": "score", "objective": "elbo"}
         elif treatment == "score-vimco":
             options = {"y_mode": "score", "objective": "iwae", "num_particles": args.vimco_particles}
@@ -169,15 +188,15 @@ def row_of(labels: int, treatment: str, metrics: dict[str, Any]) -> dict[str, An
 
 def table(rows: list[dict[str, Any]]) -> str:
     """The results as a Markdown table."""
-    lines = ["| labels | y | objective | test error (%) | Kingma et al. M2 (%, quoted) | test ELBO, y summed (nats) "
-             "| test log p̂ (nats) | s / epoch |", "|---|---|---|---|---|---|---|---|"]
+    lines = ["| labels | y | objective | α | test error (%) | Kingma et al. M2 (%, quoted) | test ELBO, y summed (nats) "
+             "| test log p̂ (nats) | s / epoch |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         y = r["y_mode"] + (f" τ={r['gumbel_temperature']:g}" if r["gumbel_temperature"] is not None else "")
         objective = r["objective"] + (f" K={r['num_particles']}" if r["objective"] == "iwae" else "")
         quoted = r["kingma_m2_error_quoted"]
         quoted_text = f"{quoted:.2f} <!-- quoted: {quoted:.2f} -->" if quoted is not None else ""
         lines.append(
-            f"| {r['labels']} | {y} | {objective} | {100 * r['test_error']:.2f} ± {100 * r['test_error_se']:.2f} | {quoted_text} | "
+            f"| {r['labels']} | {y} | {objective} | {r['m2_alpha']:g} | {100 * r['test_error']:.2f} ± {100 * r['test_error_se']:.2f} | {quoted_text} | "
             f"{r['test_elbo_enumerated']:.2f} ± {r['test_elbo_enumerated_se']:.2f} | "
             f"{r['test_log_likelihood']:.2f} ± {r['test_log_likelihood_se']:.2f} | {r['mean_seconds_per_epoch']:.1f} |")
     return "\n".join(lines) + "\n"
@@ -214,7 +233,7 @@ def plot_error(rows: list[dict[str, Any]], path: Path) -> None:
     for r in rows:
         if r["treatment"] == "enum":
             continue
-        marker, color = styles[r["treatment"]]
+        marker, color = styles.get(r["treatment"], ("*", "#aa3377"))
         ax.plot([r["labels"]], [100 * r["test_error"]], marker, color=color, label=f"y {r['treatment']}")
     ax.set_xscale("log")
     ax.set_xlabel("labelled training points")

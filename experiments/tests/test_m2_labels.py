@@ -20,12 +20,12 @@ def test_m2_labels_smoke(load_experiment, tmp_path: Path, mnist_root: Path, draw
     script = load_experiment("experiments/m2_labels.py")
     argv = ["--epochs", "1", "--labels", "20", "--num-train", "300", "--num-test", "100", "--eval-samples", "4",
             "--hidden-sizes", "32", "--z-dim", "4", "--labelled-per-epoch", "60", "--vimco-particles", "3",
-            "--replicates", "5", "--grad-batch", "30", "--style-images", "3", "--data-dir", str(mnist_root),
+            "--replicates", "5", "--grad-batch", "30", "--style-images", "3", "--extra-alphas", "7.5", "--data-dir", str(mnist_root),
             "--docs", str(tmp_path / "docs")]
     summary = script.main([*argv, "--out", str(tmp_path / "runs")])
     rows = summary["rows"]
-    assert [r["cell"] for r in rows] == ["l20_enum", "l20_score-elbo", "l20_score-vimco", "l20_gumbel"]
-    expected = {"enum": ("enum", "elbo-enum", 3), "score-elbo": ("score", "elbo", 3),
+    assert [r["cell"] for r in rows] == ["l20_enum", "l20_enum-a7.5", "l20_score-elbo", "l20_score-vimco", "l20_gumbel"]
+    expected = {"enum": ("enum", "elbo-enum", 3), "enum-a7.5": ("enum", "elbo-enum", 3), "score-elbo": ("score", "elbo", 3),
                 "score-vimco": ("score", "iwae", 1), "gumbel": ("gumbel", "elbo", 3)}
     for row in rows:
         assert (row["y_mode"], row["objective"], row["labelled_copies"]) == expected[row["treatment"]]
@@ -39,6 +39,8 @@ def test_m2_labels_smoke(load_experiment, tmp_path: Path, mnist_root: Path, draw
         metrics = json.loads((tmp_path / "runs" / row["cell"] / "metrics.json").read_text())
         assert metrics["test_error"] == row["test_error"] and metrics["labels"] == 20
         assert metrics["config"]["num_particles"] == (3 if row["treatment"] == "score-vimco" else 1)
+    # Kingma et al.'s α per labelled point, 0.1 N / labels, and the extra cell's own
+    assert [r["m2_alpha"] for r in rows[:2]] == [pytest.approx(0.1 * 300 / 20), 7.5]
     assert rows[0]["kingma_m2_error_quoted"] is None  # Kingma et al. have no 20-label cell
     assert summary["epochs"] == 1 and summary["config"]["l20_enum"]["labelled_copies"] == 3  # round(60 / 20)
 

@@ -66,7 +66,9 @@ Y_MODES: tuple[str, ...] = ("enum", "score", "gumbel")
 
 def paper_alpha(num_data: int, num_labelled: int) -> float:
     """Kingma et al.'s weight of the classification term, α' = 0.1 N on the *mean* over the
-    labelled points, as the weight per labelled point that :class:`M2` takes: 0.1 N / N_l."""
+    labelled points, as the weight per labelled point that :class:`M2` takes: 0.1 N / N_l. Their code
+    does the same (``dpkingma/nips14-ssl``, ``learn_yz_x_ss.py``: each labelled point's log q(y|x) is
+    scaled by ``alpha * n_tot / n_labeled`` with ``alpha = 0.1``)."""
     if num_labelled < 1:
         raise ValueError(f"need at least one labelled point, got num_labelled={num_labelled}")
     return 0.1 * num_data / num_labelled
