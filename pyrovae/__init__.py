@@ -50,9 +50,24 @@ from pyrovae.infer.evaluate import (
 from pyrovae.infer.local import LocalFitHistory, fit_local_guide, optimize_local_guide
 from pyrovae.infer.objectives import CIWAE, IWAE, MIWAE, OBJECTIVES, PIWAE, ScoreFunctionELBO, make_objective
 from pyrovae.infer.optim import LazyAdam, make_pyro_optimizer
-from pyrovae.infer.semi_supervised import classification_error, unlabelled_elbo
 from pyrovae.infer.replay import LossAndGradsReplay, ReplayedELBO
-from pyrovae.models import CVAE, M2, VAE, CVAEBaseline, FlowPrior, GaussianMixture, HierarchicalVAE, LinearGaussian, MixturePrior, VampPrior, join_labels, join_quadrants, quadrant_mask, split_quadrants
+from pyrovae.infer.semi_supervised import classification_error, unlabelled_elbo
+from pyrovae.models import (
+    CVAE,
+    M2,
+    VAE,
+    CVAEBaseline,
+    FlowPrior,
+    GaussianMixture,
+    HierarchicalVAE,
+    LinearGaussian,
+    MixturePrior,
+    VampPrior,
+    join_labels,
+    join_quadrants,
+    quadrant_mask,
+    split_quadrants,
+)
 from pyrovae.nets import MLP, Decoder, GaussianEncoder, glorot_init_, init_output_bias_
 from pyrovae.runtime.checkpoint import load_params, save_params
 from pyrovae.train import History, fit

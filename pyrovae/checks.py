@@ -5,7 +5,8 @@ from __future__ import annotations
 
 import contextlib
 import threading
-from typing import Iterator, Literal, get_args
+from collections.abc import Iterator
+from typing import Literal, get_args
 
 import torch
 from torch import Tensor
@@ -23,9 +24,7 @@ def check_data(x: Tensor, likelihood: str, name: str = "x") -> None:
         holds NaN or infinite entries, or (Bernoulli) holds values outside ``[0, 1]``.
     """
     if likelihood not in get_args(Likelihood):
-        raise ValueError(
-            f"Unknown likelihood {likelihood!r}; use one of {', '.join(map(repr, get_args(Likelihood)))}."
-        )
+        raise ValueError(f"Unknown likelihood {likelihood!r}; use one of {', '.join(map(repr, get_args(Likelihood)))}.")
     if not isinstance(x, Tensor):
         raise ValueError(
             f"{name} must be a torch.Tensor of shape (num_points, num_features), got "
@@ -42,9 +41,7 @@ def check_data(x: Tensor, likelihood: str, name: str = "x") -> None:
             f"{name}.float() (and divide raw 0-255 pixel values by 255)."
         )
     if x.numel() == 0:
-        raise ValueError(
-            f"{name} is empty (shape {tuple(x.shape)}); it needs at least one data point and one feature."
-        )
+        raise ValueError(f"{name} is empty (shape {tuple(x.shape)}); it needs at least one data point and one feature.")
     # A NaN or inf entry makes the sum non-finite, so one cheap reduction clears the common case;
     # the exact count is only taken when something is wrong (or the sum merely overflowed).
     num_bad = 0 if torch.isfinite(x.sum()) else int((~torch.isfinite(x)).sum())

@@ -11,6 +11,7 @@ broadcasting, so vectorized particles and score-function gradients work together
 from __future__ import annotations
 
 import copy
+from typing import cast
 
 import pyro.distributions as dist
 import torch
@@ -34,9 +35,7 @@ def non_reparameterized(fn: dist.TorchDistribution) -> dist.TorchDistribution:
     if not fn.has_rsample:
         return fn
     if isinstance(fn, torch.distributions.Independent):
-        return NonReparameterizedIndependent(
-            non_reparameterized(fn.base_dist), fn.reinterpreted_batch_ndims
-        )
+        return NonReparameterizedIndependent(non_reparameterized(fn.base_dist), fn.reinterpreted_batch_ndims)
     if hasattr(fn, "base_dist"):
         raise ValueError(
             f"cannot make {type(fn).__name__} non-reparameterized; build the guide's distribution "
@@ -47,9 +46,7 @@ def non_reparameterized(fn: dist.TorchDistribution) -> dist.TorchDistribution:
     return new
 
 
-def diag_normal(
-    loc: torch.Tensor, scale: torch.Tensor, reparameterized: bool = True
-) -> dist.TorchDistribution:
+def diag_normal(loc: torch.Tensor, scale: torch.Tensor, reparameterized: bool = True) -> dist.TorchDistribution:
     """N(loc, diag scale²) over the last dimension, optionally non-reparameterized."""
     fn = dist.Normal(loc, scale).to_event(1)
     return fn if reparameterized else non_reparameterized(fn)
@@ -63,7 +60,7 @@ class _BernoulliEventLogProb(torch.autograd.Function):
     # x - sigmoid(l) is formed in one pass in backward, with no (K, B, D) temporaries kept.
 
     @staticmethod
-    def forward(ctx, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:  # type: ignore[override]
+    def forward(ctx, logits: torch.Tensor, value: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(logits, value)
         softplus = logits.abs().neg_().exp_().add_(1).log_().add_(logits.clamp(min=0))
         if value.shape == logits.shape:
@@ -73,7 +70,7 @@ class _BernoulliEventLogProb(torch.autograd.Function):
         return dot.sub_(softplus.sum(-1))
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):  # type: ignore[override]
+    def backward(ctx, grad: torch.Tensor):
         logits, value = ctx.saved_tensors
         grad = grad.unsqueeze(-1)
         grad_logits = grad_value = None
@@ -105,16 +102,22 @@ class BernoulliEvent(dist.Independent):
     :param logits: ``(..., D)`` decoder outputs.
     """
 
-    def __init__(self, logits: torch.Tensor | dist.Bernoulli, reinterpreted_batch_ndims: int = 1,
-                 validate_args: bool | None = None) -> None:
-        base = logits if isinstance(logits, torch.distributions.Bernoulli) else dist.Bernoulli(
-            logits=logits, validate_args=False
+    def __init__(
+        self,
+        logits: torch.Tensor | dist.Bernoulli,
+        reinterpreted_batch_ndims: int = 1,
+        validate_args: bool | None = None,
+    ) -> None:
+        base = (
+            logits
+            if isinstance(logits, torch.distributions.Bernoulli)
+            else dist.Bernoulli(logits=logits, validate_args=False)
         )
         if reinterpreted_batch_ndims != 1:
             raise ValueError(f"BernoulliEvent takes one event dim, got {reinterpreted_batch_ndims}")
         super().__init__(base, 1, validate_args=False)
 
-    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+    def expand(self, batch_shape, _instance=None):
         new = self._get_checked_instance(BernoulliEvent, _instance)
         batch_shape = torch.Size(batch_shape)
         base = self.base_dist.expand(batch_shape + self.event_shape)
@@ -138,7 +141,9 @@ class BernoulliEvent(dist.Independent):
         # subclasses with a __torch_function__ get Pyro's unfused Bernoulli log-density, which
         # dispatches through it.
         if isinstance(logits, ProvenanceTensor) or isinstance(value, ProvenanceTensor):
-            (plain_logits, plain_value), provenance = extract_provenance((logits, value))
+            plain, provenance = extract_provenance((logits, value))
+            # Pyro types the detached value as object; for a tuple it is the tuple of the detached parts.
+            plain_logits, plain_value = cast(tuple[torch.Tensor, torch.Tensor], plain)
             if not torch.overrides.has_torch_function((plain_logits, plain_value)):
                 return track_provenance(self._fused_log_prob(plain_logits, plain_value), provenance)
         if torch.overrides.has_torch_function((logits, value)):

@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import contextlib
-from typing import Iterator, Optional
+from collections.abc import Iterator
+from typing import Optional
 
 import pyro
 import torch
@@ -91,12 +92,12 @@ class ScoreFunctionMessenger(Messenger):
     Sites are also marked ``infer["pyrovae_score"] = True``.
     """
 
-    def _pyro_sample(self, msg) -> None:  # type: ignore[no-untyped-def]
+    def _pyro_sample(self, msg) -> None:
         if not msg["is_observed"]:
             msg["fn"] = non_reparameterized(msg["fn"])
             msg["infer"] = dict(msg["infer"] or {}, pyrovae_score=True)
 
 
-def score_function(fn):  # type: ignore[no-untyped-def]
+def score_function(fn):
     """Wrap a guide so that its latent sites use the score-function gradient estimator."""
     return ScoreFunctionMessenger()(fn)

@@ -6,7 +6,7 @@ with ``pyro.module``.
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn
@@ -25,9 +25,7 @@ def _activation(name: str) -> type[nn.Module]:
     try:
         return ACTIVATIONS[name]
     except KeyError:
-        raise ValueError(
-            f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}"
-        ) from None
+        raise ValueError(f"unknown activation {name!r}; choose one of {sorted(ACTIVATIONS)}") from None
 
 
 class MLP(nn.Sequential):
@@ -40,9 +38,7 @@ class MLP(nn.Sequential):
     :param activation: one of :data:`ACTIVATIONS`.
     """
 
-    def __init__(
-        self, in_dim: int, hidden_sizes: Sequence[int], out_dim: int, activation: str = "relu"
-    ) -> None:
+    def __init__(self, in_dim: int, hidden_sizes: Sequence[int], out_dim: int, activation: str = "relu") -> None:
         act = _activation(activation)
         for name, value in (("in_dim", in_dim), ("out_dim", out_dim), *(("hidden size", h) for h in hidden_sizes)):
             if int(value) < 1:
@@ -76,7 +72,7 @@ class GaussianEncoder(nn.Module):
         super().__init__()
         self.z_dim = z_dim
         self.min_scale = min_scale
-        self.net = MLP(x_dim, hidden_sizes, 2 * z_dim, activation)
+        self.net: nn.Sequential = MLP(x_dim, hidden_sizes, 2 * z_dim, activation)
 
     def forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         z_loc, z_scale_raw = self.net(x).split(self.z_dim, dim=-1)
@@ -131,7 +127,9 @@ class FullCovEncoder(nn.Module):
         z_loc, diagonal = last(hidden).split([self.z_dim, self.z_dim], dim=-1)
         below = self.off_diagonal(hidden)
         flat = below.new_zeros(*below.shape[:-1], self.z_dim * self.z_dim).index_copy(-1, self._below, below)
-        scale_tril = flat.unflatten(-1, (self.z_dim, self.z_dim)) + torch.diag_embed(F.softplus(diagonal) + self.min_scale)
+        scale_tril = flat.unflatten(-1, (self.z_dim, self.z_dim)) + torch.diag_embed(
+            F.softplus(diagonal) + self.min_scale
+        )
         return z_loc, scale_tril
 
 
@@ -168,9 +166,7 @@ class ContextGaussianEncoder(nn.Module):
 class Decoder(MLP):
     """The decoder f_θ(z): Bernoulli logits or Gaussian means of p_θ(x|z)."""
 
-    def __init__(
-        self, z_dim: int, x_dim: int, hidden_sizes: Sequence[int] = (400,), activation: str = "relu"
-    ) -> None:
+    def __init__(self, z_dim: int, x_dim: int, hidden_sizes: Sequence[int] = (400,), activation: str = "relu") -> None:
         super().__init__(z_dim, hidden_sizes, x_dim, activation)
         self.z_dim = z_dim
         self.x_dim = x_dim
@@ -212,7 +208,8 @@ class HierarchicalDecoder(nn.Module):
         self.x_dim = x_dim
         self.z_dim = self.z_dims[0]
         self.decoder: nn.Module = (
-            Decoder(self.z_dims[0], x_dim, hidden_sizes, activation) if image_shape is None
+            Decoder(self.z_dims[0], x_dim, hidden_sizes, activation)
+            if image_shape is None
             else ConvDecoder(self.z_dims[0], image_shape, _conv_width(hidden_sizes), activation=activation)
         )
         self.priors = nn.ModuleList(
@@ -250,12 +247,16 @@ class HierarchicalEncoder(nn.Module):
         self.z_dims = _latent_dims(z_dims)
         sizes = (x_dim, *self.z_dims)
         first: nn.Module = (
-            GaussianEncoder(x_dim, self.z_dims[0], hidden_sizes, activation) if image_shape is None
+            GaussianEncoder(x_dim, self.z_dims[0], hidden_sizes, activation)
+            if image_shape is None
             else ConvGaussianEncoder(image_shape, self.z_dims[0], _conv_width(hidden_sizes), activation=activation)
         )
         self.nets = nn.ModuleList(
-            [first] + [GaussianEncoder(sizes[level], sizes[level + 1], upper_hidden_sizes, activation)
-                       for level in range(1, len(self.z_dims))]
+            [first]
+            + [
+                GaussianEncoder(sizes[level], sizes[level + 1], upper_hidden_sizes, activation)
+                for level in range(1, len(self.z_dims))
+            ]
         )
 
 
@@ -279,15 +280,19 @@ class ConvTrunk(nn.Module):
     convolutions (``channels``), then a dense layer. Any leading batch dims (particles, plates)
     are folded into one for the convolutions and restored after."""
 
-    def __init__(self, image_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (32, 64),
-                 activation: str = "relu") -> None:
+    def __init__(
+        self, image_shape: Sequence[int], out_dim: int, channels: Sequence[int] = (32, 64), activation: str = "relu"
+    ) -> None:
         super().__init__()
         self.image_shape = _image_dims(image_shape)
         c, h, w = self.image_shape
         c1, c2 = (int(v) for v in channels)
         act = _activation(activation)
         self.conv = nn.Sequential(
-            nn.Conv2d(c, c1, 4, stride=2, padding=1), act(), nn.Conv2d(c1, c2, 4, stride=2, padding=1), act(),
+            nn.Conv2d(c, c1, 4, stride=2, padding=1),
+            act(),
+            nn.Conv2d(c1, c2, 4, stride=2, padding=1),
+            act(),
         )
         self.dense = nn.Linear(c2 * (h // 4) * (w // 4), out_dim)
 
@@ -302,13 +307,22 @@ class ConvGaussianEncoder(GaussianEncoder):
     ``hidden`` features, the activation, then a linear map to ``(z_loc, z_scale)``. Same interface
     as :class:`GaussianEncoder` (input: flattened images)."""
 
-    def __init__(self, image_shape: Sequence[int], z_dim: int, hidden: int = 256, channels: Sequence[int] = (32, 64),
-                 activation: str = "relu", min_scale: float = 1e-4) -> None:
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        z_dim: int,
+        hidden: int = 256,
+        channels: Sequence[int] = (32, 64),
+        activation: str = "relu",
+        min_scale: float = 1e-4,
+    ) -> None:
         nn.Module.__init__(self)
         self.z_dim = z_dim
         self.min_scale = min_scale
         self.net = nn.Sequential(
-            ConvTrunk(image_shape, hidden, channels, activation), _activation(activation)(), nn.Linear(hidden, 2 * z_dim)
+            ConvTrunk(image_shape, hidden, channels, activation),
+            _activation(activation)(),
+            nn.Linear(hidden, 2 * z_dim),
         )
 
 
@@ -317,8 +331,14 @@ class ConvDecoder(nn.Module):
     stride-2 4×4 transposed convolutions to the image; output flattened to ``(..., C·H·W)``
     (Bernoulli logits or Gaussian means), like :class:`Decoder`."""
 
-    def __init__(self, z_dim: int, image_shape: Sequence[int], hidden: int = 256, channels: Sequence[int] = (32, 64),
-                 activation: str = "relu") -> None:
+    def __init__(
+        self,
+        z_dim: int,
+        image_shape: Sequence[int],
+        hidden: int = 256,
+        channels: Sequence[int] = (32, 64),
+        activation: str = "relu",
+    ) -> None:
         super().__init__()
         self.image_shape = _image_dims(image_shape)
         c, h, w = self.image_shape
@@ -329,7 +349,9 @@ class ConvDecoder(nn.Module):
         self.grid = (c2, h // 4, w // 4)
         self.dense = nn.Sequential(nn.Linear(z_dim, hidden), act(), nn.Linear(hidden, c2 * (h // 4) * (w // 4)), act())
         self.deconv = nn.Sequential(
-            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1), act(), nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
+            nn.ConvTranspose2d(c2, c1, 4, stride=2, padding=1),
+            act(),
+            nn.ConvTranspose2d(c1, c, 4, stride=2, padding=1),
         )
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -384,7 +406,9 @@ def init_output_bias_(decoder: nn.Module, x_mean: torch.Tensor, likelihood: str 
             "--network mlp, or leave --data-bias off"
         )
     if x_mean.shape != last.bias.shape:
-        raise ValueError(f"x_mean has shape {tuple(x_mean.shape)}; the decoder outputs {tuple(last.bias.shape)} features")
+        raise ValueError(
+            f"x_mean has shape {tuple(x_mean.shape)}; the decoder outputs {tuple(last.bias.shape)} features"
+        )
     if likelihood == "bernoulli":
         value = torch.logit(x_mean.clamp(1e-3, 1 - 1e-3))
     elif likelihood == "gaussian":

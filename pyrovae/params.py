@@ -37,8 +37,9 @@ from __future__ import annotations
 
 import contextlib
 import weakref
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Mapping, Optional, Union
+from typing import Any, Optional, Union
 
 import pyro
 import torch
@@ -51,9 +52,9 @@ __all__ = ["ParamSites", "inspect", "load_state", "param_entry", "register", "st
 
 #: Parameters of networks registered through :func:`register` or seen by :func:`inspect`, by id
 #: (a WeakSet would compare tensors with ``==``); an entry leaves when its tensor is collected.
-_LIVE: dict[int, "weakref.ref[torch.Tensor]"] = {}
+_LIVE: dict[int, weakref.ref[torch.Tensor]] = {}
 #: The network last registered under each ``pyro.module`` name (for its buffers).
-_MODULES: "weakref.WeakValueDictionary[str, torch.nn.Module]" = weakref.WeakValueDictionary()
+_MODULES: weakref.WeakValueDictionary[str, torch.nn.Module] = weakref.WeakValueDictionary()
 #: Buffers read from a checkpoint, waiting for their network to be registered.
 _PENDING_BUFFERS: dict[str, dict[str, torch.Tensor]] = {}
 
@@ -66,7 +67,11 @@ def _is_live(tensor: torch.Tensor) -> bool:
 def _mark_live(tensor: torch.Tensor) -> None:
     if not _is_live(tensor):
         key = id(tensor)
-        _LIVE[key] = weakref.ref(tensor, lambda _, key=key: _LIVE.pop(key, None))
+
+        def forget(_: weakref.ref[torch.Tensor], key: int = key) -> None:
+            _LIVE.pop(key, None)
+
+        _LIVE[key] = weakref.ref(tensor, forget)
 
 
 def _stored(name: str) -> Optional[torch.Tensor]:
@@ -193,8 +198,9 @@ def _match_modules(weights: dict[str, torch.Tensor], called: list[torch.nn.Modul
         if not named or id(named[0][1]) not in owner:
             continue
         prefix = owner[id(named[0][1])][0]
-        if all(owner.get(id(p)) == (prefix, n) for n, p in named) and \
-                len(named) == sum(1 for key in weights if key.startswith(prefix + DIVIDER)):
+        if all(owner.get(id(p)) == (prefix, n) for n, p in named) and len(named) == sum(
+            1 for key in weights if key.startswith(prefix + DIVIDER)
+        ):
             found[prefix] = module
     return found
 
@@ -223,7 +229,9 @@ def inspect(model: Callable, guide: Callable, args: tuple = (), kwargs: Optional
             if site["type"] != "param":
                 continue
             names.add(name)
-            holders.setdefault(id(site["value"].unconstrained()), set()).add(name)
+            value = site["value"]
+            assert value is not None  # a param site always holds its tensor
+            holders.setdefault(id(value.unconstrained()), set()).add(name)
             rows = _local_rows(name, site)
             if rows is not None:
                 local[name] = rows
@@ -242,7 +250,7 @@ def inspect(model: Callable, guide: Callable, args: tuple = (), kwargs: Optional
     return ParamSites(names=tuple(sorted(names)), local=local, modules=modules)
 
 
-def _local_rows(name: str, site: dict) -> Optional[int]:
+def _local_rows(name: str, site: Mapping[str, Any]) -> Optional[int]:
     event_dim = site["kwargs"].get("event_dim")
     if event_dim is None:
         return None
@@ -281,9 +289,13 @@ def state(names: Optional[Any] = None, modules: Optional[Mapping[str, torch.nn.M
     networks.update(modules or {})
     prefixes = {n.split(DIVIDER, 1)[0] for n in names if DIVIDER in n}
     buffers = {
-        prefix: {key: value.detach().clone() for key, value in networks[prefix].state_dict().items()
-                 if key in dict(networks[prefix].named_buffers())}
-        for prefix in sorted(prefixes) if prefix in networks
+        prefix: {
+            key: value.detach().clone()
+            for key, value in networks[prefix].state_dict().items()
+            if key in dict(networks[prefix].named_buffers())
+        }
+        for prefix in sorted(prefixes)
+        if prefix in networks
     }
     return {
         "params": {n: raw["params"][n].detach().clone() for n in names},

@@ -25,6 +25,7 @@ __all__ = [
     "Guide",
     "LocalGuide",
     "Model",
+    "Objective",
     "RefinableGuide",
     "Reconstructs",
     "SamplesData",
@@ -75,9 +76,7 @@ class RefinableGuide(Protocol):
     """A per-datapoint guide whose batch rows can take local optimisation steps before each model
     step (``fit(..., local_steps=T)``; :class:`pyrovae.PerDatapointGuide`)."""
 
-    def refine_rows(
-        self, model: Any, x: torch.Tensor, index: torch.Tensor, steps: int, lr: float
-    ) -> Any: ...
+    def refine_rows(self, model: Any, x: torch.Tensor, index: torch.Tensor, steps: int, lr: float) -> Any: ...
 
 
 @runtime_checkable
@@ -109,6 +108,21 @@ class ExactLikelihood(Protocol):
     """A model whose log p(x) is known in closed form (checked against the estimates)."""
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor: ...
+
+
+@runtime_checkable
+class Objective(Protocol):
+    """What training and evaluation call on an objective: any ``pyro.infer.ELBO`` subclass
+    (Pyro's ``Trace_ELBO``, ``TraceEnum_ELBO``, ... and pyrovae's objectives) has it. (Pyro's base
+    class ``ELBO`` itself does not: each subclass defines its own loss.)"""
+
+    num_particles: int
+    max_plate_nesting: float
+    vectorize_particles: bool
+
+    def loss(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float: ...
+
+    def loss_and_grads(self, model: Any, guide: Any, *args: Any, **kwargs: Any) -> float: ...
 
 
 @runtime_checkable

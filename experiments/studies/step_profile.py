@@ -8,18 +8,19 @@ numbers from a JSON, not from memory.
 from __future__ import annotations
 
 import time
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 from torch.profiler import ProfilerActivity, profile
 
 __all__ = ["op_profile"]
 
 
-def op_profile(step: Callable[[], Any], steps: int = 50, warmup: int = 5, top: int = 12) -> dict[str, Any]:
+def op_profile(step: Callable[[], Any], steps: int = 50, warmup: int = 5, top: Optional[int] = None) -> dict[str, Any]:
     """Profile ``steps`` calls of ``step``.
 
     :return: ``{"ms_per_step": wall-clock per step (profiler on), "ops": [{"name", "calls_per_step",
-        "self_ms_per_step"}, ...] (the ``top`` largest), "aten_ms_per_step": self time of all ATen
+        "self_ms_per_step"}, ...] (largest first; the ``top`` largest, all by default: which ops
+        rank first depends on the machine's load, which ops run does not), "aten_ms_per_step": self time of all ATen
         ops, "other_ms_per_step": the rest of the wall-clock (Python, dispatch, the profiler)}``.
     """
     for _ in range(warmup):

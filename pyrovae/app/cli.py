@@ -18,7 +18,8 @@ import logging
 import os
 import re
 import sys
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 from pyrovae.app.config import (
     GROUPS,
@@ -31,15 +32,18 @@ from pyrovae.app.config import (
     option_fields,
 )
 
-DATA_HELP = (
-    "folder that holds MNIST/raw (torchvision layout); default: $PYROVAE_DATA, "
-    "else ~/.cache/pyrovae/data"
-)
+DATA_HELP = "folder that holds MNIST/raw (torchvision layout); default: $PYROVAE_DATA, else ~/.cache/pyrovae/data"
 
 #: Flags of parameters that are not config fields (the run's and the other commands').
 RUN_FLAGS = {
-    "out": "--out", "resume": "--resume", "overwrite": "--overwrite", "checkpoint": "--checkpoint",
-    "num": "--num", "data_dir": "--data-dir", "download": "--download", "progress": "--progress",
+    "out": "--out",
+    "resume": "--resume",
+    "overwrite": "--overwrite",
+    "checkpoint": "--checkpoint",
+    "num": "--num",
+    "data_dir": "--data-dir",
+    "download": "--download",
+    "progress": "--progress",
 }
 
 
@@ -77,8 +81,11 @@ def _add_group_flags(parser: argparse.ArgumentParser, group_name: str, group: ty
         text = re.sub(r":\w+:`~?([^`]*)`", r"\1", helps.get(f.name, ""))
         text = re.sub(r"``([^`]*)``", r"\1", text)
         if f.metadata.get("choices") is not None:  # a registry's names, each with its line
-            text = re.sub(r", one of [^)]*\)", "", text) + " Choices: " + "; ".join(
-                f"{name}: {line}" for name, line in f.metadata["choices"]().items())
+            text = (
+                re.sub(r", one of [^)]*\)", "", text)
+                + " Choices: "
+                + "; ".join(f"{name}: {line}" for name, line in f.metadata["choices"]().items())
+            )
         text = text.replace("%", "%%")
         if f.default is not None and f.default != ():
             text += f" [default: {f.default}]"
@@ -163,8 +170,7 @@ def flag_message(error: BaseException) -> str:
     flags = _flags_of_parameters()
     names = "|".join(sorted(map(re.escape, flags), key=len, reverse=True))
     value = r"'(?:[^'\\]|\\.)*'|\"(?:[^\"\\]|\\.)*\"|\([^)]*\)|\[[^\]]*\]|-?[\w.+-]*\w"
-    message = re.sub(rf"(?<![\w.-])({names})=({value})",
-                     lambda m: _say_value(*flags[m.group(1)], m.group(2)), message)
+    message = re.sub(rf"(?<![\w.-])({names})=({value})", lambda m: _say_value(*flags[m.group(1)], m.group(2)), message)
     message = re.sub(rf"`({names})`", lambda m: flags[m.group(1)][0], message)
     missing = [flags[p][0] for p in error.params if p in flags and flags[p][0] not in message]
     if error.params and len(missing) == len([p for p in error.params if p in flags]) and missing:
@@ -191,12 +197,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     train = sub.add_parser("train", help="train a model/guide pair, evaluate it, write results to --out")
     train.add_argument("--out", type=str, required=True, help="output folder")
-    train.add_argument("--resume", action="store_true",
-                       help="continue from --out/checkpoint.pt (also after Ctrl-C: the result is the same as "
-                            "an uninterrupted run)")
-    train.add_argument("--overwrite", action="store_true",
-                       help="replace the results of an earlier run in --out (without it, train refuses a "
-                            "folder that is not empty)")
+    train.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue from --out/checkpoint.pt (also after Ctrl-C: the result is the same as an uninterrupted run)",
+    )
+    train.add_argument(
+        "--overwrite",
+        action="store_true",
+        help="replace the results of an earlier run in --out (without it, train refuses a folder that is not empty)",
+    )
     _add_data_flags(train)
     _add_config_flags(train)
 
@@ -217,12 +227,34 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _print_metrics(metrics: dict) -> None:
-    keys = ("test_elbo", "test_log_likelihood", "test_log_likelihood_exact", "test_nll", "kl",
-            "active_units", "eval_samples", "seconds")
+    """The headline numbers, each estimate with its Monte Carlo standard error, and what the
+    evaluation ran (K, points, seconds: K trades the evaluation's time, linear in K, for precision)."""
+    keys = (
+        "test_elbo",
+        "test_log_likelihood",
+        "test_log_likelihood_exact",
+        "test_nll",
+        "kl",
+        "active_units",
+        "eval_samples",
+        "seconds",
+        "eval_seconds",
+    )
     for key in keys:
         if key in metrics:
             value = metrics[key]
-            print(f"{key:>26}: {value:.3f}" if isinstance(value, float) else f"{key:>26}: {value}")
+            text = f"{value:.3f}" if isinstance(value, float) else f"{value}"
+            se = metrics.get(f"{key}_se")
+            if isinstance(se, float):
+                text += f" ± {se:.2g} (Monte Carlo SE)"
+            print(f"{key:>26}: {text}")
+    if "eval_samples" in metrics and "num_test" in metrics and "test_log_likelihood" in metrics:
+        seconds = metrics.get("eval_seconds")
+        took = f" in {seconds:.0f} s" if isinstance(seconds, float) else ""
+        print(
+            f"evaluated {metrics['num_test']} test points with K = {metrics['eval_samples']} importance samples "
+            f"each{took}; --eval-samples sets K (time grows linearly with K, the standard error like 1/√K)"
+        )
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -243,8 +275,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "train":
             config = config_from_args(args)
             metrics = run.train_and_evaluate(
-                config, args.out, data_dir=args.data_dir, download=args.download,
-                resume=args.resume, overwrite=args.overwrite, progress=not args.no_progress,
+                config,
+                args.out,
+                data_dir=args.data_dir,
+                download=args.download,
+                resume=args.resume,
+                overwrite=args.overwrite,
+                progress=not args.no_progress,
                 tracking=tracking_from_args(args),
             )
             if metrics is not None:  # rank 0 (or the only process)
@@ -253,8 +290,13 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
                 print(f"wrote {args.out}/{', '.join(written)}")
         elif args.command == "evaluate":
             metrics = run.evaluate_checkpoint(
-                args.checkpoint, eval_samples=args.eval_samples, data_dir=args.data_dir,
-                download=args.download, device=args.device, progress=not args.no_progress, out=args.out,
+                args.checkpoint,
+                eval_samples=args.eval_samples,
+                data_dir=args.data_dir,
+                download=args.download,
+                device=args.device,
+                progress=not args.no_progress,
+                out=args.out,
             )
             _print_metrics(metrics)
             if not args.out:
@@ -271,7 +313,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         where = (
             f"; {args.out}/checkpoint.pt holds the last completed epoch, continue with --resume"
-            if args.command == "train" else ""
+            if args.command == "train"
+            else ""
         )
         parser.exit(130, f"pyrovae {args.command}: interrupted{where}\n")
     finally:

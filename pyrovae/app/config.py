@@ -37,8 +37,9 @@ import dataclasses
 import functools
 import json
 import re
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any, Callable, Literal, Optional, Union, get_args, get_origin, get_type_hints
+from typing import TYPE_CHECKING, Any, Literal, Optional, Union, get_args, get_origin, get_type_hints
 
 from pyrovae.data.dataset import DatasetName
 
@@ -57,10 +58,12 @@ YModeName = Literal["enum", "score", "gumbel"]
 #: Per-data-set defaults for the fields left as ``None``.
 DATASET_DEFAULTS: dict[str, dict[str, Any]] = {
     "mnist": dict(model="vae", likelihood="bernoulli", z_dim=50, hidden_sizes=(400,), binarize="dynamic"),
-    "gmm": dict(model="vae", likelihood="gaussian", z_dim=2, hidden_sizes=(64, 64), binarize="none",
-                learn_x_scale=True),
-    "linear": dict(model="linear", likelihood="gaussian", z_dim=2, hidden_sizes=(64,), binarize="none",
-                   learn_x_scale=True),
+    "gmm": dict(
+        model="vae", likelihood="gaussian", z_dim=2, hidden_sizes=(64, 64), binarize="none", learn_x_scale=True
+    ),
+    "linear": dict(
+        model="linear", likelihood="gaussian", z_dim=2, hidden_sizes=(64,), binarize="none", learn_x_scale=True
+    ),
 }
 
 
@@ -153,7 +156,7 @@ def field_choices(group: type, f: dataclasses.Field) -> tuple[Any, ...]:
     return ()
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def field_types(group: type) -> dict[str, Any]:
     return get_type_hints(group)
 
@@ -172,7 +175,8 @@ def is_optional(hint: Any) -> bool:
 
 
 def _check_field(group: Any, f: dataclasses.Field) -> None:
-    hint = field_types(type(group))[f.name]
+    group_type: type = type(group)  # as a plain type: mypy takes type[X] for unhashable
+    hint = field_types(group_type)[f.name]
     value = getattr(group, f.name)
     if value is None:
         if is_optional(hint):
@@ -396,8 +400,11 @@ def objective_option_names() -> tuple[str, ...]:
     from pyrovae.infer.objectives import OBJECTIVES, objective_parameters
 
     taken = set().union(*(objective_parameters(name) or () for name in OBJECTIVES))
-    return tuple(f.name for f in dataclasses.fields(ObjectiveConfig)
-                 if f.name not in ("objective", "num_particles") and f.name in taken)
+    return tuple(
+        f.name
+        for f in dataclasses.fields(ObjectiveConfig)
+        if f.name not in ("objective", "num_particles") and f.name in taken
+    )
 
 
 @dataclass(frozen=True)
@@ -484,11 +491,15 @@ class TrackingConfig(_Group):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.tracking_uri is not None and self.log != "mlflow":
-            raise ConfigError(f"tracking_uri={self.tracking_uri!r} is MLflow's; set log='mlflow' or leave "
-                              "`tracking_uri` unset", "tracking_uri", "log")
+            raise ConfigError(
+                f"tracking_uri={self.tracking_uri!r} is MLflow's; set log='mlflow' or leave `tracking_uri` unset",
+                "tracking_uri",
+                "log",
+            )
         if self.log_dir is not None and self.log == "none":
-            raise ConfigError(f"log_dir={self.log_dir!r} needs a tracker: set log='tensorboard' or log='mlflow'",
-                              "log_dir", "log")
+            raise ConfigError(
+                f"log_dir={self.log_dir!r} needs a tracker: set log='tensorboard' or log='mlflow'", "log_dir", "log"
+            )
 
 
 #: The groups of :class:`TrainConfig`: attribute name -> class.
@@ -515,8 +526,8 @@ def check_device_name(device: str, param: str = "device") -> None:
     """Refuse a device pyrovae does not run on (no torch needed)."""
     if not isinstance(device, str) or not DEVICE.test(device):
         raise ConfigError(
-            f"{param}={device!r} is not a device pyrovae runs on; use {param}='cpu' or {param}='cuda' "
-            "(or 'cuda:N')", param,
+            f"{param}={device!r} is not a device pyrovae runs on; use {param}='cpu' or {param}='cuda' (or 'cuda:N')",
+            param,
         )
 
 
@@ -557,8 +568,15 @@ class TrainConfig:
         unknown = sorted(set(options) - set(GROUP_OF))
         if unknown:
             raise TypeError(f"TrainConfig() got unknown options {unknown}; valid options are {sorted(GROUP_OF)}")
-        given = dict(data=data, generative=generative, variational=variational, loss=loss, optim=optim,
-                     evaluation=evaluation, runtime=runtime)
+        given = dict(
+            data=data,
+            generative=generative,
+            variational=variational,
+            loss=loss,
+            optim=optim,
+            evaluation=evaluation,
+            runtime=runtime,
+        )
         for name, cls in GROUPS.items():
             part = given[name]
             if part is not None and not isinstance(part, cls):
@@ -575,7 +593,7 @@ class TrainConfig:
         check_combination(self)
 
     @classmethod
-    def _assemble(cls, groups: dict[str, Any], extra: dict[str, Any]) -> "TrainConfig":
+    def _assemble(cls, groups: dict[str, Any], extra: dict[str, Any]) -> TrainConfig:
         """A config from checked groups, without the combination check (for :meth:`resolved`)."""
         config = cls.__new__(cls)
         for name in GROUPS:
@@ -583,7 +601,7 @@ class TrainConfig:
         config.extra = dict(extra)
         return config
 
-    def resolved(self) -> "TrainConfig":
+    def resolved(self) -> TrainConfig:
         """A copy with every ``None`` option set to the data set's, then the model family's, default."""
         from pyrovae.app.registry import model_specs
 
@@ -597,6 +615,16 @@ class TrainConfig:
         if spec is not None and spec.defaults is not None:
             flat.update(spec.defaults(flat))
         return self._assemble(_groups_of(flat), self.extra)
+
+    if TYPE_CHECKING:
+        # the flat view (``config.lr``): properties set on the class below, one per option of GROUP_OF;
+        # a type checker reads them through this declaration (as Any: the groups hold their types)
+        def __getattr__(self, name: str) -> Any: ...
+
+    def replace(self, **changes: Any) -> TrainConfig:
+        """A new (checked) config with ``changes``, flat options or groups:
+        ``config.replace(lr=1e-3)``; the same as ``dataclasses.replace(config, lr=1e-3)``."""
+        return dataclasses.replace(self, **changes)
 
     def to_dict(self) -> dict[str, Any]:
         """The flat dict ``{option: value}`` (tuples as lists), as checkpoints and ``metrics.json`` hold it."""
@@ -616,7 +644,7 @@ class TrainConfig:
         return json.dumps(self.to_nested_dict(), indent=2, sort_keys=True)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "TrainConfig":
+    def from_dict(cls, data: dict[str, Any]) -> TrainConfig:
         """Read :meth:`to_dict`'s flat form (also as older pyrovae versions wrote it, without the
         options added since: they take their defaults) or :meth:`to_nested_dict`'s nested form."""
         flat = flatten_config_dict(data)
@@ -624,14 +652,16 @@ class TrainConfig:
         return cls(extra=extra, **flat)
 
     @classmethod
-    def from_json(cls, text: str) -> "TrainConfig":
+    def from_json(cls, text: str) -> TrainConfig:
         return cls.from_dict(json.loads(text))
 
 
 def _flat_property(name: str) -> property:
     group = GROUP_OF[name]
-    return property(lambda self: getattr(getattr(self, group), name),
-                    doc=f"``config.{group}.{name}`` (read-only; make a new config with dataclasses.replace)")
+    return property(
+        lambda self: getattr(getattr(self, group), name),
+        doc=f"``config.{group}.{name}`` (read-only; make a new config with dataclasses.replace)",
+    )
 
 
 for _name in GROUP_OF:
@@ -644,8 +674,10 @@ def _jsonable(value: Any) -> Any:
 
 
 def _groups_of(flat: dict[str, Any]) -> dict[str, Any]:
-    return {group: cls(**{f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat})
-            for group, cls in GROUPS.items()}
+    return {
+        group: cls(**{f.name: flat[f.name] for f in dataclasses.fields(cls) if f.name in flat})
+        for group, cls in GROUPS.items()
+    }
 
 
 def flatten_config_dict(data: dict[str, Any]) -> dict[str, Any]:
@@ -658,8 +690,10 @@ def flatten_config_dict(data: dict[str, Any]) -> dict[str, Any]:
         if key in GROUPS and isinstance(value, dict):
             stray = sorted(set(value) - {f.name for f in dataclasses.fields(GROUPS[key])})
             if stray:
-                raise ConfigError(f"unknown config keys {stray} in group {key!r}; valid keys are "
-                                  f"{sorted(f.name for f in dataclasses.fields(GROUPS[key]))}")
+                raise ConfigError(
+                    f"unknown config keys {stray} in group {key!r}; valid keys are "
+                    f"{sorted(f.name for f in dataclasses.fields(GROUPS[key]))}"
+                )
             flat.update(value)
         else:
             flat[key] = value

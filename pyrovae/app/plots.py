@@ -35,7 +35,8 @@ __all__ = [
 ]
 
 PathLike = Union[str, os.PathLike]
-ImageShape = tuple[int, int, int]
+#: ``(C, H, W)``; data sets carry any tuple, so other lengths are refused at run time (:func:`_as_image_batch`).
+ImageShape = tuple[int, ...]
 
 _FIGSIZE = (6.0, 4.0)
 _DPI = 100
@@ -263,8 +264,18 @@ def _draw_2d_samples(
     for i, (mean, covariance) in enumerate(reference_ellipses or []):
         center, width, height, angle = _ellipse_geometry(mean, covariance, i)
         ax.add_patch(
-            Ellipse(center, width=width, height=height, angle=angle, fill=False, color="tab:red",
-                    alpha=0.7, linewidth=3.5, zorder=2.5, label=reference_label if i == 0 else None)
+            Ellipse(
+                center,
+                width=width,
+                height=height,
+                angle=angle,
+                fill=False,
+                color="tab:red",
+                alpha=0.7,
+                linewidth=3.5,
+                zorder=2.5,
+                label=reference_label if i == 0 else None,
+            )
         )
     for i, (mean, covariance) in enumerate(ellipses or []):
         center, width, height, angle = _ellipse_geometry(mean, covariance, i)
@@ -319,7 +330,9 @@ def plot_step_curves(
         raise ValueError("curves is empty; pass {label: (steps, values)}")
     for label, (steps, values) in curves.items():
         if len(steps) != len(values) or len(steps) == 0:
-            raise ValueError(f"curve {label!r} has {len(steps)} steps and {len(values)} values; pass one value per step")
+            raise ValueError(
+                f"curve {label!r} has {len(steps)} steps and {len(values)} values; pass one value per step"
+            )
     if zoom_ylim is not None and not zoom_ylim[0] < zoom_ylim[1]:
         raise ValueError(f"zoom_ylim must be (low, high) with low < high, got {zoom_ylim}")
     fig = Figure(figsize=(11.0 if zoom_ylim else 6.0, 4.0), dpi=_DPI, layout="constrained")
@@ -327,14 +340,21 @@ def plot_step_curves(
     axes = fig.subplots(1, 2 if zoom_ylim else 1, squeeze=False).reshape(-1)
     for i, ax in enumerate(axes):
         for label, (steps, values) in curves.items():
-            ax.plot([float(s) for s in steps], [float(v) for v in values], marker="o", markersize=2,
-                    linewidth=1.2, label=label)
+            ax.plot(
+                [float(s) for s in steps],
+                [float(v) for v in values],
+                marker="o",
+                markersize=2,
+                linewidth=1.2,
+                label=label,
+            )
         for (label, value), linestyle in zip(references, itertools.cycle(["--", ":", "-."])):
             ax.axhline(value, color="black", linestyle=linestyle, linewidth=1.0, label=label)
         if log_steps and i == 0:
             ax.set_xscale("symlog", linthresh=1.0)
             ax.set_xlim(left=0)
         if i == 1:
+            assert zoom_ylim is not None  # the second panel exists only with zoom_ylim
             ax.set_ylim(*zoom_ylim)
             ax.set_title("zoom (linear steps)" if log_steps else "zoom")
         elif title:
@@ -379,14 +399,25 @@ def plot_bar_panels(panels: Sequence[Mapping[str, Any]], path: PathLike, title: 
             xs = list(range(len(groups))) if stacked else [g - 0.4 + (j + 0.5) * width for g in range(len(groups))]
             bars = ax.bar(xs, values, width=width, bottom=bottom if stacked else None, label=label)
             if panel.get("annotate"):
-                ax.bar_label(bars, labels=[f"{v:.3g}" if abs(v) >= 0.05 else "" for v in values],
-                             label_type="center" if stacked else "edge", fontsize="small")
+                ax.bar_label(
+                    bars,
+                    labels=[f"{v:.3g}" if abs(v) >= 0.05 else "" for v in values],
+                    label_type="center" if stacked else "edge",
+                    fontsize="small",
+                )
             if stacked:
                 bottom = [b + v for b, v in zip(bottom, values)]
             marks = (panel.get("markers") or {}).get(label)
             if marks is not None:
-                ax.scatter(xs, [float(m) for m in marks], marker="_", s=300, color="black", zorder=3,
-                           label=None if marked else panel.get("marker_label", "exact value"))
+                ax.scatter(
+                    xs,
+                    [float(m) for m in marks],
+                    marker="_",
+                    s=300,
+                    color="black",
+                    zorder=3,
+                    label=None if marked else panel.get("marker_label", "exact value"),
+                )
                 marked = True
         ax.set_xticks(range(len(groups)), groups)
         if panel.get("ylim") is not None:
@@ -460,9 +491,7 @@ def _as_image_batch(images: Tensor, image_shape: ImageShape, name: str) -> Tenso
     if len(image_shape) != 3 or not all(isinstance(s, int) and s > 0 for s in image_shape):
         raise ValueError(f"image_shape must be three positive ints (C, H, W), got {image_shape!r}")
     if image_shape[0] not in (1, 3):
-        raise ValueError(
-            f"image_shape has {image_shape[0]} channels; pass 1 (grey) or 3 (RGB) channels as (C, H, W)"
-        )
+        raise ValueError(f"image_shape has {image_shape[0]} channels; pass 1 (grey) or 3 (RGB) channels as (C, H, W)")
     if images.dim() != 2:
         raise ValueError(
             f"{name} must have shape (N, C*H*W), got {tuple(images.shape)}; "

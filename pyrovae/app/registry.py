@@ -31,8 +31,9 @@ No file has an ``isinstance`` switch on a family: a model family that needs its 
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Callable, Optional, Union
+from typing import TYPE_CHECKING, Any, Optional, Union
 
 from pyrovae.app.config import GROUP_OF, ConfigError, option_fields
 
@@ -94,22 +95,22 @@ class ModelSpec:
     """
 
     name: str
-    build: Callable[["TrainConfig", "Dataset"], Any]
+    build: Callable[[TrainConfig, Dataset], Any]
     help: str
     options: tuple[str, ...] = ()
     guides: Optional[tuple[str, ...]] = None
     likelihoods: Optional[tuple[str, ...]] = None
     needs_images: bool = False
-    amortized_guide: Optional[Callable[["TrainConfig", "Dataset", Any], Any]] = None
-    check: Optional[Callable[["TrainConfig"], None]] = None
-    data_init: Optional[Callable[["TrainConfig", "Dataset", Any], None]] = None
+    amortized_guide: Optional[Callable[[TrainConfig, Dataset, Any], Any]] = None
+    check: Optional[Callable[[TrainConfig], None]] = None
+    data_init: Optional[Callable[[TrainConfig, Dataset, Any], None]] = None
     defaults: Optional[Callable[[dict[str, Any]], dict[str, Any]]] = None
-    evaluate: Optional[Callable[[Any, Any, "torch.Tensor"], dict[str, Any]]] = None
-    prepare_data: Optional[Callable[["TrainConfig", "Dataset"], "Dataset"]] = None
-    label_metrics: Optional[Callable[["TrainConfig", Any, Any, "torch.Tensor", "torch.Tensor"], dict[str, Any]]] = None
+    evaluate: Optional[Callable[[Any, Any, torch.Tensor], dict[str, Any]]] = None
+    prepare_data: Optional[Callable[[TrainConfig, Dataset], Dataset]] = None
+    label_metrics: Optional[Callable[[TrainConfig, Any, Any, torch.Tensor, torch.Tensor], dict[str, Any]]] = None
     pretrain: Optional[Callable[..., None]] = None
-    metrics: Optional[Callable[["TrainConfig", Any, Any, "torch.Tensor", Any], dict[str, Any]]] = None
-    figures: Optional[Callable[[Any, "Dataset", Any, Any, int], None]] = None
+    metrics: Optional[Callable[[TrainConfig, Any, Any, torch.Tensor, Any], dict[str, Any]]] = None
+    figures: Optional[Callable[[Any, Dataset, Any, Any, int], None]] = None
     conditional: bool = False
 
 
@@ -129,16 +130,18 @@ class GuideSpec:
     """
 
     name: str
-    build: Callable[["TrainConfig", "Dataset", Any], Any]
+    build: Callable[[TrainConfig, Dataset, Any], Any]
     help: str
     options: tuple[str, ...] = ()
     amortized: bool = True
-    check: Optional[Callable[["TrainConfig"], None]] = None
-    fit_test: Optional[Callable[["TrainConfig", Any, "torch.Tensor"], Any]] = None
+    check: Optional[Callable[[TrainConfig], None]] = None
+    fit_test: Optional[Callable[[TrainConfig, Any, torch.Tensor], Any]] = None
 
     def __post_init__(self) -> None:
         if not self.amortized and self.fit_test is None:
-            raise ValueError(f"guide family {self.name!r} is not amortized: give it fit_test, the fit of its test-set guide")
+            raise ValueError(
+                f"guide family {self.name!r} is not amortized: give it fit_test, the fit of its test-set guide"
+            )
 
 
 _MODELS: dict[str, ModelSpec] = {}
@@ -153,8 +156,10 @@ def register(spec: Union[ModelSpec, GuideSpec], *, replace: bool = False) -> Non
     table: dict[str, Any] = _MODELS if isinstance(spec, ModelSpec) else _GUIDES
     unknown = sorted(set(spec.options) - set(GROUP_OF))
     if unknown:
-        raise ValueError(f"{spec.name!r} lists options {unknown} that are not config fields; add them to a "
-                         "group of pyrovae.app.config first")
+        raise ValueError(
+            f"{spec.name!r} lists options {unknown} that are not config fields; add them to a "
+            "group of pyrovae.app.config first"
+        )
     if spec.name in table and not replace and table[spec.name] is not spec:
         raise ValueError(f"a family named {spec.name!r} is registered already; pass replace=True to replace it")
     table[spec.name] = spec
@@ -200,7 +205,7 @@ def _either(kind: str, names: list[str]) -> str:
     return " or ".join(f"{kind}={name!r}" for name in names)
 
 
-def _check_options_are_read(config: "TrainConfig", resolved: "TrainConfig", model: ModelSpec, guide: GuideSpec) -> None:
+def _check_options_are_read(config: TrainConfig, resolved: TrainConfig, model: ModelSpec, guide: GuideSpec) -> None:
     """An option that only some families (or objectives) read, set while none of the chosen ones
     does, is refused: it would be ignored silently."""
     from pyrovae.app.config import objective_option_names
@@ -228,12 +233,13 @@ def _check_options_are_read(config: "TrainConfig", resolved: "TrainConfig", mode
         )
         alternatives = " or ".join(_either(kind, [n for k, n in owners[f.name] if k == kind]) for kind in kinds)
         raise ConfigError(
-            f"{f.name}={value!r} is an option of {options_of}; {chosen} has none: drop it, or choose "
-            f"{alternatives}", f.name, *kinds,
+            f"{f.name}={value!r} is an option of {options_of}; {chosen} has none: drop it, or choose {alternatives}",
+            f.name,
+            *kinds,
         )
 
 
-def check_combination(config: "TrainConfig") -> None:
+def check_combination(config: TrainConfig) -> None:
     """Refuse options that do not go together, with what to use instead. The one place such checks
     are made (no data needed, so the command line checks before it writes anything); every
     :class:`~pyrovae.app.config.TrainConfig` runs it on construction."""
@@ -241,7 +247,9 @@ def check_combination(config: "TrainConfig") -> None:
     if resolved.dataset == "mnist" and resolved.likelihood == "gaussian" and resolved.binarize != "none":
         raise ConfigError(
             "a Gaussian decoder models MNIST's continuous intensities: use binarize='none' "
-            f"(got binarize={resolved.binarize!r})", "binarize", "likelihood",
+            f"(got binarize={resolved.binarize!r})",
+            "binarize",
+            "likelihood",
         )
     model = model_spec(resolved.model)
     guide = guide_spec(resolved.guide)
@@ -249,13 +257,16 @@ def check_combination(config: "TrainConfig") -> None:
     if model.guides is not None and resolved.guide not in model.guides:
         raise ConfigError(
             f"model={model.name!r} is trained with {_either('guide', list(model.guides))} only; "
-            f"guide={resolved.guide!r} does not fit it: use {_either('guide', list(model.guides))}", "guide", "model",
+            f"guide={resolved.guide!r} does not fit it: use {_either('guide', list(model.guides))}",
+            "guide",
+            "model",
         )
     if model.likelihoods is not None and resolved.likelihood not in model.likelihoods:
         raise ConfigError(
             f"model={model.name!r} has a {' or '.join(model.likelihoods)} likelihood, not "
             f"likelihood={resolved.likelihood!r}: use {_either('likelihood', list(model.likelihoods))}",
-            "likelihood", "model",
+            "likelihood",
+            "model",
         )
     if model.check is not None:
         model.check(resolved)
@@ -263,28 +274,32 @@ def check_combination(config: "TrainConfig") -> None:
         guide.check(resolved)
 
 
-def check_data(config: "TrainConfig", dataset: "Dataset") -> None:
+def check_data(config: TrainConfig, dataset: Dataset) -> None:
     """The checks that need the data: the likelihood the data suit and image data where needed."""
     config = config.resolved()
     if config.likelihood != dataset.likelihood:
         raise ConfigError(
             f"the {dataset.name} data set needs likelihood={dataset.likelihood!r}, got "
-            f"likelihood={config.likelihood!r}", "likelihood",
+            f"likelihood={config.likelihood!r}",
+            "likelihood",
         )
     if dataset.image_shape is None:
         if model_spec(config.model).needs_images:
             raise ConfigError(
                 f"model={config.model!r} is convolutional and needs image data; the {dataset.name} data set "
-                "has no image shape", "model", "dataset",
+                "has no image shape",
+                "model",
+                "dataset",
             )
         if config.network == "conv":
             raise ConfigError(
-                f"network='conv' needs image data; the {dataset.name} data set has no image shape: use "
-                "network='mlp'", "network", "dataset",
+                f"network='conv' needs image data; the {dataset.name} data set has no image shape: use network='mlp'",
+                "network",
+                "dataset",
             )
 
 
-def image_shape(config: "TrainConfig", dataset: "Dataset") -> Any:
+def image_shape(config: TrainConfig, dataset: Dataset) -> Any:
     """The image shape for convolutional networks (``None`` for MLPs)."""
     return dataset.image_shape if config.network == "conv" else None
 

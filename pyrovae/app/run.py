@@ -13,7 +13,8 @@ import os
 import pathlib
 import tempfile
 import time
-from typing import Any, Iterator, NamedTuple, Optional
+from collections.abc import Iterator
+from typing import Any, NamedTuple, Optional
 
 try:
     import fcntl
@@ -23,8 +24,8 @@ except ImportError:  # Windows: no advisory locks; runs into one folder are not 
 import pyro
 import torch
 
-from pyrovae.app import plots
 from pyrovae import params
+from pyrovae.app import plots
 from pyrovae.app.build import build, build_model
 from pyrovae.app.config import ConfigError, TrackingConfig, TrainConfig, check_device_name, objective_options
 from pyrovae.app.registry import guide_spec, model_spec
@@ -42,8 +43,15 @@ CHECKPOINT = "checkpoint.pt"
 PRETRAIN_CHECKPOINT = "baseline_checkpoint.pt"
 METRICS = "metrics.json"
 #: Everything `pyrovae train` writes into its output folder; ``overwrite=True`` removes these and nothing else.
-RESULT_FILES = (METRICS, CHECKPOINT, PRETRAIN_CHECKPOINT, "samples.png", "reconstructions.png", "curves.png",
-                "completions.png")
+RESULT_FILES = (
+    METRICS,
+    CHECKPOINT,
+    PRETRAIN_CHECKPOINT,
+    "samples.png",
+    "reconstructions.png",
+    "curves.png",
+    "completions.png",
+)
 #: The image formats :func:`sample_checkpoint` writes, by file suffix (no suffix: PNG).
 IMAGE_FORMATS = {"": "png", ".png": "png", ".jpg": "jpeg", ".jpeg": "jpeg"}
 
@@ -88,7 +96,8 @@ def load_data(config: TrainConfig, data_dir: Optional[str] = None, download: boo
         if wanted is not None and wanted > size:
             raise ConfigError(
                 f"{name}={wanted} is more than the {size} {part} points of the {dataset.name} data set; "
-                f"ask for at most {size}, or leave `{name}` unset for all of them", name,
+                f"ask for at most {size}, or leave `{name}` unset for all of them",
+                name,
             )
     if config.num_train is not None or config.num_test is not None:
         dataset = Dataset(
@@ -130,13 +139,15 @@ def check_can_create(path: pathlib.Path, param: str = "out") -> None:
     if existing != path and not existing.is_dir():
         raise ConfigError(
             f"{existing} is a file, not a folder, so {param}={str(path)!r} cannot be created under it; "
-            f"choose another `{param}`", param,
+            f"choose another `{param}`",
+            param,
         )
     folder = existing if existing.is_dir() else existing.parent
     if not _can_write_in(folder):
         raise ConfigError(
             f"cannot write into {folder} (it is read-only or not ours), so {param}={str(path)!r} cannot be "
-            f"written; choose another `{param}`", param,
+            f"written; choose another `{param}`",
+            param,
         )
 
 
@@ -145,7 +156,8 @@ def check_output_file(out: str | os.PathLike, param: str = "out") -> pathlib.Pat
     out = pathlib.Path(out)
     if out.is_dir():
         raise ConfigError(
-            f"{param}={str(out)!r} is a folder; name a file to write (e.g. {param}={str(out / 'file')!r})", param,
+            f"{param}={str(out)!r} is a folder; name a file to write (e.g. {param}={str(out / 'file')!r})",
+            param,
         )
     check_can_create(out, param)
     return out
@@ -169,7 +181,8 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
     if resume and overwrite:
         raise ConfigError(
             "resume=True continues the run in `out` and overwrite=True replaces it; pass only one of them",
-            "resume", "overwrite",
+            "resume",
+            "overwrite",
         )
     out = _output_folder(out)
     present = sorted(path.name for path in out.iterdir()) if out.is_dir() else []
@@ -190,7 +203,9 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
             )
             raise ConfigError(
                 f"the output folder {out} already holds {listed}; {fix}, or choose another `out`",
-                "out", "resume", "overwrite",
+                "out",
+                "resume",
+                "overwrite",
             )
     out.mkdir(parents=True, exist_ok=True)
     return out
@@ -218,7 +233,8 @@ def lock_output(out: str | os.PathLike) -> Iterator[pathlib.Path]:
         except BlockingIOError:
             raise OutputBusyError(
                 f"another process is training into {out} (it holds the folder's lock); wait for it to "
-                "finish or stop it, or choose another `out`", "out",
+                "finish or stop it, or choose another `out`",
+                "out",
             ) from None
         except OSError as error:  # a file system without flock (some network mounts)
             logger.warning("could not lock %s (%s); make sure no other run writes into it", out, error)
@@ -231,9 +247,7 @@ def check_device(device: str) -> None:
     """Fail early, with the fix, for a device pyrovae does not run on or a CUDA device that is not here."""
     check_device_name(device)
     if torch.device(device).type == "cuda" and not torch.cuda.is_available():
-        raise ConfigError(
-            f"device={device!r} was requested but CUDA is not available here; use device='cpu'", "device"
-        )
+        raise ConfigError(f"device={device!r} was requested but CUDA is not available here; use device='cpu'", "device")
 
 
 def test_guide(config: TrainConfig, model: Any, guide: Any, x_test: torch.Tensor) -> Any:
@@ -281,11 +295,13 @@ def evaluate_run(
         "test_gap": summary["gap"],
         "test_ess": summary["ess"],
         "kl": summary["kl"],
-        "active_units": sum(summary["active_units"].values()),
+        "active_units": sum(result.active_units.values()),
         "active_units_by_site": summary["active_units"],
         "eval_samples": config.eval_samples,
         "num_test": int(x_test.shape[0]),
-        "test_guide": "amortized" if guide_test is guide else f"{config.guide}, {config.test_time_steps} Adam steps on the test set",
+        "test_guide": "amortized"
+        if guide_test is guide
+        else f"{config.guide}, {config.test_time_steps} Adam steps on the test set",
     }
     if isinstance(model, ExactLikelihood):
         with torch.no_grad():
@@ -313,11 +329,15 @@ def save_figures(
             reconstruction = model.decode(z_mean)
     if dataset.image_shape is not None:
         plots.save_image_grid(x_mean.cpu(), out / "samples.png", dataset.image_shape)
-        plots.save_reconstructions(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", dataset.image_shape)
+        plots.save_reconstructions(
+            x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", dataset.image_shape
+        )
     else:
         _, _, x_sample = model.sample(1000, device=x_test.device)
         plots.plot_2d_samples(x_test.cpu(), x_sample.cpu(), out / "samples.png", title="test data and model samples")
-        plots.plot_2d_samples(x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", title="test points and reconstructions")
+        plots.plot_2d_samples(
+            x_test[:n].cpu(), reconstruction.cpu(), out / "reconstructions.png", title="test points and reconstructions"
+        )
     if history is not None:
         plots.plot_curves(history, out / "curves.png", title=f"{dataset.name}")
 
@@ -326,8 +346,9 @@ def save_figures(
 TRACKING_DIRS = {"tensorboard": "tb", "mlflow": "mlruns"}
 
 
-def make_trackers(tracking: Optional[TrackingConfig], out: str | os.PathLike,
-                  config: TrainConfig) -> list[TrackingLogger]:
+def make_trackers(
+    tracking: Optional[TrackingConfig], out: str | os.PathLike, config: TrainConfig
+) -> list[TrackingLogger]:
     """The tracking hooks ``tracking`` asks for (none for ``log='none'``), logging ``config`` resolved,
     into ``tracking.log_dir`` or the run folder's :data:`TRACKING_DIRS` entry.
 
@@ -344,7 +365,8 @@ def make_trackers(tracking: Optional[TrackingConfig], out: str | os.PathLike,
     except MissingExtraError as error:
         raise ConfigError(
             f"log={tracking.log!r} needs the {error.extra} package, which is not installed: "
-            f"pip install \"pyrovae[{error.extra}]\"", "log",
+            f'pip install "pyrovae[{error.extra}]"',
+            "log",
         ) from None
 
 
@@ -386,7 +408,7 @@ def train_and_evaluate(
             held.enter_context(lock_output(out))
             return prepare_output(out, resume=resume, overwrite=overwrite)
 
-        local = dataclasses.replace(config, device=device)
+        local = config.replace(device=device)
         if download and world.is_distributed:
             # One download per machine: local rank 0 fetches, the others then read what it wrote.
             if world.local_rank == 0:
@@ -402,17 +424,29 @@ def train_and_evaluate(
         family = model_spec(config.model)
         if family.pretrain is not None and not (resume and (out / CHECKPOINT).is_file()):
             # a resumed main run holds the pretrained part in its checkpoint
-            family.pretrain(local, dataset, model, checkpoint_path=out / PRETRAIN_CHECKPOINT, resume=resume,
-                            progress=progress)
-        objective = make_objective(
-            config.objective, num_particles=config.num_particles, **objective_options(config)
-        )
+            family.pretrain(
+                local, dataset, model, checkpoint_path=out / PRETRAIN_CHECKPOINT, resume=resume, progress=progress
+            )
+        objective = make_objective(config.objective, num_particles=config.num_particles, **objective_options(config))
         history = fit(
-            model, guide, dataset, objective,
-            epochs=config.epochs, batch_size=config.batch_size, lr=config.lr, lr_decay=config.lr_decay,
-            seed=config.seed, checkpoint_path=out / CHECKPOINT, resume=resume,
-            config=config.to_dict(), progress=progress, clip_norm=config.clip_norm, fast_path=config.fast_path,
-            local_steps=config.local_steps, local_lr=config.local_lr, hooks=trackers,
+            model,
+            guide,
+            dataset,
+            objective,
+            epochs=config.epochs,
+            batch_size=config.batch_size,
+            lr=config.lr,
+            lr_decay=config.lr_decay,
+            seed=config.seed,
+            checkpoint_path=out / CHECKPOINT,
+            resume=resume,
+            config=config.to_dict(),
+            progress=progress,
+            clip_norm=config.clip_norm,
+            fast_path=config.fast_path,
+            local_steps=config.local_steps,
+            local_lr=config.local_lr,
+            hooks=trackers,
         )
         # Summed over epochs, so a run resumed across sessions counts every part (wall-clock of this
         # call alone would count the last part only).
@@ -461,7 +495,8 @@ def load_run_checkpoint(
     if missing or not isinstance(state.get("config"), dict):
         raise ConfigError(
             f"{checkpoint} is a pyrovae checkpoint but not one written by `pyrovae train` (it lacks "
-            f"{missing or ['a config']}); point `checkpoint` at OUT/checkpoint.pt of a training run", "checkpoint",
+            f"{missing or ['a config']}); point `checkpoint` at OUT/checkpoint.pt of a training run",
+            "checkpoint",
         )
     try:
         config = TrainConfig.from_dict(state["config"])
@@ -471,7 +506,7 @@ def load_run_checkpoint(
             "by another version or edited"
         ) from None
     if device is not None:
-        config = dataclasses.replace(config, device=device)
+        config = config.replace(device=device)
     check_device(config.device)
     return config, state
 
@@ -487,8 +522,9 @@ class Run(NamedTuple):
     state: dict[str, Any]
 
 
-def _load_run_params(state: dict[str, Any], checkpoint: Any, device: Any, model: Any, guide: Any,
-                     args: tuple, exact: bool = True) -> None:
+def _load_run_params(
+    state: dict[str, Any], checkpoint: Any, device: Any, model: Any, guide: Any, args: tuple, exact: bool = True
+) -> None:
     """Put the checkpoint's param store into Pyro's and bind it into the pair's networks (a dry run
     through :func:`pyrovae.params.inspect`), refusing a file that lacks a param the pair reads or
     (``exact``) holds one it does not: the config and the weights would not describe the same run."""
@@ -497,7 +533,9 @@ def _load_run_params(state: dict[str, Any], checkpoint: Any, device: Any, model:
         params.load_state(entry, device=device)
         sites = params.inspect(model, guide, args)
     except ValueError as error:
-        raise ValueError(f"{checkpoint}: its params do not fit the model and guide its config describes: {error}") from None
+        raise ValueError(
+            f"{checkpoint}: its params do not fit the model and guide its config describes: {error}"
+        ) from None
     missing = sorted(set(sites.names) - set(entry["params"]))
     extra = sorted(set(entry["params"]) - set(sites.names)) if exact else []
     if missing or extra:
@@ -560,7 +598,7 @@ def evaluate_checkpoint(
         TrainConfig(eval_samples=eval_samples)  # its check, before the work
     config, dataset, model, guide, state = restore(checkpoint, data_dir, download, device)
     if eval_samples is not None:
-        config = dataclasses.replace(config, eval_samples=eval_samples)
+        config = config.replace(eval_samples=eval_samples)
     metrics, _ = evaluate_run(config, dataset, model, guide, progress=progress)
     metrics = {"checkpoint": str(checkpoint), "epoch": state["epoch"], **metrics}
     if out is not None:
@@ -588,7 +626,8 @@ def sample_checkpoint(
     if image_format is None:
         raise ConfigError(
             f"out={str(out)!r}: cannot write {out.suffix} images; name a "
-            f"{', '.join(s for s in IMAGE_FORMATS if s)} file", "out",
+            f"{', '.join(s for s in IMAGE_FORMATS if s)} file",
+            "out",
         )
     config, state = load_run_checkpoint(checkpoint, device)
     config = config.resolved()
@@ -596,7 +635,8 @@ def sample_checkpoint(
         raise ConfigError(
             f"model={config.model!r} models the unobserved part of each image given the observed part, so it has "
             "no unconditional samples: see completions.png in the run's folder, or draw completions with "
-            "pyrovae.load_run(...).model.complete(x)", "checkpoint",
+            "pyrovae.load_run(...).model.complete(x)",
+            "checkpoint",
         )
     info = state["dataset"]
     image_shape = tuple(info["image_shape"]) if info["image_shape"] else None
@@ -609,8 +649,7 @@ def sample_checkpoint(
     )
     pyro.clear_param_store()
     model = build_model(config, stub)
-    _load_run_params(state, checkpoint, config.device, model, _no_latents, (None, torch.arange(1), 1),
-                     exact=False)
+    _load_run_params(state, checkpoint, config.device, model, _no_latents, (None, torch.arange(1), 1), exact=False)
     pyro.set_rng_seed(seed)
     _, x_mean, x_sample = model.sample(num, device=config.device)
     if image_shape is not None:

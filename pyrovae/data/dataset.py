@@ -56,8 +56,7 @@ class Dataset:
     def __post_init__(self) -> None:
         if self.binarize not in get_args(Binarize):
             raise ValueError(
-                f"Unknown binarize={self.binarize!r}; use one of "
-                f"{', '.join(map(repr, get_args(Binarize)))}."
+                f"Unknown binarize={self.binarize!r}; use one of {', '.join(map(repr, get_args(Binarize)))}."
             )
         check_data(self.train, self.likelihood, name=f"{self.name} train")
         check_data(self.test, self.likelihood, name=f"{self.name} test")

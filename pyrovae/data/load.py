@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Callable, get_args
+from collections.abc import Callable
+from typing import Any, get_args
 
 from pyrovae.data.dataset import Binarize, Dataset, DatasetName, Device, PathLike
 from pyrovae.data.mnist import load_mnist
@@ -59,9 +60,5 @@ def load_dataset(
     if name not in _DATASETS:
         raise ValueError(f"Unknown data set {name!r}; use one of {', '.join(map(repr, _DATASETS))}.")
     if binarize not in get_args(Binarize):
-        raise ValueError(
-            f"Unknown binarize={binarize!r}; use one of {', '.join(map(repr, get_args(Binarize)))}."
-        )
-    return _DATASETS[name](
-        data_dir=data_dir, download=download, binarize=binarize, seed=seed, device=device, **kwargs
-    )
+        raise ValueError(f"Unknown binarize={binarize!r}; use one of {', '.join(map(repr, get_args(Binarize)))}.")
+    return _DATASETS[name](data_dir=data_dir, download=download, binarize=binarize, seed=seed, device=device, **kwargs)

@@ -82,9 +82,7 @@ def load_mnist(
     :raises ValueError: when the files are there but cannot be read as MNIST.
     """
     if binarize not in get_args(Binarize):
-        raise ValueError(
-            f"Unknown binarize={binarize!r}; use one of {', '.join(map(repr, get_args(Binarize)))}."
-        )
+        raise ValueError(f"Unknown binarize={binarize!r}; use one of {', '.join(map(repr, get_args(Binarize)))}.")
     # Imported here so that `import pyrovae` does not pay for torchvision unless MNIST is used.
     from torchvision.datasets import MNIST
 

@@ -23,9 +23,7 @@ _GMM_COVARIANCES = (
 )
 
 
-def gaussian_mixture(
-    num_train: int = 3000, num_test: int = 1000, seed: int = 0, device: Device = "cpu"
-) -> Dataset:
+def gaussian_mixture(num_train: int = 3000, num_test: int = 1000, seed: int = 0, device: Device = "cpu") -> Dataset:
     r"""Draw a data set from a fixed 3-component Gaussian mixture in :math:`\mathbb{R}^2`.
 
     .. math:: c \sim \mathrm{Categorical}(\pi), \qquad x \mid c \sim \mathcal{N}(\mu_c, \Sigma_c)
@@ -100,9 +98,7 @@ def linear_gaussian(
     """
     _check_counts(num_train=num_train, num_test=num_test, x_dim=x_dim, z_dim=z_dim)
     if not noise_scale > 0:
-        raise ValueError(
-            f"noise_scale must be a positive standard deviation, got {noise_scale}; pass e.g. 0.5."
-        )
+        raise ValueError(f"noise_scale must be a positive standard deviation, got {noise_scale}; pass e.g. 0.5.")
     generator = torch.Generator().manual_seed(seed)
     weight = torch.randn(x_dim, z_dim, generator=generator)
     bias = torch.randn(x_dim, generator=generator)

@@ -35,7 +35,7 @@ class MixturePriorGuide:
 
     amortized = True
 
-    def __init__(self, model, detach: bool = False) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, detach: bool = False) -> None:
         if not hasattr(model, "weights"):
             raise ValueError(f"{type(model).__name__} has no weights(): pass a mixture model")
         self.model = model
@@ -91,7 +91,5 @@ class CategoricalGuide:
         with data_plate(x, index, num_data):
             logits = self.encoder(x)
             if logits.shape[:-1] != x.shape[:-1]:
-                raise ValueError(
-                    f"the encoder must map x {tuple(x.shape)} to logits (B, K), got {tuple(logits.shape)}"
-                )
+                raise ValueError(f"the encoder must map x {tuple(x.shape)} to logits (B, K), got {tuple(logits.shape)}")
             return pyro.sample("z", dist.Categorical(logits=logits))

@@ -11,7 +11,8 @@ Usage::
 from __future__ import annotations
 
 import dataclasses
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional
 
 import pyro
 import torch
@@ -39,8 +40,9 @@ class CVAEGuide:
     name: str = "recognition_net"
     amortized = True
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> torch.Tensor:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> torch.Tensor:
         if x is None:
             raise ValueError(NEEDS_X)
         register(self.name, self.recognition_net)

@@ -3,7 +3,8 @@ Gaussian guides whose mismatch with it is known exactly."""
 
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
+from typing import Optional
 
 import pyro
 import pyro.distributions as dist
@@ -31,7 +32,7 @@ class ExactPosteriorGuide:
 
     amortized = True
 
-    def __init__(self, model, transform: Optional[Callable[[MultivariateNormal], MultivariateNormal]] = None) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, model, transform: Optional[Callable[[MultivariateNormal], MultivariateNormal]] = None) -> None:
         if not hasattr(model, "posterior"):
             raise ValueError(f"{type(model).__name__} has no closed-form posterior(x)")
         self.model = model

@@ -40,8 +40,9 @@ reason (the full-covariance guide is supported).
 
 from __future__ import annotations
 
+from collections.abc import Callable, Sequence
 from functools import partial
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional, cast
 
 import pyro
 import pyro.distributions as dist
@@ -84,14 +85,17 @@ class FullCovarianceGuide:
 
     amortized = True
 
-    def __init__(self, encoder: nn.Module, beta: float = 1.0, reparameterized: bool = True, name: str = "encoder") -> None:
+    def __init__(
+        self, encoder: nn.Module, beta: float = 1.0, reparameterized: bool = True, name: str = "encoder"
+    ) -> None:
         self.encoder = encoder
         self.beta = float(beta)
         self.reparameterized = reparameterized
         self.name = name
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> torch.Tensor:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> torch.Tensor:
         if x is None:
             raise ValueError("the full-covariance guide needs the data x: q(z|x) is a function of x")
         register(self.name, self.encoder)
@@ -160,7 +164,7 @@ def _reflect(v: torch.Tensor, u: torch.Tensor, reverse: bool) -> torch.Tensor:
     H_k = I − 2 u_k u_kᵀ, applied to ``v`` (shape ``(..., D)``) one reflection at a time: M·D
     operations per vector, where forming Q would cost M·D² per point and a D × D product per draw."""
     rows = u.unbind(-2)  # one backward stack for all rows, not a zero-filled (..., M, D) per row
-    for uk in (rows if reverse else rows[::-1]):
+    for uk in rows if reverse else rows[::-1]:
         v = v - 2 * (v * uk).sum(-1, keepdim=True) * uk
     return v
 
@@ -171,6 +175,10 @@ def householder_product(u: torch.Tensor) -> torch.Tensor:
     d = u.shape[-1]
     eye = torch.eye(d, dtype=u.dtype, device=u.device).expand(*u.shape[:-2], d, d)
     return _reflect(eye.transpose(-1, -2), u.unsqueeze(-3), reverse=False).transpose(-1, -2)
+
+
+def _constant(value: tuple[torch.Tensor, ...]) -> Callable[[], tuple[torch.Tensor, ...]]:
+    return lambda: value
 
 
 def sylvester_matrices(raw: Sequence[torch.Tensor], input_dim: int, count_householder: int) -> tuple[torch.Tensor, ...]:
@@ -194,7 +202,7 @@ class _SplitDenseNN(DenseNN):
     backward of six slices zero-fills the whole output six times (a third of a Sylvester step,
     measured), the backward of a split concatenates once."""
 
-    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:  # type: ignore[override]
+    def _forward(self, x: torch.Tensor) -> tuple[torch.Tensor, ...]:
         h = x
         for layer in self.layers[:-1]:
             h = self.f(layer(h))
@@ -223,8 +231,14 @@ class ConditionalSylvester(ConditionalTransformModule):
 
     @staticmethod
     def param_dims(input_dim: int, count_householder: int) -> list[int]:
-        return [count_householder * input_dim, input_dim * input_dim, input_dim, input_dim * input_dim, input_dim,
-                input_dim]
+        return [
+            count_householder * input_dim,
+            input_dim * input_dim,
+            input_dim,
+            input_dim * input_dim,
+            input_dim,
+            input_dim,
+        ]
 
     def _params(self, context: torch.Tensor) -> tuple[torch.Tensor, ...]:
         return sylvester_matrices(self.nn(context), self.input_dim, self.count_householder)
@@ -241,8 +255,9 @@ FLOW_KINDS = ("iaf", "planar", "sylvester", "spline")
 _REVERSED_ORDER = {"iaf", "spline"}  # autoregressive layers: reverse the order between them
 
 
-def flow_layers(kind: str, z_dim: int, context_dim: int, num_layers: int,
-                hidden_dims: Optional[Sequence[int]] = None) -> nn.ModuleList:
+def flow_layers(
+    kind: str, z_dim: int, context_dim: int, num_layers: int, hidden_dims: Optional[Sequence[int]] = None
+) -> nn.ModuleList:
     """``num_layers`` conditional flow layers of one ``kind`` (:data:`FLOW_KINDS`) over z of size
     ``z_dim``, each conditioned on a context of size ``context_dim``; ``hidden_dims`` are the
     widths of each layer's (hyper)network (default ``[max(10 z_dim, 32)]``)."""
@@ -284,15 +299,23 @@ class FlowNet(nn.Module):
         transforms: list[T.Transform] = []
         z_dim = z_loc.shape[-1]
         for k, layer in enumerate(self.layers):
-            transforms.append(layer.condition(context))
+            transforms.append(cast(ConditionalTransformModule, layer).condition(context))
             if self.reverse_between and k < len(self.layers) - 1:
                 transforms.append(T.Permute(torch.arange(z_dim - 1, -1, -1, device=z_loc.device)))
         return z_loc, z_scale, transforms
 
     @classmethod
-    def build(cls, kind: str, x_dim: int, z_dim: int, hidden_sizes: Sequence[int] = (400,), num_layers: int = 2,
-              context_dim: Optional[int] = None, activation: str = "relu",
-              flow_hidden: Optional[Sequence[int]] = None) -> "FlowNet":
+    def build(
+        cls,
+        kind: str,
+        x_dim: int,
+        z_dim: int,
+        hidden_sizes: Sequence[int] = (400,),
+        num_layers: int = 2,
+        context_dim: Optional[int] = None,
+        activation: str = "relu",
+        flow_hidden: Optional[Sequence[int]] = None,
+    ) -> FlowNet:
         """An MLP encoder with a context of ``context_dim`` (default ``max(2 z_dim, 16)``) and
         ``num_layers`` layers of ``kind``."""
         context_dim = int(context_dim) if context_dim is not None else max(2 * z_dim, 16)
@@ -323,8 +346,9 @@ class FlowGuide:
         z_loc, z_scale, transforms = self.encoder(x)
         return dist.TransformedDistribution(dist.Normal(z_loc, z_scale).to_event(1), transforms)
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> torch.Tensor:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> torch.Tensor:
         if x is None:
             raise ValueError("the flow guide needs the data x: q(z|x) is a function of x")
         register(self.name, self.encoder)
@@ -340,8 +364,9 @@ def flow_guide(kind: str, x_dim: int, z_dim: int, **kwargs: Any) -> FlowGuide:
     return FlowGuide(FlowNet.build(kind, x_dim, z_dim, **kwargs), **guide_kwargs)
 
 
-def full_covariance_guide(x_dim: int, z_dim: int, hidden_sizes: Sequence[int] = (400,), activation: str = "relu",
-                          **kwargs: Any) -> FullCovarianceGuide:
+def full_covariance_guide(
+    x_dim: int, z_dim: int, hidden_sizes: Sequence[int] = (400,), activation: str = "relu", **kwargs: Any
+) -> FullCovarianceGuide:
     """``FullCovarianceGuide(FullCovEncoder(x_dim, z_dim, hidden_sizes, activation), **kwargs)``."""
     return FullCovarianceGuide(FullCovEncoder(x_dim, z_dim, hidden_sizes, activation), **kwargs)
 
@@ -365,12 +390,14 @@ class PerDatapointFullCovarianceGuide(PerDatapointGuide):
 
     def distribution(self, device: torch.device) -> dist.TorchDistribution:
         n, d = self.num_data, self.z_dim
-        z_loc = pyro.param(f"{self.prefix}.z_loc", lambda: torch.full((n, d), self.init_loc, device=device),
-                           event_dim=1)
+        z_loc = pyro.param(
+            f"{self.prefix}.z_loc", lambda: torch.full((n, d), self.init_loc, device=device), event_dim=1
+        )
         tril = pyro.param(
             f"{self.prefix}.z_scale_tril",
             lambda: self.init_scale * torch.eye(d, device=device).expand(n, d, d).contiguous(),
-            constraint=constraints.lower_cholesky, event_dim=2,
+            constraint=constraints.lower_cholesky,
+            event_dim=2,
         )
         fn = dist.MultivariateNormal(z_loc, scale_tril=tril)
         return fn if self.reparameterized else non_reparameterized(fn)
@@ -395,8 +422,9 @@ class PerDatapointFlowGuide(PerDatapointGuide):
     Other arguments as :class:`~pyrovae.PerDatapointGuide`.
     """
 
-    def __init__(self, num_data: int, z_dim: int, kind: str = "planar", num_layers: int = 2, seed: int = 0,
-                 **kwargs: Any) -> None:
+    def __init__(
+        self, num_data: int, z_dim: int, kind: str = "planar", num_layers: int = 2, seed: int = 0, **kwargs: Any
+    ) -> None:
         if kind not in LOCAL_FLOW_KINDS:
             raise ValueError(f"per-datapoint flows are {list(LOCAL_FLOW_KINDS)}; got {kind!r}")
         if int(num_layers) < 1:
@@ -425,7 +453,7 @@ class PerDatapointFlowGuide(PerDatapointGuide):
 
     def _initial(self, k: int, name: str, size: int, device: torch.device) -> torch.Tensor:
         generator = torch.Generator().manual_seed(self.seed * 1000 + k * 10 + sorted(self._layer_shapes()).index(name))
-        bound = 1 / self.z_dim ** 0.5 if self.kind == "planar" else 0.01
+        bound = 1 / self.z_dim**0.5 if self.kind == "planar" else 0.01
         value = (torch.rand(self.num_data, size, generator=generator) * 2 - 1) * bound
         return value.to(device=device, dtype=torch.get_default_dtype())
 
@@ -433,12 +461,17 @@ class PerDatapointFlowGuide(PerDatapointGuide):
         z_loc, z_scale = self._params(device)
         transforms: list[T.Transform] = []
         for k in range(self.num_layers):
-            rows = [pyro.param(f"{self.prefix}.flow{k}.{name}",
-                               lambda k=k, name=name, size=size: self._initial(k, name, size, device), event_dim=1)
-                    for name, size in self._layer_shapes().items()]
+            rows = [
+                pyro.param(
+                    f"{self.prefix}.flow{k}.{name}",
+                    partial(self._initial, k, name, size, device),
+                    event_dim=1,
+                )
+                for name, size in self._layer_shapes().items()
+            ]
             if self.kind == "planar":
                 transforms.append(ConditionedPlanar(tuple(rows)))
             else:
                 matrices = sylvester_matrices(rows, self.z_dim, self.count_householder)
-                transforms.append(_ConditionedSylvester(lambda matrices=matrices: matrices))
+                transforms.append(_ConditionedSylvester(_constant(matrices)))
         return dist.TransformedDistribution(dist.Normal(z_loc, z_scale).to_event(1), transforms)

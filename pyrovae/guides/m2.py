@@ -24,6 +24,8 @@ from pyrovae.models.m2 import (
 from pyrovae.params import register
 
 if TYPE_CHECKING:
+    from pyro.poutine.runtime import InferDict
+
     from pyrovae.models.m2 import M2
 
 
@@ -80,7 +82,7 @@ class M2Guide:
         if not 0 < self.labelled_weight <= 1:
             raise ValueError(f"labelled_weight must be in (0, 1], the model's, got {self.labelled_weight}")
 
-    def with_mode(self, y_mode: str) -> "M2Guide":
+    def with_mode(self, y_mode: str) -> M2Guide:
         """The same guide (the same networks, under the same names) treating y as ``y_mode`` says,
         e.g. ``guide.with_mode("enum")`` to evaluate the exact ELBO of a guide trained otherwise."""
         return dataclasses.replace(self, y_mode=y_mode)
@@ -109,7 +111,7 @@ class M2Guide:
         logits = self.classifier(pixels)
         prior = prior_logits(self.num_classes, x.device, logits.dtype).expand_as(logits)
         logits = torch.where(labelled.unsqueeze(-1), prior, logits)
-        infer = {"enumerate": "parallel"} if self.y_mode == "enum" else {}
+        infer: InferDict = {"enumerate": "parallel"} if self.y_mode == "enum" else {}
         with data_plate(x, index, num_data), labelled_scale(labelled, self.labelled_weight):
             y_latent = pyro.sample("y", y_distribution(logits, self.y_mode, self.temperature), infer=infer)
             y = label_where_known(y_latent, y_observed, labelled)
@@ -127,7 +129,7 @@ def m2_pair(
     y_mode: str = "enum",
     temperature: float = 0.5,
     labelled_weight: float = 1.0,
-) -> tuple["M2", M2Guide]:
+) -> tuple[M2, M2Guide]:
     """An M2 model and guide with MLP networks (Kingma et al.: one hidden layer of 500 softplus
     units in each): decoder (z, y) -> x, classifier x -> y, encoder (x, y) -> z.
 
@@ -140,8 +142,9 @@ def m2_pair(
     decoder = MLP(z_dim + num_classes, hidden_sizes, x_dim, activation)
     encoder = GaussianEncoder(x_dim + num_classes, z_dim, hidden_sizes, activation)
     model = M2(decoder, classifier, x_dim, z_dim, num_classes, alpha=alpha, labelled_weight=labelled_weight)
-    guide = M2Guide(classifier, encoder, x_dim, num_classes, y_mode=y_mode, temperature=temperature,
-                    labelled_weight=labelled_weight)
+    guide = M2Guide(
+        classifier, encoder, x_dim, num_classes, y_mode=y_mode, temperature=temperature, labelled_weight=labelled_weight
+    )
     return model, guide
 
 

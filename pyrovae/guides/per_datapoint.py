@@ -10,8 +10,8 @@ import torch
 from pyro.infer.util import is_validation_enabled
 from torch.distributions import constraints
 
-from pyrovae.checks import tracing
 from pyrovae._typing import PyroFn
+from pyrovae.checks import tracing
 from pyrovae.distributions import diag_normal
 from pyrovae.handlers import data_plate, latent_scale
 
@@ -75,13 +75,16 @@ class PerDatapointGuide:
         shape = (self.num_data, self.z_dim)
         z_loc = pyro.param(f"{self.prefix}.z_loc", lambda: torch.full(shape, self.init_loc, device=device), event_dim=1)
         z_scale = pyro.param(
-            f"{self.prefix}.z_scale", lambda: torch.full(shape, self.init_scale, device=device),
-            constraint=constraints.positive, event_dim=1,
+            f"{self.prefix}.z_scale",
+            lambda: torch.full(shape, self.init_scale, device=device),
+            constraint=constraints.positive,
+            event_dim=1,
         )
         return z_loc, z_scale
 
-    def refine_rows(self, model: PyroFn, x: torch.Tensor, index: torch.Tensor, num_steps: int,
-                    lr: float = 3e-2) -> None:
+    def refine_rows(
+        self, model: PyroFn, x: torch.Tensor, index: torch.Tensor, num_steps: int, lr: float = 3e-2
+    ) -> None:
         """Move the rows ``index`` (the points ``x``) by ``num_steps`` Adam steps on each point's
         own ELBO in ``model`` (:func:`~pyrovae.guides.semi_amortized.refine_gaussian`: fresh Adam
         moments, the model held fixed) and write them back to the param store. Other rows are not
@@ -108,8 +111,8 @@ class PerDatapointGuide:
         store = pyro.get_param_store()
         to_positive = torch.distributions.biject_to(constraints.positive)
         with torch.no_grad():
-            store[f"{self.prefix}.z_loc"].unconstrained()[index] = new_loc
-            store[f"{self.prefix}.z_scale"].unconstrained()[index] = to_positive.inv(new_scale)
+            store[f"{self.prefix}.z_loc"].unconstrained()[index] = new_loc  # type: ignore[attr-defined]  # Pyro's stub types store[name] as Tensor; it carries .unconstrained
+            store[f"{self.prefix}.z_scale"].unconstrained()[index] = to_positive.inv(new_scale)  # type: ignore[attr-defined]  # Pyro's stub types store[name] as Tensor; it carries .unconstrained
 
     def _check_index(self, index: torch.Tensor) -> None:
         if index.numel() and not tracing() and (index.device.type == "cpu" or is_validation_enabled()):
@@ -137,9 +140,7 @@ class PerDatapointGuide:
                 "prefix=...) for that data set (e.g. the test set)"
             )
         if index is None and (x is None or x.shape[0] != self.num_data):
-            raise ValueError(
-                "pass index= (the batch's positions in the data set) to a per-datapoint guide"
-            )
+            raise ValueError("pass index= (the batch's positions in the data set) to a per-datapoint guide")
         if index is not None:
             self._check_index(index)
         device = (x if x is not None else index).device  # type: ignore[union-attr]

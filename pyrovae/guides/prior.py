@@ -36,6 +36,7 @@ class PriorGuide:
     ) -> torch.Tensor:
         device = batch_device(x, index)
         with data_plate(x, index, num_data) as batch_index:
+            assert batch_index is not None  # a vectorized plate yields its indices
             zeros = torch.zeros(batch_index.size(0), self.z_dim, device=device)
             with latent_scale(self.beta):
                 return pyro.sample("z", diag_normal(zeros, torch.ones_like(zeros)))

@@ -13,7 +13,7 @@ with the KL in closed form, which both the refinement here and the test-time opt
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import pyro
 import pyro.distributions as dist
@@ -91,9 +91,9 @@ def gaussian_elbo(
                     f"the model has a second latent site {name!r}; gaussian_elbo handles one latent site "
                     f"{LATENT_SITE!r}"
                 )
-            log_lik = log_lik + site["fn"].log_prob(site["value"])
+            log_lik = log_lik + cast(dist.TorchDistribution, site["fn"]).log_prob(cast(torch.Tensor, site["value"]))
     prior_site = trace.nodes[LATENT_SITE]
-    kl = kl_divergence(dist.Normal(z_loc, z_scale).to_event(1), prior_site["fn"])
+    kl = kl_divergence(dist.Normal(z_loc, z_scale).to_event(1), cast(dist.TorchDistribution, prior_site["fn"]))
     assert log_lik.shape == (num_samples, x.shape[0]) and kl.shape == (x.shape[0],)
     return log_lik.mean(0) - prior_site["scale"] * kl
 

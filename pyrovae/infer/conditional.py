@@ -17,8 +17,9 @@ from pyro.poutine.util import site_is_subsample
 from pyrovae.handlers import DATA_PLATE
 
 
-def no_latents(x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
-               num_data: Optional[int] = None) -> None:
+def no_latents(
+    x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+) -> None:
     """The empty guide: for a model without latent sites (:class:`pyrovae.models.cvae.CVAEBaseline`)
     the ELBO is then log p of its observed sites, and ``Trace_ELBO`` trains it by maximum likelihood."""
 
@@ -35,8 +36,10 @@ def baseline_log_likelihood(baseline: Any, x: torch.Tensor, batch_size: int = 10
             if site["type"] != "sample" or site_is_subsample(site):
                 continue
             if not site["is_observed"]:
-                raise ValueError(f"baseline_log_likelihood takes a model with no latent sites; {site['name']!r} is latent: "
-                                 "use pyrovae.log_likelihood with a guide")
+                raise ValueError(
+                    f"baseline_log_likelihood takes a model with no latent sites; {site['name']!r} is latent: "
+                    "use pyrovae.log_likelihood with a guide"
+                )
             if DATA_PLATE not in {frame.name for frame in site["cond_indep_stack"]}:
                 raise ValueError(f"site {site['name']!r} is outside the {DATA_PLATE!r} plate")
             total = total + site["fn"].log_prob(site["value"])

@@ -26,8 +26,9 @@ from __future__ import annotations
 import math
 import time
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Mapping, Optional, Sequence
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -97,7 +98,7 @@ class ProposalDiagnostics:
     num_samples: int
     seconds: float
 
-    def summary(self, threshold: float = KHAT_THRESHOLD) -> dict[str, float]:
+    def summary(self, threshold: float = KHAT_THRESHOLD) -> dict[str, Optional[float]]:
         """Means over points (nats per point) with standard errors over points, and the k̂ shares."""
         n = self.elbo.numel()
 

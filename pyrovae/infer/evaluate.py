@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import math
 from collections import OrderedDict
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import pyro
 import torch
 from pyro import poutine
+from pyro.distributions import TorchDistribution
 from pyro.distributions.util import scale_and_mask
 from pyro.poutine.util import prune_subsample_sites
 from torch.distributions import kl_divergence
@@ -139,7 +141,7 @@ def importance_sampling(
         if shift is None:
             shift = log_w[0].detach()
         chunk = (torch.logsumexp(log_w, 0), torch.logsumexp(2 * log_w, 0), log_w.sum(0), (log_w - shift).pow(2).sum(0))
-        if lse is None:
+        if lse is None or lse_sq is None or total is None or total_sq is None:  # the first chunk (all or none set)
             lse, lse_sq, total, total_sq = chunk
         else:
             lse = torch.logaddexp(lse, chunk[0])
@@ -147,7 +149,7 @@ def importance_sampling(
             total = total + chunk[2]
             total_sq = total_sq + chunk[3]
         done += k
-    assert lse is not None and lse_sq is not None and total is not None and total_sq is not None
+    assert lse is not None and lse_sq is not None and total is not None and total_sq is not None and shift is not None
     elbo = total / num_samples
     if num_samples > 1:
         variance = (total_sq / num_samples - (elbo - shift).pow(2)).clamp_min(0) * num_samples / (num_samples - 1)
@@ -165,20 +167,23 @@ def importance_sampling(
 
 #: The replayed chunk functions of importance_sampling, newest last: (model, guide, K, nesting,
 #: plate, backend) -> ReplayedFunction (the model and guide are held, so their ids stay theirs).
-_CHUNKS: "OrderedDict[tuple[Any, ...], tuple[Callable, Callable, ReplayedFunction]]" = OrderedDict()
+_CHUNKS: OrderedDict[tuple[Any, ...], tuple[Callable, Callable, ReplayedFunction]] = OrderedDict()
 _MAX_CHUNKS = 8
 
 
-def _chunk_log_weights(model: Callable, guide: Callable, k: int, max_plate_nesting: int, plate_name: str,
-                       backend: str) -> Callable[..., torch.Tensor]:
+def _chunk_log_weights(
+    model: Callable, guide: Callable, k: int, max_plate_nesting: int, plate_name: str, backend: str
+) -> Callable[..., torch.Tensor]:
     """The ``(k, B)`` unscaled log-weights of ``k`` vectorized draws, as a replayed function."""
     key = (id(model), id(guide), k, max_plate_nesting, plate_name, backend)
     entry = _CHUNKS.get(key)
     if entry is None:
+
         def chunk_log_weights(*args: Any, **kwargs: Any) -> torch.Tensor:
             model_trace, guide_trace = vectorized_traces(model, guide, args, kwargs, k, max_plate_nesting)
-            return per_datapoint_log_weights(model_trace, guide_trace, k, max_plate_nesting, plate_name,
-                                             use_scale=False).log_w
+            return per_datapoint_log_weights(
+                model_trace, guide_trace, k, max_plate_nesting, plate_name, use_scale=False
+            ).log_w
 
         entry = _CHUNKS[key] = (model, guide, ReplayedFunction(chunk_log_weights, backend=backend))
         while len(_CHUNKS) > _MAX_CHUNKS:
@@ -225,9 +230,7 @@ def kl_to_prior(
     sites (a closed form for its ``Delta`` sites would drop their Jacobian ``log_density``)."""
     if max_plate_nesting is None:
         max_plate_nesting = guess_max_plate_nesting(model, guide, args, kwargs)
-    model_trace, guide_trace = vectorized_traces(
-        model, guide, args, kwargs, num_samples, max_plate_nesting
-    )
+    model_trace, guide_trace = vectorized_traces(model, guide, args, kwargs, num_samples, max_plate_nesting)
     check_proposal(model_trace, guide_trace)
     monte_carlo = has_auxiliary_sites(guide_trace)
     kl = None
@@ -286,7 +289,7 @@ def posterior_means(
     means: dict[str, torch.Tensor] = {}
     by_sampling: list[str] = []
     for name, site in trace.nodes.items():
-        if site["type"] != "sample" or site["is_observed"] or site["infer"].get("is_auxiliary"):
+        if site["type"] != "sample" or site["is_observed"] or (site["infer"] or {}).get("is_auxiliary"):
             continue
         if not any(frame.name == plate_name for frame in site["cond_indep_stack"]):
             continue
@@ -294,20 +297,25 @@ def posterior_means(
             by_sampling.append(name)
             continue
         try:
-            mean = site["fn"].mean
+            mean = cast(TorchDistribution, site["fn"]).mean  # a sample site's fn is its distribution
         except NotImplementedError:  # e.g. a normalizing flow: the mean of its draws
             by_sampling.append(name)
             continue
-        means[name] = _data_plate_first(mean.expand(site["value"].shape), site, plate_name)
+        means[name] = _data_plate_first(mean.expand(cast(torch.Tensor, site["value"]).shape), site, plate_name)
     if by_sampling:
         if not isinstance(num_samples, int) or num_samples < 1:
             raise ValueError(f"num_samples must be an integer >= 1, got {num_samples!r}")
         nesting = max(
-            (-frame.dim for site in trace.nodes.values() if site["type"] == "sample"
-             for frame in site["cond_indep_stack"] if frame.vectorized),
+            (
+                -cast(int, frame.dim)  # a vectorized frame has its dim
+                for site in trace.nodes.values()
+                if site["type"] == "sample"
+                for frame in site["cond_indep_stack"]
+                if frame.vectorized
+            ),
             default=0,
         )
-        totals = {name: torch.zeros_like(trace.nodes[name]["value"]) for name in by_sampling}
+        totals = {name: torch.zeros_like(cast(torch.Tensor, trace.nodes[name]["value"])) for name in by_sampling}
         done = 0
         while done < num_samples:
             k = min(500, num_samples - done)
@@ -315,7 +323,7 @@ def posterior_means(
                 draws = poutine.trace(guide).get_trace(*args, **kwargs)
             for name in by_sampling:
                 # (k, ...) with 1s where the particle plate pads the site's batch shape
-                totals[name] += draws.nodes[name]["value"].sum(0).reshape(totals[name].shape)
+                totals[name] += cast(torch.Tensor, draws.nodes[name]["value"]).sum(0).reshape(totals[name].shape)
             done += k
         for name in by_sampling:
             site = trace.nodes[name]
@@ -323,7 +331,7 @@ def posterior_means(
     return means
 
 
-def _data_plate_first(value: torch.Tensor, site: dict, plate_name: str) -> torch.Tensor:
+def _data_plate_first(value: torch.Tensor, site: Mapping[str, Any], plate_name: str) -> torch.Tensor:
     """Move the data plate's dimension of a site-shaped tensor to the front."""
     frame = data_frame(site, plate_name)
     return value.movedim(frame.dim - site["fn"].event_dim, 0)
@@ -425,22 +433,27 @@ def evaluate_dataset(
         index = index_all[start : start + batch_size]
         args = (x[index], index, num_data)
         est = importance_sampling(
-            model, guide, *args, num_samples=num_samples, chunk_size=chunk_size,
-            max_plate_nesting=max_plate_nesting, plate_name=plate_name, fast_path=fast_path,
+            model,
+            guide,
+            *args,
+            num_samples=num_samples,
+            chunk_size=chunk_size,
+            max_plate_nesting=max_plate_nesting,
+            plate_name=plate_name,
+            fast_path=fast_path,
         )
         parts["ll"].append(est.log_likelihood.cpu())
         parts["elbo"].append(est.elbo.cpu())
         parts["elbo_se"].append(est.elbo_se.cpu())
         parts["ess"].append(est.ess.cpu())
         parts["kl"].append(
-            kl_to_prior(model, guide, *args, num_samples=kl_samples,
-                        max_plate_nesting=max_plate_nesting, plate_name=plate_name).cpu()
+            kl_to_prior(
+                model, guide, *args, num_samples=kl_samples, max_plate_nesting=max_plate_nesting, plate_name=plate_name
+            ).cpu()
         )
         for name, mean in posterior_means(guide, *args, num_samples=mean_samples, plate_name=plate_name).items():
             means.setdefault(name, []).append(mean.reshape(len(index), -1).cpu())
-    units = {
-        name: int(active_units(torch.cat(values)).sum()) for name, values in means.items()
-    } if num_data > 1 else {}
+    units = {name: int(active_units(torch.cat(values)).sum()) for name, values in means.items()} if num_data > 1 else {}
     return DatasetEvaluation(
         log_likelihood=torch.cat(parts["ll"]),
         elbo=torch.cat(parts["elbo"]),

@@ -18,6 +18,7 @@ Two rules keep :func:`simplify` exact in their presence:
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from typing import Any, Optional
 
 import torch
@@ -31,8 +32,16 @@ aten = torch.ops.aten
 
 #: Factory ops whose result depends only on their arguments (not on a random generator or on
 #: uninitialised memory).
-_FACTORIES = {aten.zeros.default, aten.ones.default, aten.full.default, aten.scalar_tensor.default,
-              aten.arange.default, aten.arange.start, aten.arange.start_step, aten.lift_fresh_copy.default}
+_FACTORIES = {
+    aten.zeros.default,
+    aten.ones.default,
+    aten.full.default,
+    aten.scalar_tensor.default,
+    aten.arange.default,
+    aten.arange.start,
+    aten.arange.start_step,
+    aten.lift_fresh_copy.default,
+}
 
 #: View ops that return their input unchanged when asked for its own shape.
 _SAME_SHAPE_VIEWS = {aten.view.default, aten.expand.default, aten.reshape.default, aten._unsafe_view.default}
@@ -60,8 +69,11 @@ def _aliased_args(node: Node) -> list[Node]:
     schema = _schema(node)
     if schema is None or not any(r.alias_info is not None for r in schema.returns):
         return []
-    return [value for argument, value in zip(schema.arguments, node.args)
-            if argument.alias_info is not None and isinstance(value, Node)]
+    return [
+        value
+        for argument, value in zip(schema.arguments, node.args)
+        if argument.alias_info is not None and isinstance(value, Node)
+    ]
 
 
 def _written(graph: torch.fx.Graph) -> set[Node]:
@@ -118,13 +130,18 @@ def simplify(module: GraphModule) -> GraphModule:
         # write into what it gets).
         tensor_args = [a for a in pytree.tree_leaves((node.args, node.kwargs)) if isinstance(a, Node)]
         lifted = target is aten.lift_fresh_copy.default and _is_attr(node.args[0])
-        foldable = lifted or (target is not aten.lift_fresh_copy.default and (target in _FACTORIES or _is_pure(node))
-                              and all(a in constants for a in tensor_args))
+        foldable = lifted or (
+            target is not aten.lift_fresh_copy.default
+            and (target in _FACTORIES or _is_pure(node))
+            and all(a in constants for a in tensor_args)
+        )
         if foldable and not any(user.op == "output" for user in node.users):
             if lifted:
                 value = getattr(module, node.args[0].target).clone()
             else:
-                args, kwargs = pytree.tree_map(lambda a: constants[a] if isinstance(a, Node) else a, (node.args, node.kwargs))
+                args, kwargs = pytree.tree_map(
+                    lambda a: constants[a] if isinstance(a, Node) else a, (node.args, node.kwargs)
+                )
                 value = target(*args, **kwargs)
             if isinstance(value, Tensor):
                 name = f"_folded_{counter}"
@@ -157,8 +174,13 @@ def _same_shape(node: Node, source: Any) -> bool:
     if not isinstance(source, Node):
         return False
     out, inp = node.meta.get("val"), source.meta.get("val")
-    return (isinstance(out, Tensor) and isinstance(inp, Tensor) and out.shape == inp.shape
-            and out.stride() == inp.stride() and out.dtype == inp.dtype)
+    return (
+        isinstance(out, Tensor)
+        and isinstance(inp, Tensor)
+        and out.shape == inp.shape
+        and out.stride() == inp.stride()
+        and out.dtype == inp.dtype
+    )
 
 
 def _hashable(value: Any) -> Any:
@@ -185,8 +207,11 @@ def fast_kernels(module: GraphModule) -> GraphModule:
     for node in list(graph.nodes):
         if node.op != "call_function" or not _on_cpu(node):
             continue
-        replacement = {aten.softplus.default: _fast_softplus,
-                       aten.softplus_backward.default: _fast_softplus_backward}.get(node.target)  # type: ignore[arg-type]
+        replacements: dict[Any, Callable[..., Tensor]] = {
+            aten.softplus.default: _fast_softplus,
+            aten.softplus_backward.default: _fast_softplus_backward,
+        }
+        replacement = replacements.get(node.target)
         if replacement is not None:
             with graph.inserting_before(node):
                 new = graph.call_function(replacement, node.args, node.kwargs)

@@ -9,8 +9,9 @@ import dataclasses
 import math
 import time
 import warnings
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional
+from typing import Any, Optional
 
 import pyro
 import torch
@@ -90,7 +91,7 @@ def frozen_params(freeze: Callable[[str], bool]) -> Iterator[None]:
     into the next optimiser that steps them); frozen params get no gradient at all.
     """
     store = pyro.get_param_store()
-    tensors = [store[name].unconstrained() for name in list(store.keys()) if freeze(name)]
+    tensors = [store[name].unconstrained() for name in list(store.keys()) if freeze(name)]  # type: ignore[attr-defined]  # Pyro's stub types store[name] as Tensor; it carries .unconstrained
     tensors = [t for t in tensors if t.requires_grad]
     for tensor in tensors:
         tensor.requires_grad_(False)
@@ -123,8 +124,16 @@ def _frozen_modules(modules: Any) -> Iterator[None]:
 class _Checks(Hook):
     # optimize_local_guide's bookkeeping after each step: the one-draw ELBO, the checks of the
     # stopping rule every `check_every` steps, the progress bar; stops when every point has.
-    def __init__(self, check: Optional[Callable[[int], None]], history: LocalFitHistory, last: torch.Tensor,
-                 active: torch.Tensor, steps: int, check_every: int, progress: bool) -> None:
+    def __init__(
+        self,
+        check: Optional[Callable[[int], None]],
+        history: LocalFitHistory,
+        last: torch.Tensor,
+        active: torch.Tensor,
+        steps: int,
+        check_every: int,
+        progress: bool,
+    ) -> None:
         self.check, self.history, self.last, self.active = check, history, last, active
         self.steps, self.check_every = steps, check_every
         self.bar = tqdm(total=steps, desc="test-time inference", leave=False, disable=not progress)
@@ -160,8 +169,15 @@ def _unit_scale(fn: Callable) -> Callable:
     return scaled
 
 
-def _local_svi(model: Callable, guide: PerDatapointGuide, x: torch.Tensor, objective: str, num_particles: int,
-               lr: float, lr_decay: float) -> tuple[SVI, set]:
+def _local_svi(
+    model: Callable,
+    guide: PerDatapointGuide,
+    x: torch.Tensor,
+    objective: str,
+    num_particles: int,
+    lr: float,
+    lr_decay: float,
+) -> tuple[SVI, list[torch.nn.Module]]:
     """SVI on ``guide``'s rows alone (each row driven by its own point's ELBO, lazy Adam), and the
     networks the model computes with (for :func:`_frozen_modules`)."""
     from pyrovae.infer.objectives import make_objective
@@ -179,16 +195,26 @@ def _local_svi(model: Callable, guide: PerDatapointGuide, x: torch.Tensor, objec
     return SVI(local_model, local_guide, optim, loss=loss), networks
 
 
-def _run_local(svi: SVI, networks: set, guide: PerDatapointGuide, x: torch.Tensor, rows: Callable[[], torch.Tensor],
-               steps: int, hook: Hook) -> None:
+def _run_local(
+    svi: SVI,
+    networks: list[torch.nn.Module],
+    guide: PerDatapointGuide,
+    x: torch.Tensor,
+    rows: Callable[[], torch.Tensor],
+    steps: int,
+    hook: Hook,
+) -> None:
     """``steps`` SVI steps on the rows ``rows()`` (each step's), with every param but the guide's rows
     and the model's networks frozen."""
     num_data = x.shape[0]
     local_names = guide.local_param_names
-    trainer = Trainer(lambda x_rows, index: StepResult(svi.step(x_rows, index, num_data)), x,
-                      batches=lambda state: (rows() for _ in range(steps)), hooks=[hook])
-    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), \
-            _frozen_modules(networks):
+    trainer = Trainer(
+        lambda x_rows, index: StepResult(svi.step(x_rows, index, num_data)),
+        x,
+        batches=lambda state: (rows() for _ in range(steps)),
+        hooks=[hook],
+    )
+    with pyro.validation_enabled(False), frozen_params(lambda name: name not in local_names), _frozen_modules(networks):
         trainer.run(TrainState(), epochs=1)
 
 
@@ -221,8 +247,9 @@ def fit_local_guide(
     if steps < 1:
         raise ValueError(f"steps must be >= 1, got {steps}")
     if x.shape[0] != guide.num_data:
-        raise ValueError(f"the guide has {guide.num_data} rows but x has {x.shape[0]} points: build it with "
-                         f"num_data={x.shape[0]}")
+        raise ValueError(
+            f"the guide has {guide.num_data} rows but x has {x.shape[0]} points: build it with num_data={x.shape[0]}"
+        )
     if objective not in ("elbo", "elbo-stl"):
         raise ValueError(f"objective must be 'elbo' or 'elbo-stl', got {objective!r}")
     num_data = x.shape[0]

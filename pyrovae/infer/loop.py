@@ -17,8 +17,9 @@ import dataclasses
 import itertools
 import math
 import time
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 
@@ -66,7 +67,7 @@ class History:
         return dataclasses.asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict[str, Any]) -> "History":
+    def from_dict(cls, data: dict[str, Any]) -> History:
         return cls(**data)
 
 
@@ -115,8 +116,13 @@ class TrainState:
     def position(self) -> dict[str, Any]:
         """Where inside the epoch the run is, for a checkpoint (see :meth:`restore_position`)."""
         assert self.order is not None
-        return {"step": self.step, "order": self.order.cpu(), "total": self.total, "seen": self.seen,
-                "seconds": self.seconds}
+        return {
+            "step": self.step,
+            "order": self.order.cpu(),
+            "total": self.total,
+            "seen": self.seen,
+            "seconds": self.seconds,
+        }
 
     def restore_position(self, position: Optional[dict[str, Any]], device: Any) -> None:
         if position is None:
@@ -129,15 +135,15 @@ class TrainState:
 class Hook:
     """Called by the trainer at each event; every method does nothing unless overridden."""
 
-    def on_start(self, trainer: "Trainer", state: TrainState) -> None: ...
+    def on_start(self, trainer: Trainer, state: TrainState) -> None: ...
 
-    def on_epoch_start(self, trainer: "Trainer", state: TrainState) -> None: ...
+    def on_epoch_start(self, trainer: Trainer, state: TrainState) -> None: ...
 
-    def on_step_end(self, trainer: "Trainer", state: TrainState, result: StepResult) -> None: ...
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None: ...
 
-    def on_epoch_end(self, trainer: "Trainer", state: TrainState) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, state: TrainState) -> None: ...
 
-    def on_end(self, trainer: "Trainer", state: TrainState) -> None: ...
+    def on_end(self, trainer: Trainer, state: TrainState) -> None: ...
 
     def note(self, state: TrainState) -> Optional[str]:
         """A sentence for the error that stops a run (e.g. which checkpoint is intact), or ``None``."""
@@ -152,7 +158,7 @@ class StepBudget(Hook):
             raise ValueError(f"max_steps must be an integer >= 1, got {max_steps!r}")
         self.max_steps = max_steps
 
-    def on_step_end(self, trainer: "Trainer", state: TrainState, result: StepResult) -> None:
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
         if state.global_step >= self.max_steps:
             state.request_stop("budget")
 
@@ -172,7 +178,7 @@ class TimeBudget(Hook):
     def spent(self, state: TrainState) -> float:
         return state.step_cpu_seconds if self.clock == "cpu" else state.step_seconds
 
-    def on_step_end(self, trainer: "Trainer", state: TrainState, result: StepResult) -> None:
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
         if self.spent(state) >= self.max_seconds:
             state.request_stop("budget")
 
@@ -181,8 +187,13 @@ class EvalSchedule(Hook):
     """Call ``evaluate(state)`` at the start of the run, after every step for which ``when(state)``
     holds, and at the end of the run unless its last step was just evaluated."""
 
-    def __init__(self, evaluate: Callable[[TrainState], Any], when: Callable[[TrainState], bool],
-                 at_start: bool = True, at_end: bool = True) -> None:
+    def __init__(
+        self,
+        evaluate: Callable[[TrainState], Any],
+        when: Callable[[TrainState], bool],
+        at_start: bool = True,
+        at_end: bool = True,
+    ) -> None:
         self.evaluate, self.when, self.at_start, self.at_end = evaluate, when, at_start, at_end
         self._last: Optional[int] = None
 
@@ -190,15 +201,15 @@ class EvalSchedule(Hook):
         self.evaluate(state)
         self._last = state.global_step
 
-    def on_start(self, trainer: "Trainer", state: TrainState) -> None:
+    def on_start(self, trainer: Trainer, state: TrainState) -> None:
         if self.at_start:
             self._run(state)
 
-    def on_step_end(self, trainer: "Trainer", state: TrainState, result: StepResult) -> None:
+    def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
         if self.when(state):
             self._run(state)
 
-    def on_end(self, trainer: "Trainer", state: TrainState) -> None:
+    def on_end(self, trainer: Trainer, state: TrainState) -> None:
         if self.at_end and self._last != state.global_step:
             self._run(state)
 
@@ -271,7 +282,7 @@ class Trainer:
 
     @property
     def steps_per_epoch(self) -> Optional[int]:
-        return len(self.batches) if hasattr(self.batches, "__len__") else None  # type: ignore[arg-type]
+        return len(self.batches) if hasattr(self.batches, "__len__") else None
 
     def run(self, state: TrainState, epochs: Optional[int] = None) -> TrainState:
         """Train until ``epochs`` epochs are complete (``None``: until a hook stops the run)."""

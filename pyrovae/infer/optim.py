@@ -18,7 +18,8 @@ plain Adam would give it if it were optimized alone on its own minibatch visits.
 
 from __future__ import annotations
 
-from typing import Any, Callable, Iterable, Union
+from collections.abc import Callable, Iterable
+from typing import Any, Union, cast
 
 import pyro
 import torch
@@ -85,7 +86,7 @@ class LazyAdam(torch.optim.Optimizer):
                     )
 
     @torch.no_grad()
-    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:
+    def step(self, closure: Callable[[], Tensor] | None = None) -> Tensor | None:  # type: ignore[override]  # torch's overloaded stub: closures return float (loss closures return a Tensor)
         """Take one optimization step.
 
         :param closure: re-evaluates the model and returns the loss (optional).
@@ -105,8 +106,7 @@ class LazyAdam(torch.optim.Optimizer):
             for param in params:
                 if param.grad.is_sparse:
                     raise ValueError(
-                        "LazyAdam takes dense gradients; for sparse embeddings use "
-                        "torch.optim.SparseAdam."
+                        "LazyAdam takes dense gradients; for sparse embeddings use torch.optim.SparseAdam."
                     )
                 if group["lazy"]:
                     self._lazy_update(param, group, lr)
@@ -130,12 +130,22 @@ class LazyAdam(torch.optim.Optimizer):
     def _dense_update(self, param: Tensor, group: dict[str, Any], lr: float) -> None:
         state = self._init_state(param, ())
         state["step"] += 1
-        _adam_update([param], [param.grad], [state["exp_avg"]], [state["exp_avg_sq"]], [state["step"]],
-                     lr, tuple(group["betas"]), group["eps"])
+        grad = param.grad
+        assert grad is not None  # step() updates only parameters with a gradient
+        _adam_update(
+            [param],
+            [grad],
+            [state["exp_avg"]],
+            [state["exp_avg_sq"]],
+            [state["step"]],
+            lr,
+            tuple(group["betas"]),
+            group["eps"],
+        )
 
     @staticmethod
     @torch.no_grad()
-    def fused_dense_step(pairs: list[tuple["LazyAdam", Tensor]]) -> None:
+    def fused_dense_step(pairs: list[tuple[LazyAdam, Tensor]]) -> None:
         """One dense Adam step of many single-parameter optimizers at once.
 
         Each ``(optimizer, param)`` pair is a :class:`LazyAdam` holding only ``param`` in one
@@ -160,15 +170,23 @@ class LazyAdam(torch.optim.Optimizer):
             buckets.setdefault(key, []).append((param, state))
         for (betas, eps, _, _, lr), items in buckets.items():
             params = [param for param, _ in items]
-            _adam_update(params, [param.grad for param in params], [state["exp_avg"] for _, state in items],
-                         [state["exp_avg_sq"] for _, state in items], [state["step"] for _, state in items],
-                         lr, betas, eps)
+            _adam_update(
+                params,
+                [cast(Tensor, param.grad) for param in params],  # only parameters with a gradient were bucketed
+                [state["exp_avg"] for _, state in items],
+                [state["exp_avg_sq"] for _, state in items],
+                [state["step"] for _, state in items],
+                lr,
+                betas,
+                eps,
+            )
 
     def _lazy_update(self, param: Tensor, group: dict[str, Any], lr: float) -> None:
         beta1, beta2 = group["betas"]
         num_rows = param.shape[0]
         state = self._init_state(param, (num_rows,))
         grad = param.grad
+        assert grad is not None  # step() updates only parameters with a gradient
         rows = grad.reshape(num_rows, -1).ne(0).any(dim=1).nonzero().squeeze(1)
         if rows.numel() == 0:
             return
@@ -186,9 +204,7 @@ class LazyAdam(torch.optim.Optimizer):
         bias_correction2_sqrt = (1 - torch.pow(beta2, step64)).sqrt()
         row_shape = (-1,) + (1,) * (param.dim() - 1)
         step_size = (lr / bias_correction1).to(param.dtype).reshape(row_shape)
-        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(param.dtype).reshape(row_shape)).add_(
-            group["eps"]
-        )
+        denom = (exp_avg_sq.sqrt() / bias_correction2_sqrt.to(param.dtype).reshape(row_shape)).add_(group["eps"])
         new_rows = param.index_select(0, rows) - step_size * exp_avg / denom
 
         param.index_copy_(0, rows, new_rows)
@@ -197,16 +213,37 @@ class LazyAdam(torch.optim.Optimizer):
         state["step"].index_copy_(0, rows, step)
 
 
-def _adam_update(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 steps: list[Tensor], lr: float, betas: tuple[float, float], eps: float) -> None:
+def _adam_update(
+    params: list[Tensor],
+    grads: list[Tensor],
+    exp_avgs: list[Tensor],
+    exp_avg_sqs: list[Tensor],
+    steps: list[Tensor],
+    lr: float,
+    betas: tuple[float, float],
+    eps: float,
+) -> None:
     """One Adam update of tensors of one device and dtype whose step counts are already
     incremented: torch's fused Adam kernel on the CPU (one pass over each tensor, what
     ``torch.optim.Adam(fused=True)`` runs), ``torch._foreach_*`` kernels elsewhere (the arithmetic of
     ``torch.optim.Adam``'s foreach path, with the step counts kept on the CPU)."""
     beta1, beta2 = betas
     if params[0].device.type == "cpu":
-        torch._fused_adam_(params, grads, exp_avgs, exp_avg_sqs, [], steps, lr=lr, beta1=beta1, beta2=beta2,
-                           weight_decay=0.0, eps=eps, amsgrad=False, maximize=False)
+        torch._fused_adam_(
+            params,
+            grads,
+            exp_avgs,
+            exp_avg_sqs,
+            [],
+            steps,
+            lr=lr,
+            beta1=beta1,
+            beta2=beta2,
+            weight_decay=0.0,
+            eps=eps,
+            amsgrad=False,
+            maximize=False,
+        )
         return
     counts = [float(step) for step in steps]
     torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
@@ -254,8 +291,7 @@ def make_pyro_optimizer(
     """
     if isinstance(lazy_params, str):
         raise ValueError(
-            f"lazy_params must be a set of parameter names, got the string {lazy_params!r}; pass "
-            f"{{{lazy_params!r}}}."
+            f"lazy_params must be a set of parameter names, got the string {lazy_params!r}; pass {{{lazy_params!r}}}."
         )
     if callable(lazy_params):
         is_lazy = lazy_params
@@ -292,7 +328,7 @@ class FusedPyroOptim(PyroOptim):
         for p in params:
             if p not in self.optim_objs:
                 optimizer = self.optim_objs[p] = self._get_optim(p)
-                self.grad_clip[p] = self._get_grad_clip(p)
+                self.grad_clip[p] = self._get_grad_clip(p)  # type: ignore[arg-type]  # Pyro's stub says str; Pyro itself passes the param tensor
                 param_name = pyro.get_param_store().param_name(p)
                 state = self._state_waiting_to_be_consumed.pop(param_name, None)
                 if state is not None:

@@ -49,8 +49,9 @@ import contextlib
 import logging
 import math
 import weakref
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterator, Optional, Union
+from typing import Any, Optional, Union, cast
 
 import pyro
 import torch
@@ -62,6 +63,7 @@ from torch.utils._python_dispatch import TorchDispatchMode
 
 from pyrovae.checks import tracing, tracing_step
 from pyrovae.infer.graph_passes import fast_kernels, simplify
+from pyrovae.protocols import Objective
 
 logger = logging.getLogger(__name__)
 
@@ -69,7 +71,11 @@ logger = logging.getLogger(__name__)
 BACKENDS: tuple[str, ...] = ("eager", "replay", "inductor")
 
 __all__ = [
-    "BACKENDS", "LossAndGradsReplay", "ReplayedELBO", "ReplayedFunction", "choose_backend",
+    "BACKENDS",
+    "LossAndGradsReplay",
+    "ReplayedELBO",
+    "ReplayedFunction",
+    "choose_backend",
     "reported_loss",
 ]
 
@@ -113,7 +119,7 @@ def _tracing_step() -> Iterator[None]:
     import pyro.infer.trace_elbo as trace_elbo
     import pyro.infer.trace_mean_field_elbo as trace_mean_field_elbo
 
-    modules = (trace_elbo, trace_mean_field_elbo)
+    modules: tuple[Any, ...] = (trace_elbo, trace_mean_field_elbo)  # Any: their functions are patched below
     saved = [(module, module.torch_item, module.warn_if_nan) for module in modules]
     try:
         for module in modules:
@@ -243,8 +249,9 @@ class _Graphs:
         while len(self._graphs) > self.max_graphs:
             self._graphs.pop(next(iter(self._graphs)))
 
-    def _new_graph(self, module: torch.fx.GraphModule, names: tuple[str, ...], inputs: list[Tensor],
-                   optimize: bool = False) -> _Graph:
+    def _new_graph(
+        self, module: torch.fx.GraphModule, names: tuple[str, ...], inputs: list[Tensor], optimize: bool = False
+    ) -> _Graph:
         """A recorded graph made ready to run: simplified (exactly), kernels swapped if asked,
         and the backend's executor: TorchScript's interpreter (``"replay"``) or Inductor."""
         self.stats.traced += 1
@@ -264,8 +271,9 @@ class _Graphs:
         self._keep(key, None)
         self.stats.failures.append(reason)
         if disagreed:
-            logger.warning("pyrovae: the traced %s disagreed with the eager one (%s); it stays eager",
-                           self._what(), reason)
+            logger.warning(
+                "pyrovae: the traced %s disagreed with the eager one (%s); it stays eager", self._what(), reason
+            )
         else:
             logger.info("pyrovae: %s stays eager (%s)", self._what(), reason)
 
@@ -294,7 +302,7 @@ class LossAndGradsReplay(_Graphs):
 
     def __init__(
         self,
-        objective: ELBO,
+        objective: Objective,
         *,
         backend: str = "replay",
         verify: bool = True,
@@ -321,8 +329,7 @@ class LossAndGradsReplay(_Graphs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         store = pyro.get_param_store()
         key = _structure(leaves, spec, store)
-        graph = self._graphs.get(key, False)
-        if graph is False:
+        if key not in self._graphs:
             names = self._seen.get(key)
             if names is None:
                 loss, params = self._eager(model, guide, args, kwargs)
@@ -330,6 +337,7 @@ class LossAndGradsReplay(_Graphs):
                 self._seen[_structure(leaves, spec, store)] = tuple(params)
                 return loss, params
             return self._trace(key, names, model, guide, leaves, spec)
+        graph = self._graphs[key]
         if graph is None:
             return self._eager(model, guide, args, kwargs)
         if not graph.verified:
@@ -343,14 +351,16 @@ class LossAndGradsReplay(_Graphs):
         self.stats.eager += 1
         with poutine.trace(param_only=True) as capture:
             loss = self.objective.loss_and_grads(model, guide, *args, **kwargs)
-        params = {name: site["value"].unconstrained() for name, site in capture.trace.nodes.items()}
+        # a param site's value is the constrained tensor, which carries .unconstrained
+        params = {name: cast(Any, site["value"]).unconstrained() for name, site in capture.trace.nodes.items()}
         return float(loss), params
 
     def _store_tensors(self, store: Any, names: tuple[str, ...]) -> list[Tensor]:
         return [store._params[name] for name in names]
 
-    def _trace(self, key: Any, names: tuple[str, ...], model: Callable, guide: Callable, leaves: list[Any],
-               spec: Any) -> tuple[float, dict[str, Tensor]]:
+    def _trace(
+        self, key: Any, names: tuple[str, ...], model: Callable, guide: Callable, leaves: list[Any], spec: Any
+    ) -> tuple[float, dict[str, Tensor]]:
         store = pyro.get_param_store()
         params = self._store_tensors(store, names)
         tensor_slots = [i for i, leaf in enumerate(leaves) if isinstance(leaf, Tensor)]
@@ -366,8 +376,8 @@ class LossAndGradsReplay(_Graphs):
             args, kwargs = pytree.tree_unflatten(values, spec)
             with _tracing_step():
                 loss = self.objective.loss_and_grads(model, guide, *args, **kwargs)
-            grads = [p.grad for p in tensors[len(tensor_slots):]]
-            for p in tensors[len(tensor_slots):]:
+            grads = [p.grad for p in tensors[len(tensor_slots) :]]
+            for p in tensors[len(tensor_slots) :]:
                 p.grad = None
             if not isinstance(loss, Tensor):
                 raise _Untraceable(f"loss_and_grads returned {type(loss).__name__}, not the loss tensor")
@@ -411,8 +421,17 @@ class LossAndGradsReplay(_Graphs):
         self.stats.replayed += 1
         return loss.item(), params
 
-    def _verify(self, key: Any, graph: _Graph, model: Callable, guide: Callable, args: tuple, kwargs: dict,
-                leaves: list[Any], store: Any) -> tuple[float, dict[str, Tensor]]:
+    def _verify(
+        self,
+        key: Any,
+        graph: _Graph,
+        model: Callable,
+        guide: Callable,
+        args: tuple,
+        kwargs: dict,
+        leaves: list[Any],
+        store: Any,
+    ) -> tuple[float, dict[str, Tensor]]:
         devices = _rng_devices([leaf for leaf in leaves if isinstance(leaf, Tensor)])
         before = _rng_state(devices)
         loss, params = self._eager(model, guide, args, kwargs)
@@ -494,8 +513,15 @@ class ReplayedFunction(_Graphs):
     :param rtol: tolerance of the verification, relative to each output's largest magnitude.
     """
 
-    def __init__(self, fn: Callable[..., Any], *, backend: str = "replay", verify: bool = True,
-                 max_graphs: int = 8, rtol: float = 1e-5) -> None:
+    def __init__(
+        self,
+        fn: Callable[..., Any],
+        *,
+        backend: str = "replay",
+        verify: bool = True,
+        max_graphs: int = 8,
+        rtol: float = 1e-5,
+    ) -> None:
         super().__init__(backend, verify, max_graphs, rtol)
         self.fn = fn
 
@@ -509,13 +535,13 @@ class ReplayedFunction(_Graphs):
         leaves, spec = pytree.tree_flatten((args, kwargs))
         store = pyro.get_param_store()
         key = _structure(leaves, spec, store)
-        graph = self._graphs.get(key, False)
-        if graph is False:
+        if key not in self._graphs:
             if key not in self._seen:
                 out = self._eager(args, kwargs)
                 self._seen[_structure(leaves, spec, store)] = True
                 return out
             return self._trace(key, leaves, spec, store)
+        graph = self._graphs[key]
         if graph is None:
             return self._eager(args, kwargs)
         tensors = self._inputs(graph, leaves, store)
@@ -586,8 +612,9 @@ class ReplayedFunction(_Graphs):
         return expected
 
 
-def _outputs_disagree(expected: Any, got: Any, rng: tuple[Tensor, ...], replay_rng: tuple[Tensor, ...],
-                      rtol: float) -> Optional[str]:
+def _outputs_disagree(
+    expected: Any, got: Any, rng: tuple[Tensor, ...], replay_rng: tuple[Tensor, ...], rtol: float
+) -> Optional[str]:
     if not all(torch.equal(a, b) for a, b in zip(rng, replay_rng)):
         return "it drew a different number of random values"
     e_leaves, e_spec = pytree.tree_flatten(expected)
@@ -618,13 +645,21 @@ def _reason(error: Exception) -> str:
     return f"{type(error).__name__}: {text}"[:300]
 
 
-def _disagreement(loss: float, grads: dict[str, Optional[Tensor]], replay_loss: float,
-                  replay_grads: dict[str, Tensor], rng: tuple[Tensor, ...], replay_rng: tuple[Tensor, ...],
-                  rtol: float) -> Optional[str]:
+def _disagreement(
+    loss: float,
+    grads: dict[str, Optional[Tensor]],
+    replay_loss: float,
+    replay_grads: dict[str, Tensor],
+    rng: tuple[Tensor, ...],
+    replay_rng: tuple[Tensor, ...],
+    rtol: float,
+) -> Optional[str]:
     """Why the replay is not the eager step, or ``None`` if it is (within ``rtol``)."""
     if not all(torch.equal(a, b) for a, b in zip(rng, replay_rng)):
         return "it drew a different number of random values"
-    if not math.isclose(loss, replay_loss, rel_tol=rtol, abs_tol=1e-6) and not (math.isnan(loss) and math.isnan(replay_loss)):
+    if not math.isclose(loss, replay_loss, rel_tol=rtol, abs_tol=1e-6) and not (
+        math.isnan(loss) and math.isnan(replay_loss)
+    ):
         return f"loss {replay_loss!r} instead of {loss!r}"
     eager = {name: g for name, g in grads.items() if g is not None}
     if set(eager) != set(replay_grads):
@@ -651,13 +686,17 @@ class _WriteGuard(TorchDispatchMode):
         super().__init__()
         self.created: dict[int, weakref.ref[Tensor]] = {}  # by id: tensors compare elementwise
 
-    def __torch_dispatch__(self, func, types, args=(), kwargs=None):  # type: ignore[no-untyped-def]
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         kwargs = kwargs or {}
         schema = func._schema
         if schema.is_mutable:
             for argument, value in zip(schema.arguments, args):
-                if (argument.alias_info is not None and argument.alias_info.is_write
-                        and isinstance(value, Tensor) and not self._made_here(value)):
+                if (
+                    argument.alias_info is not None
+                    and argument.alias_info.is_write
+                    and isinstance(value, Tensor)
+                    and not self._made_here(value)
+                ):
                     raise _Untraceable(f"it writes into a tensor it did not create ({func.name()})")
         out = func(*args, **kwargs)
         for tensor in pytree.tree_leaves(out):
@@ -679,7 +718,8 @@ def _unreplayable(module: torch.fx.GraphModule) -> Optional[str]:
             continue
         tags = node.target.tags
         if (torch.Tag.dynamic_output_shape in tags and not _integer_indexing(node)) or (
-                torch.Tag.data_dependent_output in tags):
+            torch.Tag.data_dependent_output in tags
+        ):
             return f"it uses {node.target.name()}, whose output shape depends on the values"
     return None
 
@@ -687,10 +727,16 @@ def _unreplayable(module: torch.fx.GraphModule) -> Optional[str]:
 def _integer_indexing(node: torch.fx.Node) -> bool:
     """An ``index``/``index_put`` whose indices are all integer tensors: its output shape is that
     of the indices, not of their values (boolean masks would be the values)."""
-    if node.target not in (torch.ops.aten.index.Tensor, torch.ops.aten.index_put.default,
-                           torch.ops.aten.index_put_.default, torch.ops.aten._unsafe_index.Tensor):
+    if node.target not in (
+        torch.ops.aten.index.Tensor,
+        torch.ops.aten.index_put.default,
+        torch.ops.aten.index_put_.default,
+        torch.ops.aten._unsafe_index.Tensor,
+    ):
         return False
-    indices = node.args[1] if len(node.args) > 1 else node.kwargs.get("indices", ())
+    indices = cast(  # the op's list of index tensors (None: a dimension taken whole)
+        Sequence[Optional[torch.fx.Node]], node.args[1] if len(node.args) > 1 else node.kwargs.get("indices", ())
+    )
     for index in indices:
         if index is None:
             continue
@@ -708,29 +754,32 @@ class ReplayedELBO(ELBO):
     ``loss_and_grads`` the step's params are announced to Pyro (one ``pyro.param`` call each), so
     that ``SVI.step`` finds and steps them as usual.
 
-    :param objective: the objective to replay.
+    :param objective: the objective to replay (a subclass of ``pyro.infer.ELBO``).
     :param kwargs: passed to :class:`LossAndGradsReplay`.
     """
 
     def __init__(self, objective: ELBO, **kwargs: Any) -> None:
-        super().__init__(num_particles=objective.num_particles,
-                         max_plate_nesting=objective.max_plate_nesting,
-                         vectorize_particles=objective.vectorize_particles)
+        super().__init__(
+            num_particles=objective.num_particles,
+            max_plate_nesting=objective.max_plate_nesting,
+            vectorize_particles=objective.vectorize_particles,
+        )
         self.objective = objective
-        self.replay = LossAndGradsReplay(objective, **kwargs)
+        # The base class ELBO has no loss methods: every subclass defines its own (protocols.Objective).
+        self.replay = LossAndGradsReplay(cast(Objective, objective), **kwargs)
 
     def _get_trace(self, model: Callable, guide: Callable, args: tuple, kwargs: dict) -> Any:
         return self.objective._get_trace(model, guide, args, kwargs)
 
     def loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
-        return self.objective.loss(model, guide, *args, **kwargs)
+        return cast(Objective, self.objective).loss(model, guide, *args, **kwargs)
 
     def differentiable_loss(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> Tensor:
-        return self.objective.differentiable_loss(model, guide, *args, **kwargs)
+        # a subclass method, on neither the base class ELBO nor protocols.Objective
+        return cast(Any, self.objective).differentiable_loss(model, guide, *args, **kwargs)
 
     def loss_and_grads(self, model: Callable, guide: Callable, *args: Any, **kwargs: Any) -> float:
         loss, params = self.replay(model, guide, *args, **kwargs)
         for name in params:
             pyro.param(name)
         return loss
-

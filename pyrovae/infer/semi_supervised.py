@@ -4,7 +4,8 @@ its classifier q(y|x), and the ELBO of unlabelled points with the label summed o
 from __future__ import annotations
 
 import warnings
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import torch
 from pyro import poutine
@@ -60,8 +61,14 @@ def unlabelled_elbo(
             with warnings.catch_warnings():
                 # y is observed in both now; Pyro's model/guide check still lists it as a guide-only var
                 warnings.filterwarnings("ignore", message="Found non-auxiliary vars in guide but not model")
-                traces = vectorized_traces(poutine.condition(model, data=fixed), poutine.condition(sampling, data=fixed),
-                                           (batch, local, len(index)), {}, num_particles, 1)
+                traces = vectorized_traces(
+                    poutine.condition(model, data=fixed),
+                    poutine.condition(sampling, data=fixed),
+                    (batch, local, len(index)),
+                    {},
+                    num_particles,
+                    1,
+                )
             log_w = per_datapoint_log_weights(*traces, num_particles, 1).log_w
             assert log_w.shape == (num_particles, len(index))
             per_class.append(log_w.mean(0))

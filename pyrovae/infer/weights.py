@@ -13,8 +13,9 @@ summed over everything belonging to data point b (event dims and any plates nest
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -65,9 +66,7 @@ def guess_max_plate_nesting(model: Callable, guide: Callable, args: tuple, kwarg
     guide_plates, model_plates = SubsampleRecorder(), SubsampleRecorder()
     with poutine.block(), torch.no_grad(), rng_preserved():
         guide_trace = poutine.trace(guide_plates(guide)).get_trace(*args, **kwargs)
-        model_trace = poutine.trace(
-            poutine.replay(model_plates(model), trace=guide_trace)
-        ).get_trace(*args, **kwargs)
+        model_trace = poutine.trace(poutine.replay(model_plates(model), trace=guide_trace)).get_trace(*args, **kwargs)
     check_subsamples(model_plates, guide_plates)
     depth = 0
     for trace in (prune_subsample_sites(model_trace), prune_subsample_sites(guide_trace)):
@@ -86,7 +85,7 @@ class SubsampleRecorder(Messenger):
         super().__init__()
         self.plates: dict[str, tuple[bool, int, Optional[int]]] = {}
 
-    def _pyro_sample(self, msg) -> None:  # type: ignore[no-untyped-def]
+    def _pyro_sample(self, msg) -> None:
         fn = msg["fn"]
         if isinstance(fn, _Subsample):
             self.plates[msg["name"]] = (msg["value"] is not None, fn.size, fn.subsample_size)
@@ -133,10 +132,7 @@ def has_auxiliary_sites(guide_trace: Any) -> bool:
     """Whether a guide samples auxiliary sites (``infer={"is_auxiliary": True}``, as Pyro's
     autoguides do); its latent sites are then deterministic functions of them (``Delta`` sites
     whose ``log_density`` carries the Jacobian), and log q is the sum over all its sites."""
-    return any(
-        site["type"] == "sample" and site["infer"].get("is_auxiliary")
-        for site in guide_trace.nodes.values()
-    )
+    return any(site["type"] == "sample" and site["infer"].get("is_auxiliary") for site in guide_trace.nodes.values())
 
 
 def check_proposal(model_trace: Any, guide_trace: Any) -> None:
@@ -180,12 +176,10 @@ def vectorized_traces(
 
         return wrapped
 
-    return get_importance_trace(
-        "flat", max_plate_nesting + 1, vectorize(model), vectorize(guide), args, kwargs
-    )
+    return get_importance_trace("flat", max_plate_nesting + 1, vectorize(model), vectorize(guide), args, kwargs)
 
 
-def data_frame(site: dict, plate_name: str):  # type: ignore[no-untyped-def]
+def data_frame(site: Mapping[str, Any], plate_name: str):
     """The ``CondIndepStackFrame`` of the data plate ``plate_name`` a site sits in.
 
     :raises ValueError: the site is outside that plate, with what to do about it.
@@ -215,7 +209,6 @@ def data_frame(site: dict, plate_name: str):  # type: ignore[no-untyped-def]
         f"evaluation (iwae, score, log_likelihood, evaluate_dataset) need every sample site inside "
         f"pyro.plate({plate_name!r}, num_data, subsample=index){hint}"
     )
-
 
 
 def reduce_to_datapoints(
@@ -357,7 +350,7 @@ def per_datapoint_log_weights(
     if log_w is None:
         raise ValueError("the model has no sample sites")
     if len({size for _, _, size in sizes}) != 1:
-        distinct = {}
+        distinct: dict[tuple[int, int], tuple[str, str, tuple[int, int]]] = {}
         for role, name, size in sizes:
             distinct.setdefault(size, (role, name, size))
         raise _subsampling_error(plate_name, list(distinct.values()))

@@ -5,8 +5,8 @@ from pyrovae.models.hierarchical import HierarchicalVAE, latent_site_names
 from pyrovae.models.linear_gaussian import LinearGaussian
 from pyrovae.models.m2 import M2, join_labels, split_labels
 from pyrovae.models.mixture import GaussianMixture
-from pyrovae.models.quadrants import join_quadrants, quadrant_mask, split_quadrants
 from pyrovae.models.priors import FlowPrior, MixturePrior, StandardNormalPrior, VampPrior
+from pyrovae.models.quadrants import join_quadrants, quadrant_mask, split_quadrants
 from pyrovae.models.vae import LIKELIHOODS, VAE
 
 __all__ = [

@@ -19,7 +19,8 @@ so ``pyro.infer.SVI`` with an empty guide and ``Trace_ELBO`` is maximum likeliho
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence
+from collections.abc import Sequence
+from typing import Any, Optional
 
 import pyro
 import pyro.distributions as dist
@@ -37,6 +38,8 @@ class MaskedConv2d(nn.Conv2d):
     """A convolution that sees only the cells before the centre in raster order (mask ``"A"``),
     or those and the centre (mask ``"B"``)."""
 
+    mask: torch.Tensor  # a registered buffer
+
     def __init__(self, in_channels: int, out_channels: int, kernel_size: int, mask: str) -> None:
         if mask not in ("A", "B"):
             raise ValueError(f"mask must be 'A' or 'B', got {mask!r}")
@@ -45,8 +48,8 @@ class MaskedConv2d(nn.Conv2d):
         super().__init__(in_channels, out_channels, kernel_size, padding=kernel_size // 2)
         centre = kernel_size // 2
         m = torch.ones_like(self.weight)
-        m[:, :, centre, centre + (mask == "B"):] = 0
-        m[:, :, centre + 1:] = 0
+        m[:, :, centre, centre + (mask == "B") :] = 0
+        m[:, :, centre + 1 :] = 0
         self.register_buffer("mask", m)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -86,8 +89,15 @@ class CodePrior:
 
     amortized = True
 
-    def __init__(self, num_codes: int, grid: Sequence[int], channels: int = 64, layers: int = 4,
-                 condition_channels: int = 0, name: str = "code_prior") -> None:
+    def __init__(
+        self,
+        num_codes: int,
+        grid: Sequence[int],
+        channels: int = 64,
+        layers: int = 4,
+        condition_channels: int = 0,
+        name: str = "code_prior",
+    ) -> None:
         self.num_codes = int(num_codes)
         self.grid = tuple(int(g) for g in grid)
         self.net = _PixelCNN(self.num_codes, channels, layers, condition_channels)
@@ -99,14 +109,21 @@ class CodePrior:
         """``(B, H, W, K)`` logits of p(c_ij | c_{<ij}) for integer grids ``(B, H, W)``."""
         return self.net(codes, condition)
 
-    def __call__(self, x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None, condition: Optional[torch.Tensor] = None) -> Any:
+    def __call__(
+        self,
+        x: Optional[torch.Tensor] = None,
+        index: Optional[torch.Tensor] = None,
+        num_data: Optional[int] = None,
+        condition: Optional[torch.Tensor] = None,
+    ) -> Any:
         register(self.name, self.net)
         if x is None:
             raise ValueError("CodePrior scores code grids; use .sample(n) to draw new ones")
         codes = x.round().long().reshape(-1, *self.grid)
         if codes.min() < 0 or codes.max() >= self.num_codes:
-            raise ValueError(f"codes must lie in [0, {self.num_codes - 1}], got [{int(codes.min())}, {int(codes.max())}]")
+            raise ValueError(
+                f"codes must lie in [0, {self.num_codes - 1}], got [{int(codes.min())}, {int(codes.max())}]"
+            )
         with data_plate(x, index, num_data):
             fn = dist.Categorical(logits=self.logits(codes, condition)).to_event(2)
             pyro.sample("codes", fn, obs=codes)
@@ -117,8 +134,13 @@ class CodePrior:
         return dist.Categorical(logits=self.logits(codes, condition)).log_prob(codes).sum((-2, -1))
 
     @torch.no_grad()
-    def sample(self, num: int, device: torch.device | str = "cpu", condition: Optional[torch.Tensor] = None,
-               temperature: float = 1.0) -> torch.Tensor:
+    def sample(
+        self,
+        num: int,
+        device: torch.device | str = "cpu",
+        condition: Optional[torch.Tensor] = None,
+        temperature: float = 1.0,
+    ) -> torch.Tensor:
         """Draw ``num`` code grids ``(num, H, W)`` cell by cell in raster order."""
         if num < 1:
             raise ValueError(f"num must be at least 1, got {num}")
@@ -132,8 +154,9 @@ class CodePrior:
         return codes
 
 
-def empty_guide(x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,
-                num_data: Optional[int] = None) -> None:
+def empty_guide(
+    x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+) -> None:
     """The guide of a model without latent sites: SVI with it is maximum likelihood."""
     return None
 
@@ -147,8 +170,16 @@ class ConditionalCodePrior(CodePrior):
     :param cond_grid: its shape.
     """
 
-    def __init__(self, num_codes: int, grid: Sequence[int], cond_num_codes: int, cond_grid: Sequence[int],
-                 channels: int = 64, layers: int = 4, name: str = "code_prior_bottom") -> None:
+    def __init__(
+        self,
+        num_codes: int,
+        grid: Sequence[int],
+        cond_num_codes: int,
+        cond_grid: Sequence[int],
+        channels: int = 64,
+        layers: int = 4,
+        name: str = "code_prior_bottom",
+    ) -> None:
         super().__init__(num_codes, grid, channels, layers, condition_channels=cond_num_codes, name=name)
         self.cond_num_codes = int(cond_num_codes)
         self.cond_grid = tuple(int(g) for g in cond_grid)
@@ -158,8 +189,12 @@ class ConditionalCodePrior(CodePrior):
         one_hot = F.one_hot(cond_codes, self.cond_num_codes).permute(0, 3, 1, 2).float()
         return F.interpolate(one_hot, size=self.grid, mode="nearest")
 
-    def __call__(self, x: Optional[torch.Tensor] = None, index: Optional[torch.Tensor] = None,  # type: ignore[override]
-                 num_data: Optional[int] = None) -> Any:
+    def __call__(  # type: ignore[override]  # on purpose: the condition comes from x, not from a keyword
+        self,
+        x: Optional[torch.Tensor] = None,
+        index: Optional[torch.Tensor] = None,
+        num_data: Optional[int] = None,
+    ) -> Any:
         if x is None:
             raise ValueError("ConditionalCodePrior scores code grids; use .sample(condition_codes) to draw")
         cells = self.grid[0] * self.grid[1]

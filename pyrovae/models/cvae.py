@@ -61,17 +61,19 @@ from pyro.infer.util import is_validation_enabled
 from torch import nn
 
 from pyrovae.checks import check_data
-from pyrovae.models.quadrants import join_quadrants, split_quadrants
 from pyrovae.distributions import BernoulliEvent, diag_normal
 from pyrovae.handlers import data_plate
 from pyrovae.models.m2 import concat_broadcast
+from pyrovae.models.quadrants import join_quadrants, split_quadrants
 from pyrovae.params import register
 
 #: The likelihoods p(y|...) of the unobserved pixels: Bernoulli logits, or N(mean, y_scale² I).
 CVAE_LIKELIHOODS: tuple[str, ...] = ("bernoulli", "gaussian")
 
-NEEDS_X = ("the CVAE models the unobserved quadrants given the observed ones, so it needs the images x "
-           "(whole rows; see pyrovae.models.quadrants); to draw completions use model.complete(x)")
+NEEDS_X = (
+    "the CVAE models the unobserved quadrants given the observed ones, so it needs the images x "
+    "(whole rows; see pyrovae.models.quadrants); to draw completions use model.complete(x)"
+)
 
 
 def y_distribution(out: torch.Tensor, likelihood: str, y_scale: float = 1.0) -> dist.TorchDistribution:
@@ -93,8 +95,10 @@ class _Conditional:
 
     def __init__(self, mask: torch.Tensor, likelihood: str, y_scale: float) -> None:
         if mask.dtype != torch.bool or mask.dim() != 1 or not mask.any() or mask.all():
-            raise ValueError("mask must be a 1-D boolean tensor with observed (True) and unobserved (False) "
-                             "pixels, e.g. pyrovae.models.quadrants.quadrant_mask(1)")
+            raise ValueError(
+                "mask must be a 1-D boolean tensor with observed (True) and unobserved (False) "
+                "pixels, e.g. pyrovae.models.quadrants.quadrant_mask(1)"
+            )
         if likelihood not in CVAE_LIKELIHOODS:
             raise ValueError(f"likelihood={likelihood!r} is not one of {CVAE_LIKELIHOODS}")
         if not y_scale > 0:
@@ -128,13 +132,20 @@ class CVAEBaseline(_Conditional):
     :param name: the ``pyro.module`` name of ``net``.
     """
 
-    def __init__(self, net: nn.Module, mask: torch.Tensor, likelihood: str = "bernoulli",
-                 y_scale: float = 1.0, name: str = "baseline_net") -> None:
+    def __init__(
+        self,
+        net: nn.Module,
+        mask: torch.Tensor,
+        likelihood: str = "bernoulli",
+        y_scale: float = 1.0,
+        name: str = "baseline_net",
+    ) -> None:
         super().__init__(mask, likelihood, y_scale)
         self.net, self.name = net, name
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> torch.Tensor:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> torch.Tensor:
         register(self.name, self.net)
         x_obs, y = self.split(x)
         out = self.net(x_obs)[..., ~self.mask.to(x_obs.device)]
@@ -169,9 +180,18 @@ class CVAE(_Conditional):
     :param likelihood: ``"bernoulli"`` or ``"gaussian"`` (N(g(z, x_obs), y_scale² I)).
     """
 
-    def __init__(self, prior_net: nn.Module, generation_net: nn.Module, mask: torch.Tensor, z_dim: int,
-                 baseline: Optional[CVAEBaseline] = None, likelihood: str = "bernoulli", y_scale: float = 1.0,
-                 prior_name: str = "prior_net", generation_name: str = "generation_net") -> None:
+    def __init__(
+        self,
+        prior_net: nn.Module,
+        generation_net: nn.Module,
+        mask: torch.Tensor,
+        z_dim: int,
+        baseline: Optional[CVAEBaseline] = None,
+        likelihood: str = "bernoulli",
+        y_scale: float = 1.0,
+        prior_name: str = "prior_net",
+        generation_name: str = "generation_net",
+    ) -> None:
         super().__init__(mask, likelihood, y_scale)
         if baseline is not None and not torch.equal(baseline.mask.cpu(), mask.cpu()):
             raise ValueError("the baseline observes other pixels than the CVAE: build both with one mask")
@@ -190,8 +210,9 @@ class CVAE(_Conditional):
         """``(z_loc, z_scale)`` of p_θ(z|x_obs)."""
         return self.prior_net(self.prior_input(x_obs))
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> torch.Tensor:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> torch.Tensor:
         register(self.prior_name, self.prior_net)
         register(self.generation_name, self.generation_net)
         if self.baseline is not None:

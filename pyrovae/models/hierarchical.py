@@ -39,6 +39,8 @@ class HierarchicalVAE(VAE):
     - [3] A. Vahdat, J. Kautz, "NVAE: A Deep Hierarchical Variational Autoencoder", NeurIPS 2020.
     """
 
+    decoder: HierarchicalDecoder
+
     def __init__(
         self,
         decoder: HierarchicalDecoder,

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, cast
 
 import pyro.distributions as dist
 import torch
@@ -68,7 +68,7 @@ class LinearGaussian(VAE):
         signal: float = 9.0,
         noise_scale: float = 1.0,
         seed: int = 0,
-    ) -> tuple["LinearGaussian", torch.Tensor]:
+    ) -> tuple[LinearGaussian, torch.Tensor]:
         r"""A random model x = W z + b + σ ε with W_ij ~ N(0, signal / x_dim), b_i ~ N(0, 1), and
         ``num_points`` points drawn from it, all from one seeded generator (torch's global RNG is
         not touched).
@@ -95,7 +95,8 @@ class LinearGaussian(VAE):
         return cls(x_dim, z_dim, noise_scale, weight=weight, bias=bias), x
 
     def _params(self, device: torch.device) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        return self.decoder.weight, self.decoder.bias, self.x_scale(device)
+        decoder = cast(nn.Linear, self.decoder)  # built in __init__
+        return decoder.weight, decoder.bias, self.x_scale(device)
 
     def log_marginal(self, x: torch.Tensor) -> torch.Tensor:
         """Exact log p(x) per row of ``x``, shape ``(B,)``."""
@@ -107,16 +108,15 @@ class LinearGaussian(VAE):
         weight, bias, noise_scale = self._params(x.device)
         return linear_gaussian_posterior(x, weight, bias, noise_scale)
 
-def _check_linear_gaussian_args(x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float) -> None:
+
+def _check_linear_gaussian_args(x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float | Tensor) -> None:
     if weight.dim() != 2:
         raise ValueError(
-            f"weight must have shape (x_dim, z_dim), got {tuple(weight.shape)}; pass "
-            f"dataset.truth['weight']."
+            f"weight must have shape (x_dim, z_dim), got {tuple(weight.shape)}; pass dataset.truth['weight']."
         )
     if bias.shape != weight.shape[:1]:
         raise ValueError(
-            f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, got "
-            f"{tuple(bias.shape)}."
+            f"bias must have shape ({weight.shape[0]},) to match weight {tuple(weight.shape)}, got {tuple(bias.shape)}."
         )
     if x.dim() != 2 or x.shape[1] != weight.shape[0]:
         raise ValueError(
@@ -127,9 +127,7 @@ def _check_linear_gaussian_args(x: Tensor, weight: Tensor, bias: Tensor, noise_s
         raise ValueError(f"noise_scale must be positive, got {noise_scale}.")
 
 
-def linear_gaussian_log_marginal(
-    x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float
-) -> Tensor:
+def linear_gaussian_log_marginal(x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float | Tensor) -> Tensor:
     r"""Exact log marginal likelihood of the linear-Gaussian model, one value per row of ``x``.
 
     .. math:: \log p(x) = \log \mathcal{N}(x;\ b,\ W W^\top + \sigma^2 I)
@@ -142,16 +140,14 @@ def linear_gaussian_log_marginal(
     """
     _check_linear_gaussian_args(x, weight, bias, noise_scale)
     eye = torch.eye(weight.shape[0], dtype=weight.dtype, device=weight.device)
-    marginal = dist.MultivariateNormal(
-        bias, covariance_matrix=weight @ weight.T + noise_scale**2 * eye
-    )
+    marginal = dist.MultivariateNormal(bias, covariance_matrix=weight @ weight.T + noise_scale**2 * eye)
     log_px = marginal.log_prob(x)
     assert log_px.shape == (x.shape[0],)
     return log_px
 
 
 def linear_gaussian_posterior(
-    x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float
+    x: Tensor, weight: Tensor, bias: Tensor, noise_scale: float | Tensor
 ) -> torch.distributions.MultivariateNormal:
     r"""Exact posterior :math:`p(z \mid x)` of the linear-Gaussian model, batched over rows of ``x``.
 

@@ -43,7 +43,7 @@ their choice is ``alpha = 0.1 N / N_l`` (:func:`paper_alpha`).
 from __future__ import annotations
 
 import contextlib
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 import pyro
 import pyro.distributions as dist
@@ -93,9 +93,7 @@ def join_labels(x: torch.Tensor, labels: Optional[torch.Tensor], num_classes: in
     return torch.cat([x, block], dim=-1)
 
 
-def split_labels(
-    x: torch.Tensor, x_dim: int, num_classes: int
-) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def split_labels(x: torch.Tensor, x_dim: int, num_classes: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """The inverse of :func:`join_labels` on a batch: ``(pixels (B, x_dim), y (B, C), labelled (B,))``.
     For unlabelled rows ``y`` is the one-hot of class 0, a valid value the model masks out. Points
     of width ``x_dim`` (no label columns) are all unlabelled."""
@@ -108,7 +106,9 @@ def split_labels(
         counts = block.sum(-1)
         # A data-dependent check reads values into Python, which keeps fit's step from being
         # replayed; it runs under Pyro's validation, as the other input checks do.
-        if is_validation_enabled() and not (((counts == 0) | (counts == 1)).all() and ((block == 0) | (block == 1)).all()):
+        if is_validation_enabled() and not (
+            ((counts == 0) | (counts == 1)).all() and ((block == 0) | (block == 1)).all()
+        ):
             raise ValueError("the label columns must be one-hot (a labelled point) or all zero (unlabelled)")
         labelled = counts == 1
     else:
@@ -166,16 +166,18 @@ class StraightThroughCategorical(dist.TorchDistribution):
     support = constraints.one_hot
     has_rsample = True
 
-    def __init__(self, temperature: torch.Tensor | float, logits: torch.Tensor, validate_args: Optional[bool] = None) -> None:
+    def __init__(
+        self, temperature: torch.Tensor | float, logits: torch.Tensor, validate_args: Optional[bool] = None
+    ) -> None:
         self.temperature = torch.as_tensor(temperature, dtype=logits.dtype, device=logits.device)
         self.logits = logits - logits.logsumexp(-1, keepdim=True)
         super().__init__(logits.shape[:-1], logits.shape[-1:], validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+    def expand(self, batch_shape, _instance=None):
         batch_shape = torch.Size(batch_shape)
         return StraightThroughCategorical(self.temperature, self.logits.expand(batch_shape + self.event_shape))
 
-    def rsample(self, sample_shape: torch.Size = torch.Size()) -> torch.Tensor:
+    def rsample(self, sample_shape: torch.Size | list[int] | tuple[int, ...] = torch.Size()) -> torch.Tensor:
         relaxed = dist.RelaxedOneHotCategorical(self.temperature, logits=self.logits)
         return QuantizeCategorical.apply(relaxed.rsample(sample_shape).clamp_min(torch.finfo(self.logits.dtype).tiny))
 
@@ -238,7 +240,9 @@ class M2:
         if not alpha >= 0:
             raise ValueError(f"alpha must be >= 0 (0: no classification term), got {alpha}")
         if not 0 < labelled_weight <= 1:
-            raise ValueError(f"labelled_weight must be in (0, 1] (1/r for r copies of each labelled point), got {labelled_weight}")
+            raise ValueError(
+                f"labelled_weight must be in (0, 1] (1/r for r copies of each labelled point), got {labelled_weight}"
+            )
         self.decoder, self.classifier = decoder, classifier
         self.x_dim, self.z_dim, self.num_classes = int(x_dim), int(z_dim), int(num_classes)
         self.alpha = float(alpha)
@@ -266,7 +270,7 @@ class M2:
         logits_y = prior_logits(self.num_classes, device, y_observed.dtype).expand(batch, self.num_classes)
         with data_plate(x, index, num_data), labelled_scale(labelled, self.labelled_weight):
             y_latent = pyro.sample("y", dist.OneHotCategorical(logits=logits_y))
-            with poutine.mask(mask=labelled):
+            with poutine.mask(mask=labelled):  # type: ignore[call-overload]  # Pyro's stub wants torch.BoolTensor, not a bool-dtype Tensor
                 pyro.sample("y_label", dist.OneHotCategorical(logits=logits_y), obs=y_observed)
             y = label_where_known(y_latent, y_observed, labelled)
             zeros = torch.zeros(batch, self.z_dim, device=device, dtype=y_observed.dtype)
@@ -275,7 +279,7 @@ class M2:
             pyro.sample("x", BernoulliEvent(out), obs=pixels)
             if pixels is not None and self.alpha > 0:
                 register(self.classifier_name, self.classifier)
-                with poutine.mask(mask=labelled), poutine.scale(scale=self.alpha):
+                with poutine.mask(mask=labelled), poutine.scale(scale=self.alpha):  # type: ignore[call-overload]  # Pyro's stub wants torch.BoolTensor, not a bool-dtype Tensor
                     pyro.sample("y_classifier", dist.OneHotCategorical(logits=self.classifier(pixels)), obs=y_observed)
         return out
 
@@ -294,10 +298,14 @@ class M2:
         return self.decode(z_loc, y)
 
     @torch.no_grad()
-    def sample(self, num_samples: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, num_samples: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ancestral sampling y ~ p(y), z ~ p(z), x ~ p_θ(x|y, z): ``(z, x_mean, x)``."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
-        trace = poutine.trace(self).get_trace(None, index=torch.arange(num_samples, device=device), num_data=num_samples)
-        z, y = trace.nodes["z"]["value"], trace.nodes["y"]["value"]
-        return z, self.decode(z, y), trace.nodes["x"]["value"]
+        trace = poutine.trace(self).get_trace(
+            None, index=torch.arange(num_samples, device=device), num_data=num_samples
+        )
+        z, y = cast(torch.Tensor, trace.nodes["z"]["value"]), cast(torch.Tensor, trace.nodes["y"]["value"])
+        return z, self.decode(z, y), cast(torch.Tensor, trace.nodes["x"]["value"])

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, cast
 
 import pyro
 import pyro.distributions as dist
@@ -108,9 +108,12 @@ class GaussianMixture:
         device = self.init_locs.device if device is None else device
         return pyro.param(
             f"{self.prefix}.scale_tril",
-            lambda: self.init_scale * torch.eye(self.dim, dtype=self.init_locs.dtype, device=device).expand(
-                self.num_components, self.dim, self.dim
-            ).clone(),
+            lambda: (
+                self.init_scale
+                * torch.eye(self.dim, dtype=self.init_locs.dtype, device=device)
+                .expand(self.num_components, self.dim, self.dim)
+                .clone()
+            ),
             constraint=constraints.lower_cholesky,
         )
 
@@ -133,7 +136,7 @@ class GaussianMixture:
         """
         k, d = self.num_components, self.dim
         store = pyro.get_param_store()
-        values = []
+        values: list[tuple[str, torch.Tensor, constraints.Constraint]] = []
         if weights is not None:
             if not self.learn_weights:
                 raise ValueError("this mixture has fixed uniform weights; build it with learn_weights=True")
@@ -197,9 +200,7 @@ class GaussianMixture:
         return torch.softmax(self.log_joint(x), dim=-1)
 
     @torch.no_grad()
-    def sample(
-        self, num_samples: int, device: torch.device | str = "cpu"
-    ) -> tuple[torch.Tensor, torch.Tensor]:
+    def sample(self, num_samples: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor]:
         """Ancestral sampling z ~ π, x ~ N(μ_z, Σ_z).
 
         :return: ``(z, x)`` with shapes ``(n,)`` and ``(n, D)``.
@@ -208,4 +209,4 @@ class GaussianMixture:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         index = torch.arange(num_samples, device=device)
         trace = poutine.trace(self).get_trace(None, index=index, num_data=num_samples)
-        return trace.nodes["z"]["value"], trace.nodes["x"]["value"]
+        return cast(torch.Tensor, trace.nodes["z"]["value"]), cast(torch.Tensor, trace.nodes["x"]["value"])

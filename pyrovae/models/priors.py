@@ -49,11 +49,13 @@ draw), and :func:`pyrovae.kl_to_prior` does the same.
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional, cast
 
 import pyro.distributions as dist
 import pyro.distributions.transforms as T
 import torch
+from pyro.nn import AutoRegressiveNN
 from torch import nn
 from torch.nn import functional as F
 
@@ -82,7 +84,7 @@ class StandardNormalPrior:
     def __init__(self, z_dim: int) -> None:
         self.z_dim = int(z_dim)
 
-    def to(self, device: torch.device | str) -> "StandardNormalPrior":
+    def to(self, device: torch.device | str) -> StandardNormalPrior:
         return self
 
     def __call__(self, batch_size: int, device: torch.device | str) -> dist.TorchDistribution:
@@ -111,7 +113,7 @@ class DiagonalMixture(dist.MixtureSameFamily):
     _loc: Optional[torch.Tensor] = None
     _scale: Optional[torch.Tensor] = None
 
-    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+    def expand(self, batch_shape, _instance=None):
         new = super().expand(batch_shape, _instance)
         new._loc, new._scale = self._loc, self._scale
         return new
@@ -128,8 +130,9 @@ class DiagonalMixture(dist.MixtureSameFamily):
         z, loc, scale = value.double().unsqueeze(-2), loc.double(), scale.double()  # z: (..., 1, z_dim)
         precision = scale.pow(-2)  # a: (..., K, z_dim)
         shift = loc * precision  # b
-        constant = (-0.5 * (loc * shift).sum(-1) - torch.log(scale).sum(-1)
-                    - 0.5 * loc.shape[-1] * math.log(2 * math.pi))  # (..., K)
+        constant = (
+            -0.5 * (loc * shift).sum(-1) - torch.log(scale).sum(-1) - 0.5 * loc.shape[-1] * math.log(2 * math.pi)
+        )  # (..., K)
         quadratic = (-0.5 * z.pow(2) @ precision.transpose(-1, -2) + z @ shift.transpose(-1, -2)).squeeze(-2)
         log_prob_z = (quadratic + constant).to(value.dtype)
         log_weights = torch.log_softmax(self.mixture_distribution.logits, dim=-1)
@@ -180,15 +183,21 @@ class MixturePrior:
         shape = (self.num_components, self.z_dim)
         loc = torch.randn(shape) if loc is None else torch.as_tensor(loc, dtype=torch.get_default_dtype())
         scale = torch.as_tensor(scale, dtype=torch.get_default_dtype()).expand(shape).clone()
-        logits = torch.zeros(self.num_components) if logits is None else torch.as_tensor(logits, dtype=torch.get_default_dtype())
+        logits = (
+            torch.zeros(self.num_components)
+            if logits is None
+            else torch.as_tensor(logits, dtype=torch.get_default_dtype())
+        )
         if loc.shape != shape or logits.shape != (self.num_components,):
-            raise ValueError(f"loc must be {shape} and logits ({self.num_components},), got "
-                             f"{tuple(loc.shape)} and {tuple(logits.shape)}")
+            raise ValueError(
+                f"loc must be {shape} and logits ({self.num_components},), got "
+                f"{tuple(loc.shape)} and {tuple(logits.shape)}"
+            )
         if not bool((scale > 0).all()):
             raise ValueError("the initial scales must be positive")
         self.module = _MixtureParams(loc.clone(), scale, logits.clone())
 
-    def to(self, device: torch.device | str) -> "MixturePrior":
+    def to(self, device: torch.device | str) -> MixturePrior:
         self.module.to(device)
         return self
 
@@ -264,12 +273,14 @@ class VampPrior:
         self.encoder_name, self.name = encoder_name, name
         init = paper_pseudo_inputs(self.num_pseudo_inputs, self.x_dim) if init is None else torch.as_tensor(init)
         if tuple(init.shape) != (self.num_pseudo_inputs, self.x_dim):
-            raise ValueError(f"init must be (num_pseudo_inputs, x_dim) = {(self.num_pseudo_inputs, self.x_dim)}, "
-                             f"got {tuple(init.shape)}")
+            raise ValueError(
+                f"init must be (num_pseudo_inputs, x_dim) = {(self.num_pseudo_inputs, self.x_dim)}, "
+                f"got {tuple(init.shape)}"
+            )
         device = next((p.device for p in encoder.parameters()), torch.device("cpu"))
         self.module = _PseudoInputs(init.detach().clone().to(torch.get_default_dtype())).to(device)
 
-    def to(self, device: torch.device | str) -> "VampPrior":
+    def to(self, device: torch.device | str) -> VampPrior:
         self.module.to(device)
         return self
 
@@ -340,11 +351,12 @@ class FlowPrior:
         if identity_init:
             with torch.no_grad():
                 for layer in self.layers:
-                    last = layer.arn.layers[-1]
+                    # an affine autoregressive transform: its network's last layer is a (masked) nn.Linear
+                    last = cast(nn.Linear, cast(AutoRegressiveNN, layer.arn).layers[-1])
                     last.weight.zero_()
                     last.bias.zero_()
 
-    def to(self, device: torch.device | str) -> "FlowPrior":
+    def to(self, device: torch.device | str) -> FlowPrior:
         self.layers.to(device)
         return self
 
@@ -360,4 +372,3 @@ class FlowPrior:
         base = dist.Normal(zeros, torch.ones_like(zeros)).to_event(1)
         # z = T_1⁻¹(… T_L⁻¹(ε)): TransformedDistribution applies its list left to right.
         return dist.TransformedDistribution(base, [layer.inv for layer in reversed(self.layers)])
-

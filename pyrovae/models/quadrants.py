@@ -20,7 +20,7 @@ and :func:`join_quadrants` puts the two back together. The quadrants are observe
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 
@@ -39,8 +39,10 @@ def _height_width(image_shape: Sequence[int]) -> tuple[int, int]:
     if len(shape) == 3 and shape[0] == 1:
         shape = shape[1:]
     if len(shape) != 2 or min(shape) < 2:
-        raise ValueError(f"image_shape must be (height, width) or (1, height, width), each >= 2, got {tuple(image_shape)}")
-    return shape  # type: ignore[return-value]
+        raise ValueError(
+            f"image_shape must be (height, width) or (1, height, width), each >= 2, got {tuple(image_shape)}"
+        )
+    return shape
 
 
 def quadrant_mask(num_quadrants: int, image_shape: Sequence[int] = (28, 28)) -> torch.Tensor:
@@ -52,7 +54,9 @@ def quadrant_mask(num_quadrants: int, image_shape: Sequence[int] = (28, 28)) -> 
     :param image_shape: ``(height, width)`` or ``(1, height, width)``.
     """
     if num_quadrants not in QUADRANT_CHOICES:
-        raise ValueError(f"num_quadrants must be 1, 2 or 3 (how many of the four quadrants are observed), got {num_quadrants!r}")
+        raise ValueError(
+            f"num_quadrants must be 1, 2 or 3 (how many of the four quadrants are observed), got {num_quadrants!r}"
+        )
     height, width = _height_width(image_shape)
     rows = (slice(0, height // 2), slice(height // 2, height))
     cols = (slice(0, width // 2), slice(width // 2, width))

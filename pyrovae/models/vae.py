@@ -3,7 +3,7 @@
 
 from __future__ import annotations
 
-from typing import Any, Literal, Optional
+from typing import Any, Literal, Optional, cast
 
 import pyro
 import pyro.distributions as dist
@@ -90,13 +90,17 @@ class VAE:
             raise ValueError(f"the prior is over {prior.z_dim} latent dimensions but z_dim={self.z_dim}")
         self.latent_prior = prior
 
-    def x_scale(self, device: torch.device, dtype: Optional[torch.dtype] = None, x_dim: Optional[int] = None) -> torch.Tensor:
+    def x_scale(
+        self, device: torch.device, dtype: Optional[torch.dtype] = None, x_dim: Optional[int] = None
+    ) -> torch.Tensor:
         """σ_x of the Gaussian likelihood (the Pyro param ``"x_scale"`` when learned: a scalar, or
         one per pixel with ``x_scale_shape="pixel"``, shape ``(x_dim,)``), fixed σ_x in ``dtype``."""
         if self.learn_x_scale:
-            shape = (x_dim,) if self.x_scale_shape == "pixel" else ()
-            if self.x_scale_shape == "pixel" and x_dim is None:
-                raise ValueError("a per-pixel σ_x needs x_dim")
+            shape: tuple[int, ...] = ()
+            if self.x_scale_shape == "pixel":
+                if x_dim is None:
+                    raise ValueError("a per-pixel σ_x needs x_dim")
+                shape = (x_dim,)
             return pyro.param(
                 "x_scale",
                 lambda: torch.full(shape, self.x_scale_init, device=device, dtype=dtype),
@@ -131,6 +135,7 @@ class VAE:
             check_data(x, self.likelihood)
         device = batch_device(x, index)
         with data_plate(x, index, num_data) as batch_index:
+            assert batch_index is not None  # a vectorized plate yields its indices
             with latent_scale(self.beta):
                 z = self.sample_latents(batch_index.size(0), device)
             out = self.decoder(z)
@@ -142,8 +147,9 @@ class VAE:
         decoder reads: here z ~ p(z) at site ``"z"``; models with more layers override this."""
         return pyro.sample("z", self.prior(batch_size, device))
 
-    def decode(self, z: torch.Tensor) -> torch.Tensor:
-        """The mean of p_θ(x|z): probabilities (Bernoulli) or means (Gaussian)."""
+    def decode(self, z: torch.Tensor | tuple[torch.Tensor, ...]) -> torch.Tensor:
+        """The mean of p_θ(x|z): probabilities (Bernoulli) or means (Gaussian). ``z`` is what the
+        decoder reads: a tensor, or a tuple for a decoder of several latents (VQ-VAE-2's)."""
         out = self.decoder(z)
         return torch.sigmoid(out) if self.likelihood == "bernoulli" else out
 
@@ -159,5 +165,5 @@ class VAE:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         index = torch.arange(num_samples, device=device)
         trace = poutine.trace(self).get_trace(None, index=index, num_data=num_samples)
-        z = trace.nodes["z"]["value"]
-        return z, self.decode(z), trace.nodes["x"]["value"]
+        z = cast(torch.Tensor, trace.nodes["z"]["value"])
+        return z, self.decode(z), cast(torch.Tensor, trace.nodes["x"]["value"])

@@ -39,7 +39,8 @@ uniform prior).
 from __future__ import annotations
 
 import math
-from typing import Optional, Sequence
+from collections.abc import Sequence
+from typing import Optional, cast
 
 import pyro
 import pyro.distributions as dist
@@ -54,8 +55,21 @@ from pyrovae.nets import _activation, _image_dims
 from pyrovae.params import register
 
 __all__ = [
-    "CodebookUniform", "add_codebook", "ema_update_", "VQ2Guide", "VQ2Networks", "VQDecoder", "VQEncoder", "VQGuide", "VQVAE", "VQVAE2",
-    "code_perplexity", "nearest_codes", "quantize", "vq2_metrics", "vq_metrics",
+    "CodebookUniform",
+    "add_codebook",
+    "ema_update_",
+    "VQ2Guide",
+    "VQ2Networks",
+    "VQDecoder",
+    "VQEncoder",
+    "VQGuide",
+    "VQVAE",
+    "VQVAE2",
+    "code_perplexity",
+    "nearest_codes",
+    "quantize",
+    "vq2_metrics",
+    "vq_metrics",
 ]
 
 
@@ -76,17 +90,22 @@ class CodebookUniform(dist.TorchDistribution):
     support = constraints.real  # the vectors of the codebook, a finite subset of R^D
     has_rsample = False
 
-    def __init__(self, codebook: torch.Tensor, grid: Sequence[int], batch_shape: Sequence[int] = (),
-                 validate_args: Optional[bool] = None) -> None:
+    def __init__(
+        self,
+        codebook: torch.Tensor,
+        grid: Sequence[int],
+        batch_shape: Sequence[int] = (),
+        validate_args: Optional[bool] = None,
+    ) -> None:
         self.codebook = codebook
         self.grid = tuple(int(g) for g in grid)
         event_shape = torch.Size(self.grid + (codebook.shape[-1],))
         super().__init__(torch.Size(batch_shape), event_shape, validate_args=validate_args)
 
-    def expand(self, batch_shape, _instance=None):  # type: ignore[no-untyped-def]
+    def expand(self, batch_shape, _instance=None):
         return CodebookUniform(self.codebook, self.grid, batch_shape)
 
-    def sample(self, sample_shape=torch.Size()):  # type: ignore[no-untyped-def]
+    def sample(self, sample_shape=torch.Size()):
         shape = torch.Size(sample_shape) + self.batch_shape + self.grid
         index = torch.randint(self.codebook.shape[0], shape, device=self.codebook.device)
         return self.codebook.detach()[index]
@@ -100,12 +119,13 @@ class CodebookUniform(dist.TorchDistribution):
 def nearest_codes(z_e: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor:
     """Index of the nearest codebook row (squared Euclidean) for every vector of ``z_e (..., D)``."""
     flat = z_e.reshape(-1, z_e.shape[-1])
-    distances = (flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1))
+    distances = flat.pow(2).sum(1, keepdim=True) - 2 * flat @ codebook.T + codebook.pow(2).sum(1)
     return distances.argmin(1).reshape(z_e.shape[:-1])
 
 
-def quantize(z_e: torch.Tensor, codebook: torch.Tensor, commitment: float,
-             codebook_loss: bool = True) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+def quantize(
+    z_e: torch.Tensor, codebook: torch.Tensor, commitment: float, codebook_loss: bool = True
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Vector-quantize ``z_e (..., H', W', D)``: the straight-through value z_e + sg(e_c - z_e), the
     codes c, and the per-point codebook + β·commitment loss summed over the grid (the commitment
     loss alone with ``codebook_loss=False``, for an EMA codebook)."""
@@ -118,8 +138,14 @@ def quantize(z_e: torch.Tensor, codebook: torch.Tensor, commitment: float,
     return z_e + (e - z_e).detach(), codes, loss
 
 
-def add_codebook(module: nn.Module, name: str, num_codes: int, code_dim: int, ema_decay: Optional[float] = None,
-                 ema_eps: float = 1e-5) -> None:
+def add_codebook(
+    module: nn.Module,
+    name: str,
+    num_codes: int,
+    code_dim: int,
+    ema_decay: Optional[float] = None,
+    ema_eps: float = 1e-5,
+) -> None:
     """Give ``module`` a ``num_codes × code_dim`` codebook called ``name``, drawn from U(-1/K, 1/K):
     a parameter (trained by the codebook loss), or with ``ema_decay`` a buffer with its moving
     averages ``<name>_ema_count``, ``<name>_ema_sum`` and step counter ``<name>_ema_steps``
@@ -136,7 +162,8 @@ def add_codebook(module: nn.Module, name: str, num_codes: int, code_dim: int, em
     module.register_buffer(f"{name}_ema_count", torch.zeros(num_codes))
     module.register_buffer(f"{name}_ema_sum", torch.zeros(num_codes, code_dim))
     module.register_buffer(f"{name}_ema_steps", torch.zeros((), dtype=torch.long))
-    module.ema_decay, module.ema_eps = float(ema_decay), float(ema_eps)
+    # torch types Module.__setattr__'s value as Tensor | Module; plain attributes are allowed too
+    module.ema_decay, module.ema_eps = float(ema_decay), float(ema_eps)  # type: ignore[assignment]
 
 
 def _one_of_several_processes() -> bool:
@@ -165,7 +192,7 @@ def ema_update_(module: nn.Module, name: str, z_e: torch.Tensor, codes: torch.Te
     codebook = getattr(module, name)
     count, total = getattr(module, f"{name}_ema_count"), getattr(module, f"{name}_ema_sum")
     steps = getattr(module, f"{name}_ema_steps")
-    decay, eps = module.ema_decay, module.ema_eps
+    decay, eps = cast(float, module.ema_decay), cast(float, module.ema_eps)  # set by add_codebook
     num_codes = codebook.shape[0]
     flat_codes = codes.reshape(-1)
     flat = z_e.reshape(-1, z_e.shape[-1]).to(total.dtype)
@@ -183,14 +210,18 @@ class VQEncoder(nn.Module):
     """Images ``(..., C·H·W)`` → z_e ``(..., H/4, W/4, D)``: two stride-2 4×4 convolutions and a 1×1
     convolution to D channels."""
 
-    def __init__(self, image_shape: Sequence[int], code_dim: int, channels: Sequence[int] = (32, 64),
-                 activation: str = "relu") -> None:
+    def __init__(
+        self, image_shape: Sequence[int], code_dim: int, channels: Sequence[int] = (32, 64), activation: str = "relu"
+    ) -> None:
         super().__init__()
         self.image_shape = _image_dims(image_shape)
         c1, c2 = (int(v) for v in channels)
         act = _activation(activation)
         self.net = nn.Sequential(
-            nn.Conv2d(self.image_shape[0], c1, 4, 2, 1), act(), nn.Conv2d(c1, c2, 4, 2, 1), act(),
+            nn.Conv2d(self.image_shape[0], c1, 4, 2, 1),
+            act(),
+            nn.Conv2d(c1, c2, 4, 2, 1),
+            act(),
             nn.Conv2d(c2, code_dim, 1),
         )
         self.grid = (self.image_shape[1] // 4, self.image_shape[2] // 4)
@@ -206,14 +237,18 @@ class VQDecoder(nn.Module):
     """Code grids ``(..., H', W', D)`` → images ``(..., C·H·W)`` (logits or means): a 3×3
     convolution, then two stride-2 4×4 transposed convolutions."""
 
-    def __init__(self, image_shape: Sequence[int], code_dim: int, channels: Sequence[int] = (32, 64),
-                 activation: str = "relu") -> None:
+    def __init__(
+        self, image_shape: Sequence[int], code_dim: int, channels: Sequence[int] = (32, 64), activation: str = "relu"
+    ) -> None:
         super().__init__()
         self.image_shape = _image_dims(image_shape)
         c1, c2 = (int(v) for v in channels)
         act = _activation(activation)
         self.net = nn.Sequential(
-            nn.Conv2d(code_dim, c2, 3, 1, 1), act(), nn.ConvTranspose2d(c2, c1, 4, 2, 1), act(),
+            nn.Conv2d(code_dim, c2, 3, 1, 1),
+            act(),
+            nn.ConvTranspose2d(c2, c1, 4, 2, 1),
+            act(),
             nn.ConvTranspose2d(c1, self.image_shape[0], 4, 2, 1),
         )
         self.x_dim = math.prod(self.image_shape)
@@ -236,9 +271,18 @@ class VQVAE(VAE):
     :param ema_decay: γ of EMA codebook updates (e.g. 0.99); ``None``: the codebook loss trains it.
     """
 
-    def __init__(self, decoder: VQDecoder, num_codes: int, code_dim: int, grid: Sequence[int],
-                 likelihood: Likelihood = "bernoulli", x_scale: float = 1.0, learn_x_scale: bool = False,
-                 name: str = "decoder", ema_decay: Optional[float] = None) -> None:
+    def __init__(
+        self,
+        decoder: VQDecoder,
+        num_codes: int,
+        code_dim: int,
+        grid: Sequence[int],
+        likelihood: Likelihood = "bernoulli",
+        x_scale: float = 1.0,
+        learn_x_scale: bool = False,
+        name: str = "decoder",
+        ema_decay: Optional[float] = None,
+    ) -> None:
         if num_codes < 2:
             raise ValueError(f"num_codes must be at least 2, got {num_codes}")
         if not hasattr(decoder, "codebook"):
@@ -249,7 +293,7 @@ class VQVAE(VAE):
 
     @property
     def codebook(self) -> torch.Tensor:
-        return self.decoder.codebook
+        return cast(torch.Tensor, self.decoder.codebook)  # a parameter or buffer (add_codebook)
 
     @property
     def ema(self) -> bool:
@@ -264,7 +308,7 @@ class VQVAE(VAE):
         return self.decode(self.codebook[codes])
 
     @torch.no_grad()
-    def reconstruct(self, guide: "VQGuide", x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, guide: VQGuide, x: torch.Tensor) -> torch.Tensor:
         """The decoder's mean at the codes the guide gives ``x``."""
         return self.decode_codes(guide.codes(x))
 
@@ -293,8 +337,9 @@ class VQGuide:
         with torch.no_grad():
             return nearest_codes(self.encoder(x), self.model.codebook)
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> torch.Tensor:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> torch.Tensor:
         if x is None:
             raise ValueError("the VQ guide needs the data x")
         register(self.name, self.encoder)
@@ -356,8 +401,20 @@ class VQ2Networks(nn.Module):
     (``K_top × D``, ``K_bottom × D``) are parameters here.
     """
 
-    def __init__(self, image_shape: Sequence[int], code_dim: int, num_codes_top: int, num_codes_bottom: int,
-                 channels: int = 64, activation: str = "relu", ema_decay: Optional[float] = None) -> None:
+    # registered by add_codebook, as parameters or (EMA) buffers
+    codebook_top: torch.Tensor
+    codebook_bottom: torch.Tensor
+
+    def __init__(
+        self,
+        image_shape: Sequence[int],
+        code_dim: int,
+        num_codes_top: int,
+        num_codes_bottom: int,
+        channels: int = 64,
+        activation: str = "relu",
+        ema_decay: Optional[float] = None,
+    ) -> None:
         super().__init__()
         self.image_shape = _image_dims(image_shape)
         c, h, w = self.image_shape
@@ -367,13 +424,17 @@ class VQ2Networks(nn.Module):
         self.grid_top = (h // 4, w // 4)
         self.grid_bottom = (h // 2, w // 2)
         self.x_dim = c * h * w
-        self.enc_bottom = nn.Sequential(nn.Conv2d(c, channels, 4, 2, 1), act(), nn.Conv2d(channels, channels, 3, 1, 1), act())
+        self.enc_bottom = nn.Sequential(
+            nn.Conv2d(c, channels, 4, 2, 1), act(), nn.Conv2d(channels, channels, 3, 1, 1), act()
+        )
         self.enc_top = nn.Sequential(nn.Conv2d(channels, channels, 4, 2, 1), act(), nn.Conv2d(channels, d, 1))
         self.top_to_bottom = nn.ConvTranspose2d(d, channels, 4, 2, 1)
         self.pre_bottom = nn.Conv2d(2 * channels, d, 1)
         self.upsample_top = nn.ConvTranspose2d(d, d, 4, 2, 1)
         self.dec = nn.Sequential(
-            nn.Conv2d(2 * d, channels, 3, 1, 1), act(), nn.ConvTranspose2d(channels, c, 4, 2, 1),
+            nn.Conv2d(2 * d, channels, 3, 1, 1),
+            act(),
+            nn.ConvTranspose2d(channels, c, 4, 2, 1),
         )
         add_codebook(self, "codebook_top", num_codes_top, d, ema_decay)
         add_codebook(self, "codebook_bottom", num_codes_bottom, d, ema_decay)
@@ -411,8 +472,14 @@ class VQVAE2(VAE):
       VQ-VAE-2", NeurIPS 2019.
     """
 
-    def __init__(self, networks: VQ2Networks, likelihood: Likelihood = "bernoulli", x_scale: float = 1.0,
-                 learn_x_scale: bool = False, name: str = "decoder") -> None:
+    def __init__(
+        self,
+        networks: VQ2Networks,
+        likelihood: Likelihood = "bernoulli",
+        x_scale: float = 1.0,
+        learn_x_scale: bool = False,
+        name: str = "decoder",
+    ) -> None:
         super().__init__(networks, networks.code_dim, likelihood, x_scale, learn_x_scale, 1.0, name)
         self.networks = networks
         self.grid = networks.grid_bottom
@@ -430,18 +497,20 @@ class VQVAE2(VAE):
         return self.decode((self.networks.codebook_bottom[codes], self.networks.codebook_top[codes_top]))
 
     @torch.no_grad()
-    def reconstruct(self, guide: "VQ2Guide", x: torch.Tensor) -> torch.Tensor:
+    def reconstruct(self, guide: VQ2Guide, x: torch.Tensor) -> torch.Tensor:
         return self.decode_codes(*guide.codes(x))
 
     @torch.no_grad()
-    def sample(self, num_samples: int, device: torch.device | str = "cpu") -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def sample(
+        self, num_samples: int, device: torch.device | str = "cpu"
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Ancestral sampling under the uniform training priors: ``(z, x_mean, x)``, z the bottom grid."""
         if num_samples < 1:
             raise ValueError(f"num_samples must be at least 1, got {num_samples}")
         index = torch.arange(num_samples, device=device)
         trace = pyro.poutine.trace(self).get_trace(None, index=index, num_data=num_samples)
-        z, z_top = trace.nodes["z"]["value"], trace.nodes["z2"]["value"]
-        return z, self.decode((z, z_top)), trace.nodes["x"]["value"]
+        z, z_top = cast(torch.Tensor, trace.nodes["z"]["value"]), cast(torch.Tensor, trace.nodes["z2"]["value"])
+        return z, self.decode((z, z_top)), cast(torch.Tensor, trace.nodes["x"]["value"])
 
 
 class VQ2Guide:
@@ -470,14 +539,16 @@ class VQ2Guide:
         z_top, codes_top, loss_top = quantize(z_e_top, net.codebook_top, self.commitment, codebook_loss=not net.ema)
         decoded_top = net.top_to_bottom(net._channels_first(z_top))
         z_e_bottom = net._channels_last(net.pre_bottom(torch.cat([features, decoded_top], 1)))
-        z_bottom, codes_bottom, loss_bottom = quantize(z_e_bottom, net.codebook_bottom, self.commitment,
-                                                       codebook_loss=not net.ema)
+        z_bottom, codes_bottom, loss_bottom = quantize(
+            z_e_bottom, net.codebook_bottom, self.commitment, codebook_loss=not net.ema
+        )
         if net.ema and torch.is_grad_enabled():
             # After both quantizations, so the bottom codes are chosen with the codebooks of this step.
             ema_update_(net, "codebook_top", z_e_top.detach(), codes_top)
             ema_update_(net, "codebook_bottom", z_e_bottom.detach(), codes_bottom)
-        return tuple(t.reshape(*batch, *t.shape[1:]) for t in
-                     (z_bottom, z_top, codes_bottom, codes_top, loss_bottom + loss_top))
+        return tuple(
+            t.reshape(*batch, *t.shape[1:]) for t in (z_bottom, z_top, codes_bottom, codes_top, loss_bottom + loss_top)
+        )
 
     def codes(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """The integer code grids (bottom ``(..., H/2, W/2)``, top ``(..., H/4, W/4)``)."""
@@ -485,8 +556,9 @@ class VQ2Guide:
             _, _, codes_bottom, codes_top, _ = self._encode(x)
         return codes_bottom, codes_top
 
-    def __call__(self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None,
-                 num_data: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    def __call__(
+        self, x: Optional[torch.Tensor], index: Optional[torch.Tensor] = None, num_data: Optional[int] = None
+    ) -> tuple[torch.Tensor, torch.Tensor]:
         if x is None:
             raise ValueError("the VQ-VAE-2 guide needs the data x")
         register(self.model.name, self.model.networks)
@@ -515,9 +587,14 @@ def vq2_metrics(model: VQVAE2, guide: VQ2Guide, x: torch.Tensor, batch_size: int
     kl = math.prod(model.grid) * math.log(model.num_codes) + math.prod(model.grid_top) * math.log(model.num_codes_top)
     bottom, top = torch.cat(bottoms), torch.cat(tops)
     return {
-        "reconstruction_log_lik": ll.mean().item(), "bound": (ll - kl).mean().item(), "kl_uniform_prior": kl,
+        "reconstruction_log_lik": ll.mean().item(),
+        "bound": (ll - kl).mean().item(),
+        "kl_uniform_prior": kl,
         "squared_error": torch.cat(sq_err).mean().item(),
-        "perplexity": code_perplexity(bottom, model.num_codes), "perplexity_top": code_perplexity(top, model.num_codes_top),
-        "codes_used": int(torch.unique(bottom).numel()), "codes_used_top": int(torch.unique(top).numel()),
-        "num_codes": model.num_codes, "num_codes_top": model.num_codes_top,
+        "perplexity": code_perplexity(bottom, model.num_codes),
+        "perplexity_top": code_perplexity(top, model.num_codes_top),
+        "codes_used": int(torch.unique(bottom).numel()),
+        "codes_used_top": int(torch.unique(top).numel()),
+        "num_codes": model.num_codes,
+        "num_codes_top": model.num_codes_top,
     }

@@ -29,7 +29,8 @@ import os
 import pathlib
 import random
 import tempfile
-from typing import Any, Callable, Mapping, Optional, Union
+from collections.abc import Callable, Mapping
+from typing import Any, Optional, Union
 
 import numpy as np
 import pyro.distributions.constraints as pyro_constraints
@@ -59,7 +60,7 @@ PathLike = Union[str, os.PathLike]
 MapLocation = Union[str, torch.device, None]
 
 
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def _safe_constraint_classes() -> tuple[type, ...]:
     # The param store's state holds one constraint object per parameter; these classes only hold
     # data (bounds, event dims), so allowing them keeps weights_only loading safe.
@@ -106,14 +107,11 @@ def save_checkpoint(path: PathLike, state: dict[str, Any]) -> None:
         ``torch.load(weights_only=True)`` could not read back.
     """
     if not isinstance(state, dict):
-        raise ValueError(
-            f"state must be a dict, got {type(state).__name__}; wrap it, e.g. {{'model': state}}."
-        )
+        raise ValueError(f"state must be a dict, got {type(state).__name__}; wrap it, e.g. {{'model': state}}.")
     reserved = {"format", "version", "checksum"} & set(state)
     if reserved:
         raise ValueError(
-            f"state uses the reserved key(s) {sorted(reserved)}, which save_checkpoint fills in; "
-            f"rename them."
+            f"state uses the reserved key(s) {sorted(reserved)}, which save_checkpoint fills in; rename them."
         )
     payload = {**state, "format": CHECKPOINT_FORMAT, "version": CHECKPOINT_VERSION}
     payload["checksum"] = _digest(payload)
@@ -192,8 +190,8 @@ def load_checkpoint(path: PathLike, map_location: MapLocation = "cpu") -> dict[s
             f"{path} has no SHA-256 checksum, which pyrovae checkpoints need since format version "
             f"{CHECKPOINT_VERSION} (a version-{payload['version']} file, written by an older pyrovae "
             f"or with its 'checksum' entry removed), so damage to it could not be detected. "
-            f"If you trust the file, re-save it with a checksum: python -c \"from "
-            f"pyrovae.runtime.checkpoint import upgrade_checkpoint; upgrade_checkpoint({str(path)!r})\"."
+            f'If you trust the file, re-save it with a checksum: python -c "from '
+            f'pyrovae.runtime.checkpoint import upgrade_checkpoint; upgrade_checkpoint({str(path)!r})".'
         )
     if checksum != _digest(payload):
         raise ValueError(
@@ -234,9 +232,7 @@ def upgrade_checkpoint(path: PathLike, out: Optional[PathLike] = None) -> pathli
 def _read(path: pathlib.Path, map_location: MapLocation) -> dict[str, Any]:
     """A pyrovae checkpoint's payload, read weights-only, with its format and version checked."""
     if not path.is_file():
-        raise FileNotFoundError(
-            f"No checkpoint at {path.absolute()}; check the path, or train first to write one."
-        )
+        raise FileNotFoundError(f"No checkpoint at {path.absolute()}; check the path, or train first to write one.")
     try:
         with torch.serialization.safe_globals(list(_safe_constraint_classes())):
             payload = torch.load(path, map_location=map_location, weights_only=True)
@@ -400,8 +396,12 @@ def load_params(
         if model is None or guide is None:
             raise ValueError("pass both model and guide (and args) to bind the loaded values now, or neither")
         params.inspect(model, guide, args, kwargs)
-    return {k: v for k, v in payload.items() if k not in ("params", "constraints", "buffers", "format", "version")
-            and payload.get("format") == CHECKPOINT_FORMAT}
+    return {
+        k: v
+        for k, v in payload.items()
+        if k not in ("params", "constraints", "buffers", "format", "version")
+        and payload.get("format") == CHECKPOINT_FORMAT
+    }
 
 
 def _param_store_globals() -> list[Any]:

@@ -21,8 +21,9 @@ from __future__ import annotations
 
 import os
 from collections import defaultdict
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Optional, TypeVar
+from typing import Any, Optional, TypeVar
 
 import numpy as np
 import torch
@@ -84,8 +85,7 @@ def env_world() -> World:
     world = World(_env_int("RANK", 0), _env_int("WORLD_SIZE", 1), _env_int("LOCAL_RANK", 0))
     if world.world_size < 1 or not 0 <= world.rank < world.world_size:
         raise ValueError(
-            f"RANK={world.rank}, WORLD_SIZE={world.world_size} do not describe a process group; "
-            "let torchrun set them"
+            f"RANK={world.rank}, WORLD_SIZE={world.world_size} do not describe a process group; let torchrun set them"
         )
     return world
 

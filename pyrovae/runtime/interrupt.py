@@ -77,12 +77,13 @@ class StopSignals:
             self._first_at = time.monotonic()
             logger.warning(
                 "%s received: stopping after the current step and saving a checkpoint "
-                "(send it again to stop at once, without saving)", signal.Signals(signum).name
+                "(send it again to stop at once, without saving)",
+                signal.Signals(signum).name,
             )
         elif time.monotonic() - self._first_at > FORCE_AFTER_SECONDS:
             raise KeyboardInterrupt(f"{signal.Signals(signum).name} received twice: stopped without saving")
 
-    def __enter__(self) -> "StopSignals":
+    def __enter__(self) -> StopSignals:
         if self.enabled and threading.current_thread() is threading.main_thread():
             for signum in self.SIGNALS:
                 self._previous[signum] = signal.signal(signum, self._handle)

@@ -41,8 +41,9 @@ MMAP_THRESHOLD_MAX = 32 * 1024 * 1024
 _tuned = False
 
 
-def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = 64 * 2**30,
-                top_pad: int = 256 * 2**20) -> bool:
+def tune_malloc(
+    mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = 64 * 2**30, top_pad: int = 256 * 2**20
+) -> bool:
     """Make glibc ``malloc`` keep and reuse large freed blocks (see the module docstring).
 
     Does nothing (returns ``False``) off Linux/glibc, when ``PYROVAE_NO_MALLOC_TUNING`` is set, or
@@ -68,8 +69,11 @@ def tune_malloc(mmap_threshold: int = MMAP_THRESHOLD_MAX, trim_threshold: int = 
     clamp = lambda value: min(int(value), 2**31 - 1)  # noqa: E731 - mallopt takes an int
     ok = all(
         mallopt(param, clamp(value)) == 1
-        for param, value in ((_M_MMAP_THRESHOLD, mmap_threshold), (_M_TRIM_THRESHOLD, trim_threshold),
-                             (_M_TOP_PAD, top_pad))
+        for param, value in (
+            (_M_MMAP_THRESHOLD, mmap_threshold),
+            (_M_TRIM_THRESHOLD, trim_threshold),
+            (_M_TOP_PAD, top_pad),
+        )
     )
     if not ok:
         logger.debug("glibc refused a mallopt setting; malloc left as it was")
@@ -93,7 +97,9 @@ def machine_info(device: torch.device | str = "cpu") -> dict[str, Any]:
     }
     try:
         lscpu = subprocess.run(["lscpu"], capture_output=True, text=True, timeout=10).stdout
-        info["cpu"] = next(line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name"))
+        info["cpu"] = next(
+            line.split(":", 1)[1].strip() for line in lscpu.splitlines() if line.startswith("Model name")
+        )
     except (OSError, StopIteration, subprocess.SubprocessError):
         info["cpu"] = platform.processor() or platform.machine()
     if device.type == "cuda":

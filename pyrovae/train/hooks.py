@@ -7,8 +7,9 @@ from __future__ import annotations
 import logging
 import math
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import IO, Any, Callable, Optional
+from typing import IO, Any, Optional
 
 import torch
 from tqdm.auto import tqdm
@@ -87,8 +88,10 @@ class TestBound(Hook):
 def _epoch_line(state: TrainState, epochs: Optional[int]) -> str:
     history = state.history
     test = history.test_bound[-1] if history.test_bound else None
-    return (f"epoch {history.epoch[-1]}/{epochs or '?'}: train {history.bound_name} {history.train_bound[-1]:.3f}, "
-            f"test {'n/a' if test is None else f'{test:.3f}'} ({history.seconds[-1]:.1f} s)")
+    return (
+        f"epoch {history.epoch[-1]}/{epochs or '?'}: train {history.bound_name} {history.train_bound[-1]:.3f}, "
+        f"test {'n/a' if test is None else f'{test:.3f}'} ({history.seconds[-1]:.1f} s)"
+    )
 
 
 class Progress(Hook):
@@ -112,8 +115,13 @@ class Progress(Hook):
 
     def on_epoch_start(self, trainer: Trainer, state: TrainState) -> None:
         if self.bars:
-            self._steps = tqdm(total=trainer.steps_per_epoch, initial=state.step, desc=f"epoch {state.epoch + 1}",
-                               leave=False, file=self.out)
+            self._steps = tqdm(
+                total=trainer.steps_per_epoch,
+                initial=state.step,
+                desc=f"epoch {state.epoch + 1}",
+                leave=False,
+                file=self.out,
+            )
 
     def on_step_end(self, trainer: Trainer, state: TrainState, result: StepResult) -> None:
         if self._steps is not None:
@@ -186,8 +194,13 @@ class Checkpoint(Hook):
     :param last_saved: the epoch of the checkpoint already on disk (when resuming).
     """
 
-    def __init__(self, path: Any, contents: Callable[[], dict[str, Any]], world: World = World(),
-                 last_saved: Optional[int] = None) -> None:
+    def __init__(
+        self,
+        path: Any,
+        contents: Callable[[], dict[str, Any]],
+        world: World = World(),
+        last_saved: Optional[int] = None,
+    ) -> None:
         self.path, self.contents, self.world, self.last_saved = path, contents, world, last_saved
 
     def save(self, state: TrainState) -> None:
@@ -196,13 +209,16 @@ class Checkpoint(Hook):
         payload = self.contents()
         if not self.world.is_main:
             return
-        save_checkpoint(self.path, {
-            **payload,
-            "epoch": state.epoch,
-            "position": state.position() if state.mid_epoch else None,
-            "history": state.history.to_dict(),
-            "generator": state.generator.get_state(),
-        })
+        save_checkpoint(
+            self.path,
+            {
+                **payload,
+                "epoch": state.epoch,
+                "position": state.position() if state.mid_epoch else None,
+                "history": state.history.to_dict(),
+                "generator": state.generator.get_state(),
+            },
+        )
 
     def on_epoch_end(self, trainer: Trainer, state: TrainState) -> None:
         self.save(state)
@@ -217,4 +233,3 @@ class Checkpoint(Hook):
         if self.path is not None and self.last_saved is not None:
             return f"The last checkpoint, {self.path} (epoch {self.last_saved}), is intact."
         return "No checkpoint had been written yet."
-

@@ -10,14 +10,15 @@ step with the gap. In one process without clipping it makes exactly the update `
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Union
+from collections.abc import Callable
+from typing import Optional, Union
 
 import torch
-from pyro.infer import ELBO
 from pyro.optim import PyroOptim
 
 from pyrovae.infer.loop import StepResult
 from pyrovae.infer.replay import LossAndGradsReplay, choose_backend
+from pyrovae.protocols import Objective
 from pyrovae.runtime.distributed import World, all_reduce_sum_
 
 __all__ = ["GradientStep", "StepResult"]
@@ -54,7 +55,7 @@ class GradientStep:
         self,
         model: Callable,
         guide: Callable,
-        objective: ELBO,
+        objective: Objective,
         optimizer: PyroOptim,
         *,
         local_params: frozenset[str] = frozenset(),
@@ -113,7 +114,9 @@ class GradientStep:
             all_reduce_sum_(grads + [scalars], self.world)
             for name, grad in zip(names, grads):
                 if name in self.local_params:
-                    params[name].grad.zero_().index_copy_(0, batch_index, grad)
+                    full_grad = params[name].grad
+                    assert full_grad is not None  # every param was given a gradient above
+                    full_grad.zero_().index_copy_(0, batch_index, grad)
             loss, stop = scalars[0].item(), bool(scalars[1].item() > 0)
 
         problem = None

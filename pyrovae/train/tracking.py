@@ -53,8 +53,9 @@ import math
 import os
 import pathlib
 import time
+from collections.abc import Sequence
 from types import ModuleType
-from typing import Any, Optional, Sequence
+from typing import Any, Optional
 
 import torch
 import torchvision.utils
@@ -86,7 +87,7 @@ def _require(module: str, extra: str, who: str) -> ModuleType:
         return importlib.import_module(module)
     except ImportError:
         raise MissingExtraError(
-            f"{who} needs the {extra} package, which is not installed: pip install \"pyrovae[{extra}]\"", extra
+            f'{who} needs the {extra} package, which is not installed: pip install "pyrovae[{extra}]"', extra
         ) from None
 
 
@@ -108,10 +109,21 @@ class TrackingLogger(FitHook):
     :param flush_seconds: also write the step buffer during an epoch when this much time passed.
     """
 
-    def __init__(self, *, log_every: int = 10, config: Optional[dict[str, Any]] = None, summary_points: int = 1000,
-                 images: bool = True, num_images: int = 64, flush_seconds: float = 30.0) -> None:
-        for name, value, least in (("log_every", log_every, 1), ("summary_points", summary_points, 0),
-                                   ("num_images", num_images, 1)):
+    def __init__(
+        self,
+        *,
+        log_every: int = 10,
+        config: Optional[dict[str, Any]] = None,
+        summary_points: int = 1000,
+        images: bool = True,
+        num_images: int = 64,
+        flush_seconds: float = 30.0,
+    ) -> None:
+        for name, value, least in (
+            ("log_every", log_every, 1),
+            ("summary_points", summary_points, 0),
+            ("num_images", num_images, 1),
+        ):
             if not isinstance(value, int) or isinstance(value, bool) or value < least:
                 raise ValueError(f"{name} must be an integer >= {least}, got {value!r}")
         if not flush_seconds > 0:
@@ -154,6 +166,7 @@ class TrackingLogger(FitHook):
         if not self._active:
             return
         self.flush()
+        assert self.context is not None  # _active
         epoch = state.epoch
         with torch.random.fork_rng(devices=self._cuda_devices()), torch.no_grad():
             torch.manual_seed(self.context.seed + epoch)
@@ -175,8 +188,11 @@ class TrackingLogger(FitHook):
         if not self._active:
             return
         step = self._last_step if step is None else step
-        rows = [(prefix + name, float(value), step) for name, value in metrics.items()
-                if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)]
+        rows = [
+            (prefix + name, float(value), step)
+            for name, value in metrics.items()
+            if isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+        ]
         self._ensure_open()
         self._write_scalars(rows)
         self._flush_backend()
@@ -294,7 +310,7 @@ class TrackingLogger(FitHook):
             self._close(status)
             self._opened = False
 
-    def __enter__(self) -> "TrackingLogger":
+    def __enter__(self) -> TrackingLogger:
         return self
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
@@ -409,8 +425,15 @@ class MLflowLogger(TrackingLogger):
     :raises MissingExtraError: when MLflow is not installed (``pip install "pyrovae[mlflow]"``).
     """
 
-    def __init__(self, tracking_uri: Optional[str] = None, *, log_dir: str | os.PathLike = "mlruns",
-                 experiment: str = "pyrovae", run_name: Optional[str] = None, **options: Any) -> None:
+    def __init__(
+        self,
+        tracking_uri: Optional[str] = None,
+        *,
+        log_dir: str | os.PathLike = "mlruns",
+        experiment: str = "pyrovae",
+        run_name: Optional[str] = None,
+        **options: Any,
+    ) -> None:
         self._tracking = _require("mlflow.tracking", "mlflow", "MLflowLogger (log='mlflow')")
         self._entities = _require("mlflow.entities", "mlflow", "MLflowLogger (log='mlflow')")
         super().__init__(**options)
@@ -459,8 +482,9 @@ class MLflowLogger(TrackingLogger):
         self.client.set_terminated(self.run_id, status=status)
 
 
-def make_logger(name: str, log_dir: str | os.PathLike, tracking_uri: Optional[str] = None,
-                **options: Any) -> TrackingLogger:
+def make_logger(
+    name: str, log_dir: str | os.PathLike, tracking_uri: Optional[str] = None, **options: Any
+) -> TrackingLogger:
     """The logger ``name`` of :data:`LOGGERS` writing into ``log_dir`` (MLflow: or to ``tracking_uri``)."""
     if name == "tensorboard":
         if tracking_uri is not None:

@@ -14,24 +14,24 @@ import math
 import os
 import signal
 import warnings
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Callable, Optional, Sequence, Union
+from typing import Any, Optional, Union, cast
 
 import pyro
 import torch
-from pyro.infer import ELBO
 from pyro.params.param_store import _MODULE_NAMESPACE_DIVIDER as DIVIDER
 from pyro.poutine.messenger import Messenger
 from pyro.poutine.util import site_is_subsample
 
 from pyrovae import params
-from pyrovae.infer.objectives.base import PerDatapointObjective
 from pyrovae.data import Dataset, check_data
 from pyrovae.infer.local import frozen_params
 from pyrovae.infer.loop import History, StepResult, Trainer, TrainState
+from pyrovae.infer.objectives.base import PerDatapointObjective
 from pyrovae.infer.optim import make_pyro_optimizer
 from pyrovae.infer.replay import choose_backend
-from pyrovae.protocols import LocalGuide, RefinableGuide, StatefulObjective
+from pyrovae.protocols import LocalGuide, Objective, RefinableGuide, StatefulObjective
 from pyrovae.runtime.checkpoint import (
     remove_stale_temporaries,
     rng_state,
@@ -59,7 +59,7 @@ def fit(
     model: Callable,
     guide: Callable,
     dataset: Dataset | torch.Tensor | tuple[torch.Tensor, torch.Tensor],
-    objective: ELBO,
+    objective: Objective,
     *,
     epochs: int = 10,
     batch_size: int = 100,
@@ -164,34 +164,86 @@ def fit(
     else:
         state.generator.manual_seed(seed)
         _broadcast_params(sites, world)  # every process starts from rank 0's values, as DDP does
-    checkpoint = H.Checkpoint(checkpoint_path, lambda: _contents(sites, optimizer, objective, world, config, data),
-                              world, last_saved=None if saved is None else saved["epoch"])
+    checkpoint = H.Checkpoint(
+        checkpoint_path,
+        lambda: _contents(sites, optimizer, objective, world, config, data),
+        world,
+        last_saved=None if saved is None else saved["epoch"],
+    )
     generalises = data.test is not None and not sites.local
-    bound = (lambda: _sharded_bound(model, guide, objective, data.test, world)) if generalises else None
+    # generalises: data.test is not None
+    bound = (
+        (lambda: _sharded_bound(model, guide, objective, cast(torch.Tensor, data.test), world)) if generalises else None
+    )
     with pyro.validation_enabled(validate), StopSignals(handle_signals) as signals:
-        step = FitStep(GradientStep(model, guide, objective, optimizer, local_params=local, clip_norm=clip_norm,
-                                    world=world, fast_path=backend), data.num_train, world, signals, guide, local_steps, local_lr)
+        step = FitStep(
+            GradientStep(
+                model,
+                guide,
+                objective,
+                optimizer,
+                local_params=local,
+                clip_norm=clip_norm,
+                world=world,
+                fast_path=backend,
+            ),
+            data.num_train,
+            world,
+            signals,
+            guide,
+            local_steps,
+            local_lr,
+        )
         show = H.Progress() if progress else H.EpochLog()
         context = H.FitContext(
-            model, guide, objective, data.train, data.batch, data.test, generalises,
-            tuple(data.record["image_shape"]) if data.record.get("image_shape") else None, lr, lr_decay, seed,
-            settings=dict(epochs=epochs, batch_size=batch_size, lr=lr, lr_decay=lr_decay, seed=seed,
-                          clip_norm=clip_norm, objective=type(objective).__name__, bound=state.history.bound_name,
-                          num_particles=objective.num_particles, local_steps=local_steps, fast_path=str(fast_path)),
-            config=config, is_main=world.is_main)
+            model,
+            guide,
+            objective,
+            data.train,
+            data.batch,
+            data.test,
+            generalises,
+            tuple(data.record["image_shape"]) if data.record.get("image_shape") else None,
+            lr,
+            lr_decay,
+            seed,
+            settings=dict(
+                epochs=epochs,
+                batch_size=batch_size,
+                lr=lr,
+                lr_decay=lr_decay,
+                seed=seed,
+                clip_norm=clip_norm,
+                objective=type(objective).__name__,
+                bound=state.history.bound_name,
+                num_particles=objective.num_particles,
+                local_steps=local_steps,
+                fast_path=str(fast_path),
+            ),
+            config=config,
+            is_main=world.is_main,
+        )
         for hook in hooks:
             if isinstance(hook, H.FitHook):
                 hook.bind(context)
-        trainer = Trainer(step, data.train, batch_size=batch_size, prepare=data.batch, advice=(
-            f"Lower lr (--lr, now {lr}), clip gradients (clip_norm, --clip-norm), or check the data."),
-            hooks=[H.TestBound(bound), *([show] if world.is_main else []), checkpoint,
-                   H.StopOnSignal(signals, world, data.device), *hooks])
+        trainer = Trainer(
+            step,
+            data.train,
+            batch_size=batch_size,
+            prepare=data.batch,
+            advice=(f"Lower lr (--lr, now {lr}), clip gradients (clip_norm, --clip-norm), or check the data."),
+            hooks=[
+                H.TestBound(bound),
+                *([show] if world.is_main else []),
+                checkpoint,
+                H.StopOnSignal(signals, world, data.device),
+                *hooks,
+            ],
+        )
         trainer.run(state, epochs)
     if state.stop == "signal":
         raise _interrupted(signals, state, checkpoint_path, steps_per_epoch)
     return state.history
-
-
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,10 +275,18 @@ def training_data(data: Any, test_seed: Optional[int]) -> TrainingData:
     if isinstance(data, Dataset):
         check_data(data.train, data.likelihood, name=f"{data.name} train")
         test = evaluation_data(data, "test", test_seed) if test_seed is not None else None
-        record = {"name": data.name, "x_dim": data.x_dim, "likelihood": data.likelihood,
-                  "image_shape": list(data.image_shape) if data.image_shape else None}
-        return TrainingData(data.train, test, data.batch if data.binarize == "dynamic" else None,
-                            {**record, "fingerprint": data_fingerprint(data.train)})
+        record = {
+            "name": data.name,
+            "x_dim": data.x_dim,
+            "likelihood": data.likelihood,
+            "image_shape": list(data.image_shape) if data.image_shape else None,
+        }
+        return TrainingData(
+            data.train,
+            test,
+            data.batch if data.binarize == "dynamic" else None,
+            {**record, "fingerprint": data_fingerprint(data.train)},
+        )
     train, test = data if isinstance(data, tuple) and len(data) == 2 else (data, None)
     for name, x in (("the training points", train), ("the test points", test)):
         if x is None:
@@ -241,10 +301,17 @@ def training_data(data: Any, test_seed: Optional[int]) -> TrainingData:
         if not torch.isfinite(x).all():
             raise ValueError(f"{name} hold NaN or infinite entries; drop or impute them before fitting")
     if test is not None and test.shape[1:] != train.shape[1:]:
-        raise ValueError(f"the test points have shape {tuple(test.shape[1:])} but the training points "
-                         f"{tuple(train.shape[1:])}; both must share the same layout")
-    record = {"name": "tensor", "x_dim": int(train[0].numel()), "likelihood": None, "image_shape": None,
-              "fingerprint": data_fingerprint(train)}
+        raise ValueError(
+            f"the test points have shape {tuple(test.shape[1:])} but the training points "
+            f"{tuple(train.shape[1:])}; both must share the same layout"
+        )
+    record = {
+        "name": "tensor",
+        "x_dim": int(train[0].numel()),
+        "likelihood": None,
+        "image_shape": None,
+        "fingerprint": data_fingerprint(train),
+    }
     return TrainingData(train, test if test_seed is not None else None, None, record)
 
 
@@ -274,7 +341,12 @@ class _PlateDepth(Messenger):
 
 
 def dry_run(
-    model: Callable, guide: Callable, objective: ELBO, data: TrainingData, size: int, seed: int,
+    model: Callable,
+    guide: Callable,
+    objective: Objective,
+    data: TrainingData,
+    size: int,
+    seed: int,
     saved: Optional[dict[str, Any]],
 ) -> params.ParamSites:
     """One run of guide and model on a batch prepared as training prepares it (binarized by a
@@ -301,15 +373,17 @@ def dry_run(
     return sites
 
 
-def _load_modules(modules: dict[str, torch.nn.Module], saved: dict[str, Any]) -> None:
+def _load_modules(modules: Mapping[str, torch.nn.Module], saved: dict[str, Any]) -> None:
     for name, module in modules.items():
         if name not in saved:
-            raise ValueError(f"the checkpoint holds no weights for the network {name!r}; it was written "
-                             "for another model or guide: resume with the same one, or resume=False")
+            raise ValueError(
+                f"the checkpoint holds no weights for the network {name!r}; it was written "
+                "for another model or guide: resume with the same one, or resume=False"
+            )
         module.load_state_dict(saved[name])
 
 
-def _check_rows(rows: dict[str, int], num_data: int) -> None:
+def _check_rows(rows: Mapping[str, int], num_data: int) -> None:
     # Per-datapoint parameters (of a LocalGuide, or params with rows in the data plate) must have
     # one row per training point.
     for name, size in rows.items():
@@ -331,8 +405,16 @@ class FitStep:
     :class:`~pyrovae.train.step.GradientStep` (rows held fixed if they were refined). The stop
     signal travels with the gradients' all-reduce."""
 
-    def __init__(self, step: GradientStep, num_data: int, world: World, signals: StopSignals, guide: Any,
-                 local_steps: int = 0, local_lr: float = 0.0) -> None:
+    def __init__(
+        self,
+        step: GradientStep,
+        num_data: int,
+        world: World,
+        signals: StopSignals,
+        guide: Any,
+        local_steps: int = 0,
+        local_lr: float = 0.0,
+    ) -> None:
         self.step, self.num_data, self.world, self.signals = step, num_data, world, signals
         self.guide, self.local_steps, self.local_lr = guide, local_steps, local_lr
 
@@ -341,22 +423,30 @@ class FitStep:
         weight = None
         if len(index) == 0:  # a last batch smaller than the number of processes
             index, x, weight = batch_index[:1], x_batch[:1], 0.0
-        held = contextlib.nullcontext()
+        held: contextlib.AbstractContextManager[None] = contextlib.nullcontext()
         if self.local_steps:
             with frozen_params(lambda name: True):
                 self.guide.refine_rows(self.step.model, x, index, self.local_steps, self.local_lr)
             held = frozen_params(self.step.local_params.__contains__)
         with held:
-            return self.step(x, index, self.num_data, batch_index=batch_index, weight=weight,
-                             stop=self.signals.requested)
+            return self.step(
+                x, index, self.num_data, batch_index=batch_index, weight=weight, stop=self.signals.requested
+            )
 
 
 # ---------------------------------------------------------------------------------------------
 # Checks
 
 
-def _check_arguments(epochs: int, batch_size: int, lr: float, lr_decay: float, clip_norm: Optional[float],
-                     local_steps: int, local_lr: float) -> None:
+def _check_arguments(
+    epochs: int,
+    batch_size: int,
+    lr: float,
+    lr_decay: float,
+    clip_norm: Optional[float],
+    local_steps: int,
+    local_lr: float,
+) -> None:
     if not isinstance(local_steps, int) or isinstance(local_steps, bool) or local_steps < 0:
         raise ValueError(f"local_steps must be an integer >= 0, got {local_steps!r}")
     if local_steps and not local_lr > 0:
@@ -398,12 +488,13 @@ def _check_fit(guide: Callable, num_data: int, batch_size: int, local_steps: int
     _check_rows({"guide": guide.num_data} if isinstance(guide, LocalGuide) else {}, num_data)
 
 
-def _open_checkpoint(path: Any, resume: bool, config: Optional[dict[str, Any]], x_train: torch.Tensor,
-                     epochs: int, world: World) -> Optional[dict[str, Any]]:
+def _open_checkpoint(
+    path: Any, resume: bool, config: Optional[dict[str, Any]], x_train: torch.Tensor, epochs: int, world: World
+) -> Optional[dict[str, Any]]:
     # Rank 0 reads the checkpoint and hands it to the others, so only it needs the file.
     saved = run_on_main(lambda: read_resumable(path, resume, config, x_train, epochs), world)
     if resume and saved is None and world.is_main:
-        warnings.warn(f"resume=True: no checkpoint at {path}; starting from scratch")
+        warnings.warn(f"resume=True: no checkpoint at {path}; starting from scratch", stacklevel=2)
     if path is not None and world.is_main:
         remove_stale_temporaries(path)
     return saved
@@ -413,21 +504,29 @@ def _open_checkpoint(path: Any, resume: bool, config: Optional[dict[str, Any]], 
 # Checkpoints, resume, interruption
 
 
-def _rank_state(objective: ELBO) -> dict[str, Any]:
+def _rank_state(objective: Objective) -> dict[str, Any]:
     # What differs between processes: the global RNGs, and the state of stateful objectives (the
     # moving-average baseline of the score-function ELBO).
-    stateful = isinstance(objective, StatefulObjective)
-    return {"rng": rng_state(), "objective": objective.get_state() if stateful else None}
+    return {
+        "rng": rng_state(),
+        "objective": objective.get_state() if isinstance(objective, StatefulObjective) else None,
+    }
 
 
-def _set_rank_state(state: dict[str, Any], objective: ELBO) -> None:
+def _set_rank_state(state: dict[str, Any], objective: Objective) -> None:
     set_rng_state(state["rng"])
     if state.get("objective") is not None and isinstance(objective, StatefulObjective):
         objective.set_state(state["objective"])
 
 
-def _contents(sites: params.ParamSites, optimizer: Any, objective: ELBO, world: World,
-              config: Optional[dict[str, Any]], data: TrainingData) -> dict[str, Any]:
+def _contents(
+    sites: params.ParamSites,
+    optimizer: Any,
+    objective: Objective,
+    world: World,
+    config: Optional[dict[str, Any]],
+    data: TrainingData,
+) -> dict[str, Any]:
     rank_states = all_gather_objects(_rank_state(objective), world)
     if not world.is_main:
         return {}
@@ -471,8 +570,16 @@ def _to_device(tree: Any, device: torch.device) -> Any:
     return tree
 
 
-def _restore(saved: dict[str, Any], state: TrainState, optimizer: Any, objective: ELBO, world: World, seed: int,
-             path: Any, device: torch.device) -> None:
+def _restore(
+    saved: dict[str, Any],
+    state: TrainState,
+    optimizer: Any,
+    objective: Objective,
+    world: World,
+    seed: int,
+    path: Any,
+    device: torch.device,
+) -> None:
     optimizer.set_state(_to_device(saved["optimizer"], device))
     state.generator.set_state(saved["generator"].cpu())
     rank_states = saved.get("rank_states")
@@ -485,7 +592,8 @@ def _restore(saved: dict[str, Any], state: TrainState, optimizer: Any, objective
         warnings.warn(
             f"{path} was written by {written} process(es) and is resumed by {world.world_size}: training "
             "continues correctly, but the sampling noise after this point will not repeat the "
-            "uninterrupted run bit for bit"
+            "uninterrupted run bit for bit",
+            stacklevel=2,
         )
         pyro.set_rng_seed(rank_seed((seed + 1_000_003 * (saved["epoch"] + 1)) % 2**32, world.rank))
     state.history = History.from_dict(saved["history"])
@@ -512,7 +620,9 @@ def _interrupted(signals: StopSignals, state: TrainState, path: Any, steps_per_e
     where = f"epoch {state.epoch + 1}, step {step} of {steps_per_epoch}" if step else f"the end of epoch {state.epoch}"
     return TrainingInterrupted(
         f"interrupted by {signal.Signals(signum).name} at {where}: {saved}",
-        signum=signum, epoch=state.epoch + (1 if step else 0), step=step,
+        signum=signum,
+        epoch=state.epoch + (1 if step else 0),
+        step=step,
         checkpoint_path=None if path is None else str(path),
     )
 
@@ -521,7 +631,7 @@ def _interrupted(signals: StopSignals, state: TrainState, path: Any, steps_per_e
 # Bounds
 
 
-def bound_name(objective: ELBO) -> str:
+def bound_name(objective: Objective) -> str:
     """A human-readable name of the bound an objective optimises, e.g. ``"IWAE (K=5)"``."""
     own = getattr(objective, "bound_name", None)
     if isinstance(own, str):  # objectives that name their bound (MIWAE, PIWAE, CIWAE)
@@ -535,7 +645,7 @@ def bound_name(objective: ELBO) -> str:
 
 @torch.no_grad()
 def dataset_bound(
-    model: Callable, guide: Callable, objective: ELBO, x: torch.Tensor, batch_size: int = 500
+    model: Callable, guide: Callable, objective: Objective, x: torch.Tensor, batch_size: int = 500
 ) -> float:
     """The objective's bound on a whole data set in nats per point: -Σ loss / N over batches,
     each batch scaled by N/B by the data plate."""
@@ -547,7 +657,7 @@ def dataset_bound(
 
 
 def _sharded_bound(
-    model: Callable, guide: Callable, objective: ELBO, x: torch.Tensor, world: World, batch_size: int = 500
+    model: Callable, guide: Callable, objective: Objective, x: torch.Tensor, world: World, batch_size: int = 500
 ) -> float:
     # dataset_bound, with the points split across processes and the sums added up.
     if not world.is_distributed:
@@ -559,4 +669,3 @@ def _sharded_bound(
             total += objective.loss(model, guide, x[index], index, num_data) * len(index) / num_data
     all_reduce_sum_([total], world)
     return -total.item() / num_data
-

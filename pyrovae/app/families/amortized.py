@@ -15,7 +15,8 @@ def gaussian_encoder(config: Any, dataset: Any) -> Any:
 
     shape = image_shape(config, dataset)
     encoder = (
-        GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation) if shape is None
+        GaussianEncoder(dataset.x_dim, config.z_dim, config.hidden_sizes, config.activation)
+        if shape is None
         else ConvGaussianEncoder(shape, config.z_dim, _conv_width(config.hidden_sizes), activation=config.activation)
     )
     return encoder.to(config.device)

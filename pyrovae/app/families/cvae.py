@@ -44,29 +44,47 @@ def build_cvae_guide(config: Any, dataset: Any, model: Any) -> Any:
     from pyrovae.guides.cvae import CVAEGuide
     from pyrovae.nets import GaussianEncoder
 
-    return CVAEGuide(GaussianEncoder(model.x_dim, config.z_dim, config.hidden_sizes, config.activation).to(config.device))
+    return CVAEGuide(
+        GaussianEncoder(model.x_dim, config.z_dim, config.hidden_sizes, config.activation).to(config.device)
+    )
 
 
 def check_cvae(config: Any) -> None:
     if config.network != "mlp" or config.beta != 1.0 or config.weight_init != "torch":
-        raise ConfigError("model='cvae' has MLP networks with torch's initialisation and no KL weight: drop "
-                          "network, beta and weight_init", "network", "beta", "weight_init")
+        raise ConfigError(
+            "model='cvae' has MLP networks with torch's initialisation and no KL weight: drop "
+            "network, beta and weight_init",
+            "network",
+            "beta",
+            "weight_init",
+        )
 
 
 def cvae_defaults(flat: dict[str, Any]) -> dict[str, Any]:
     return {"quadrants": 1} if flat.get("quadrants") is None else {}
 
 
-def pretrain_baseline(config: Any, dataset: Any, model: Any, *, checkpoint_path: Any, resume: bool,
-                      progress: bool) -> None:
+def pretrain_baseline(
+    config: Any, dataset: Any, model: Any, *, checkpoint_path: Any, resume: bool, progress: bool
+) -> None:
     """The baseline by maximum likelihood (:func:`pyrovae.train.baseline.fit_baseline`), before the CVAE;
     its history stays in its checkpoint (``baseline_checkpoint.pt``)."""
     from pyrovae.train.baseline import fit_baseline
 
     fit_baseline(
-        model.baseline, dataset, epochs=config.cvae_baseline_epochs, batch_size=config.batch_size, lr=config.lr,
-        lr_decay=config.lr_decay, seed=config.seed, checkpoint_path=checkpoint_path, resume=resume,
-        config=config.to_dict(), progress=progress, clip_norm=config.clip_norm, fast_path=config.fast_path,
+        model.baseline,
+        dataset,
+        epochs=config.cvae_baseline_epochs,
+        batch_size=config.batch_size,
+        lr=config.lr,
+        lr_decay=config.lr_decay,
+        seed=config.seed,
+        checkpoint_path=checkpoint_path,
+        resume=resume,
+        config=config.to_dict(),
+        progress=progress,
+        clip_norm=config.clip_norm,
+        fast_path=config.fast_path,
     )
 
 
@@ -84,7 +102,7 @@ def cvae_metrics(config: Any, model: Any, guide: Any, x_test: Any, evaluation: A
     n = cvae.numel()
 
     def data_se(values: Any) -> float:
-        return (values.std() / n ** 0.5).item() if n > 1 else 0.0
+        return (values.std() / n**0.5).item() if n > 1 else 0.0
 
     return {
         "quadrants": config.quadrants,
@@ -112,8 +130,9 @@ def save_completions(out: Any, dataset: Any, model: Any, guide: Any, seed: int =
     x = evaluation_data(dataset, "test", seed)[:SHOWN]
     torch.manual_seed(seed)
     rows = completion_rows(model, x)
-    plots.save_image_grid(rows.reshape(-1, rows.shape[-1]).cpu(), out / "completions.png", dataset.image_shape,
-                          nrow=x.shape[0])
+    plots.save_image_grid(
+        rows.reshape(-1, rows.shape[-1]).cpu(), out / "completions.png", dataset.image_shape, nrow=x.shape[0]
+    )
 
 
 def completion_rows(model: Any, x: Any, num_samples: int = SAMPLES_SHOWN) -> Any:

@@ -14,8 +14,12 @@ def build_hvae(config: Any, dataset: Any) -> Any:
     from pyrovae.nets import HierarchicalDecoder
 
     decoder = HierarchicalDecoder(
-        dataset.x_dim, (config.z_dim, *config.upper_z_dims), config.hidden_sizes,
-        config.upper_hidden_sizes, config.activation, image_shape=image_shape(config, dataset),
+        dataset.x_dim,
+        (config.z_dim, *config.upper_z_dims),
+        config.hidden_sizes,
+        config.upper_hidden_sizes,
+        config.activation,
+        image_shape=image_shape(config, dataset),
     )
     return HierarchicalVAE(
         decoder.to(config.device),
@@ -32,7 +36,11 @@ def build_hierarchical_guide(config: Any, dataset: Any, model: Any) -> Any:
     from pyrovae.nets import HierarchicalEncoder
 
     encoder = HierarchicalEncoder(
-        dataset.x_dim, model.z_dims, config.hidden_sizes, config.upper_hidden_sizes, config.activation,
+        dataset.x_dim,
+        model.z_dims,
+        config.hidden_sizes,
+        config.upper_hidden_sizes,
+        config.activation,
         image_shape=image_shape(config, dataset),
     )
     return HierarchicalGuide(encoder.to(config.device), beta=config.beta, reparameterized=config.reparameterized)

@@ -38,9 +38,15 @@ def semi_supervised_data(config: Any, dataset: Any) -> Any:
         train = torch.cat([train, train[known].repeat(copies, 1)])
         train_labels = torch.cat([train_labels, train_labels[known].repeat(copies)])
     return Dataset(
-        name=dataset.name, train=train, test=join_labels(dataset.test, None, NUM_CLASSES),
-        likelihood=dataset.likelihood, binarize=dataset.binarize, train_labels=train_labels,
-        test_labels=dataset.test_labels, image_shape=None, truth=dict(dataset.truth),
+        name=dataset.name,
+        train=train,
+        test=join_labels(dataset.test, None, NUM_CLASSES),
+        likelihood=dataset.likelihood,
+        binarize=dataset.binarize,
+        train_labels=train_labels,
+        test_labels=dataset.test_labels,
+        image_shape=None,
+        truth=dict(dataset.truth),
     )
 
 
@@ -59,8 +65,15 @@ def build_m2(config: Any, dataset: Any) -> Any:
     x_dim = dataset.x_dim - NUM_CLASSES
     classifier = MLP(x_dim, config.hidden_sizes, NUM_CLASSES, config.activation)
     decoder = MLP(config.z_dim + NUM_CLASSES, config.hidden_sizes, x_dim, config.activation)
-    return M2(decoder.to(config.device), classifier.to(config.device), x_dim, config.z_dim, NUM_CLASSES,
-              alpha=m2_alpha(config, dataset.num_train), labelled_weight=1.0 / config.labelled_copies)
+    return M2(
+        decoder.to(config.device),
+        classifier.to(config.device),
+        x_dim,
+        config.z_dim,
+        NUM_CLASSES,
+        alpha=m2_alpha(config, dataset.num_train),
+        labelled_weight=1.0 / config.labelled_copies,
+    )
 
 
 def build_m2_guide(config: Any, dataset: Any, model: Any) -> Any:
@@ -68,8 +81,15 @@ def build_m2_guide(config: Any, dataset: Any, model: Any) -> Any:
     from pyrovae.nets import GaussianEncoder
 
     encoder = GaussianEncoder(model.x_dim + NUM_CLASSES, config.z_dim, config.hidden_sizes, config.activation)
-    return M2Guide(model.classifier, encoder.to(config.device), model.x_dim, NUM_CLASSES, y_mode=config.y_mode,
-                   temperature=config.gumbel_temperature, labelled_weight=model.labelled_weight)
+    return M2Guide(
+        model.classifier,
+        encoder.to(config.device),
+        model.x_dim,
+        NUM_CLASSES,
+        y_mode=config.y_mode,
+        temperature=config.gumbel_temperature,
+        labelled_weight=model.labelled_weight,
+    )
 
 
 def check_m2(config: Any) -> None:
@@ -79,17 +99,22 @@ def check_m2(config: Any) -> None:
         raise ConfigError(
             f"model='m2' with y_mode={config.y_mode!r} trains with {choices} (pyrovae's per-data-point "
             f"objectives sample every site and refuse an enumerated one); got objective={config.objective!r}: use "
-            f"{choices}", "objective", "y_mode",
+            f"{choices}",
+            "objective",
+            "y_mode",
         )
     if config.labelled_copies > 1 and config.objective == "iwae":
         raise ConfigError(
             f"labelled_copies={config.labelled_copies} weights a labelled point's terms by 1/copies, which inside "
             "IWAE's log-mean-exp tempers its weights instead of keeping the objective: use objective='elbo', or "
-            "labelled_copies=1", "labelled_copies", "objective",
+            "labelled_copies=1",
+            "labelled_copies",
+            "objective",
         )
     if config.labels % NUM_CLASSES:
-        raise ConfigError(f"labels={config.labels} must be a multiple of {NUM_CLASSES} (the same number per class)",
-                          "labels")
+        raise ConfigError(
+            f"labels={config.labels} must be a multiple of {NUM_CLASSES} (the same number per class)", "labels"
+        )
     if config.network != "mlp" or config.beta != 1.0:
         raise ConfigError("model='m2' has MLP networks and no KL weight: drop network and beta", "network", "beta")
 
@@ -107,7 +132,9 @@ def m2_label_metrics(config: Any, model: Any, guide: Any, x_test: Any, test_labe
         "test_error": classification_error(guide, x_test, test_labels),
         "test_elbo_enumerated": elbo.mean().item(),
         "test_elbo_enumerated_se": (elbo.std() / len(elbo) ** 0.5).item(),
-        "labels": config.labels, "m2_alpha": model.alpha, "y_mode": config.y_mode,
+        "labels": config.labels,
+        "m2_alpha": model.alpha,
+        "y_mode": config.y_mode,
     }
 
 

@@ -36,8 +36,15 @@ def _family(config: Any, num_data: int, prefix: str) -> Any:
     if config.guide == "per-datapoint-full-cov":
         return PerDatapointFullCovarianceGuide(num_data, config.z_dim, beta=config.beta, prefix=prefix)
     kind = config.guide.removeprefix("per-datapoint-")
-    return PerDatapointFlowGuide(num_data, config.z_dim, kind=kind, num_layers=config.flow_layers, seed=config.seed,
-                                 beta=config.beta, prefix=prefix)
+    return PerDatapointFlowGuide(
+        num_data,
+        config.z_dim,
+        kind=kind,
+        num_layers=config.flow_layers,
+        seed=config.seed,
+        beta=config.beta,
+        prefix=prefix,
+    )
 
 
 def build_family(config: Any, dataset: Any, model: Any) -> Any:
@@ -65,7 +72,9 @@ def check_family(config: Any) -> None:
     if not config.reparameterized:
         raise ConfigError(
             f"guide={config.guide!r} is trained with pathwise gradients; reparameterized=False is not available "
-            "for it: drop it, or choose guide='per-datapoint'", "reparameterized", "guide",
+            "for it: drop it, or choose guide='per-datapoint'",
+            "reparameterized",
+            "guide",
         )
 
 
@@ -86,13 +95,16 @@ SPECS = (
         fit_test=fit_test_family,
         check=check_family,
     ),
-    *(GuideSpec(
-        name=f"per-datapoint-{kind}",
-        build=build_family,
-        help=f"one {kind} flow per training point, on its own diagonal Gaussian",
-        options=("flow_layers",),
-        amortized=False,
-        fit_test=fit_test_family,
-        check=check_family,
-    ) for kind in ("planar", "sylvester")),
+    *(
+        GuideSpec(
+            name=f"per-datapoint-{kind}",
+            build=build_family,
+            help=f"one {kind} flow per training point, on its own diagonal Gaussian",
+            options=("flow_layers",),
+            amortized=False,
+            fit_test=fit_test_family,
+            check=check_family,
+        )
+        for kind in ("planar", "sylvester")
+    ),
 )

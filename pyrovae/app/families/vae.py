@@ -13,7 +13,6 @@ from typing import Any
 from pyrovae.app.config import ConfigError
 from pyrovae.app.registry import ModelSpec, image_shape
 
-
 #: The options each learned prior reads (``prior="normal"`` reads none of them).
 PRIOR_OPTIONS: dict[str, tuple[str, ...]] = {
     "vamp": ("num_pseudo_inputs", "pseudo_input_init"),
@@ -38,8 +37,12 @@ def build_prior(config: Any, dataset: Any) -> Any:
     if config.prior == "vamp":
         from pyrovae.app.families.amortized import gaussian_encoder
 
-        return VampPrior(gaussian_encoder(config, dataset), dataset.x_dim, config.num_pseudo_inputs,
-                         bounds=pseudo_input_bounds(config, dataset)).to(config.device)
+        return VampPrior(
+            gaussian_encoder(config, dataset),
+            dataset.x_dim,
+            config.num_pseudo_inputs,
+            bounds=pseudo_input_bounds(config, dataset),
+        ).to(config.device)
     if config.prior == "mog":
         return MixturePrior(config.z_dim, config.prior_components).to(config.device)
     return FlowPrior(config.z_dim, config.prior_flow_layers, kind=config.prior_flow).to(config.device)
@@ -51,7 +54,8 @@ def build_vae(config: Any, dataset: Any) -> Any:
 
     shape = image_shape(config, dataset)
     decoder = (
-        Decoder(config.z_dim, dataset.x_dim, config.hidden_sizes, config.activation) if shape is None
+        Decoder(config.z_dim, dataset.x_dim, config.hidden_sizes, config.activation)
+        if shape is None
         else ConvDecoder(config.z_dim, shape, _conv_width(config.hidden_sizes), activation=config.activation)
     )
     return VAE(
@@ -74,8 +78,9 @@ def vae_amortized_guide(config: Any, dataset: Any, model: Any) -> Any:
 
     prior = getattr(model, "latent_prior", None)
     if isinstance(prior, VampPrior):
-        return AmortizedGuide(prior.encoder, beta=config.beta, reparameterized=config.reparameterized,
-                              name=prior.encoder_name)
+        return AmortizedGuide(
+            prior.encoder, beta=config.beta, reparameterized=config.reparameterized, name=prior.encoder_name
+        )
     return gaussian_encoder_guide(config, dataset, model)
 
 
@@ -101,7 +106,9 @@ def check_data_bias(config: Any) -> None:
     if config.data_bias and config.network != "mlp":
         raise ConfigError(
             f"data_bias=True sets the output bias of an MLP decoder; network={config.network!r} has none: "
-            "drop it, or choose network='mlp'", "data_bias", "network",
+            "drop it, or choose network='mlp'",
+            "data_bias",
+            "network",
         )
 
 
@@ -119,23 +126,31 @@ def check_prior(config: Any) -> None:
             if value != defaults[name]:
                 raise ConfigError(
                     f"{name}={value!r} is an option of prior={kind!r}; prior={config.prior!r} has none: drop it, "
-                    f"or choose prior={kind!r}", name, "prior",
+                    f"or choose prior={kind!r}",
+                    name,
+                    "prior",
                 )
     if config.prior == "vamp" and config.guide != "amortized":
         raise ConfigError(
             f"prior='vamp' is a mixture of the amortized Gaussian encoder's posteriors and shares that encoder "
             f"with the guide; guide={config.guide!r} has no such encoder: use guide='amortized', or prior='mog' "
-            "or prior='flow'", "prior", "guide",
+            "or prior='flow'",
+            "prior",
+            "guide",
         )
     if config.prior != "normal" and config.guide == "prior":
         raise ConfigError(
             f"guide='prior' samples N(0, I), which is the prior only for prior='normal'; prior={config.prior!r} "
-            "is learned: choose another guide, or prior='normal'", "guide", "prior",
+            "is learned: choose another guide, or prior='normal'",
+            "guide",
+            "prior",
         )
     if config.prior == "flow" and config.z_dim < 2:
         raise ConfigError(
             f"prior='flow' is autoregressive and needs z_dim ≥ 2, got z_dim={config.z_dim}: choose prior='mog' "
-            "for one latent dimension", "z_dim", "prior",
+            "for one latent dimension",
+            "z_dim",
+            "prior",
         )
 
 

@@ -17,8 +17,16 @@ def build_vqvae(config: Any, dataset: Any) -> Any:
 
     decoder = VQDecoder(dataset.image_shape, config.z_dim, activation=config.activation)
     grid = VQEncoder(dataset.image_shape, config.z_dim).grid
-    model = VQVAE(decoder, config.num_codes, config.z_dim, grid, likelihood=config.likelihood,
-                  x_scale=config.x_scale, learn_x_scale=config.learn_x_scale, ema_decay=config.codebook_ema)
+    model = VQVAE(
+        decoder,
+        config.num_codes,
+        config.z_dim,
+        grid,
+        likelihood=config.likelihood,
+        x_scale=config.x_scale,
+        learn_x_scale=config.learn_x_scale,
+        ema_decay=config.codebook_ema,
+    )
     decoder.to(config.device)  # after the codebook is added to it
     return model
 
@@ -33,10 +41,20 @@ def build_vq_guide(config: Any, dataset: Any, model: Any) -> Any:
 def build_vqvae2(config: Any, dataset: Any) -> Any:
     from pyrovae.models.vqvae import VQVAE2, VQ2Networks
 
-    networks = VQ2Networks(dataset.image_shape, config.z_dim, config.num_codes_top or config.num_codes,
-                           config.num_codes, activation=config.activation, ema_decay=config.codebook_ema)
-    return VQVAE2(networks.to(config.device), likelihood=config.likelihood, x_scale=config.x_scale,
-                  learn_x_scale=config.learn_x_scale)
+    networks = VQ2Networks(
+        dataset.image_shape,
+        config.z_dim,
+        config.num_codes_top or config.num_codes,
+        config.num_codes,
+        activation=config.activation,
+        ema_decay=config.codebook_ema,
+    )
+    return VQVAE2(
+        networks.to(config.device),
+        likelihood=config.likelihood,
+        x_scale=config.x_scale,
+        learn_x_scale=config.learn_x_scale,
+    )
 
 
 def build_vq2_guide(config: Any, dataset: Any, model: Any) -> Any:
@@ -50,23 +68,33 @@ def check_vq(config: Any) -> None:
         raise ConfigError(
             f"model={config.model!r} is trained with its deterministic encoder and Trace_ELBO, one particle "
             "(its guide's codebook and commitment losses are a guide factor, which only 'elbo' counts): use "
-            "objective='elbo', num_particles=1", "objective", "num_particles",
+            "objective='elbo', num_particles=1",
+            "objective",
+            "num_particles",
         )
     if config.beta != 1.0:
         raise ConfigError(
             f"the KL of model={config.model!r} is a constant, so beta={config.beta!r} does not apply: drop it "
-            "(the encoder's pull towards its codes is `commitment`)", "beta",
+            "(the encoder's pull towards its codes is `commitment`)",
+            "beta",
         )
 
 
 def _metrics(vq: dict[str, Any], num_test: int) -> dict[str, Any]:
-    extra = {k: vq[k] for k in ("perplexity_top", "codes_used_top", "num_codes_top") if k in vq}
+    extra: dict[str, Any] = {k: vq[k] for k in ("perplexity_top", "codes_used_top", "num_codes_top") if k in vq}
     return {
         **extra,
-        "test_elbo": vq["bound"], "test_log_likelihood": vq["bound"], "test_nll": -vq["bound"],
-        "test_reconstruction_log_lik": vq["reconstruction_log_lik"], "test_squared_error": vq["squared_error"],
-        "kl": vq["kl_uniform_prior"], "perplexity": vq["perplexity"], "codes_used": vq["codes_used"],
-        "num_codes": vq["num_codes"], "active_units": vq["codes_used"], "num_test": num_test,
+        "test_elbo": vq["bound"],
+        "test_log_likelihood": vq["bound"],
+        "test_nll": -vq["bound"],
+        "test_reconstruction_log_lik": vq["reconstruction_log_lik"],
+        "test_squared_error": vq["squared_error"],
+        "kl": vq["kl_uniform_prior"],
+        "perplexity": vq["perplexity"],
+        "codes_used": vq["codes_used"],
+        "num_codes": vq["num_codes"],
+        "active_units": vq["codes_used"],
+        "num_test": num_test,
         "test_guide": "VQ encoder (nearest codes); log-likelihood = the bound log p(x|z_q) - H'W' log K",
     }
 
@@ -107,4 +135,3 @@ SPECS = (
         evaluate=evaluate_vqvae2,
     ),
 )
-

@@ -4,7 +4,8 @@ from __future__ import annotations
 
 import functools
 import inspect
-from typing import Any, Callable, Optional
+from collections.abc import Callable
+from typing import Any, Optional
 
 from pyro.infer import ELBO
 
@@ -17,26 +18,27 @@ from pyrovae.infer.objectives.iwae import (
 from pyrovae.infer.objectives.quiet import QuietTrace_ELBO, QuietTraceEnum_ELBO, QuietTraceMeanField_ELBO
 from pyrovae.infer.objectives.score import ScoreFunctionELBO
 from pyrovae.infer.objectives.tighter import CIWAE, MIWAE, PIWAE
+from pyrovae.protocols import Objective
 
 
 # Pyro's ELBOs, whose first call guesses max_plate_nesting without a log line and without
 # consuming random numbers (pyrovae.infer.objectives.quiet).
-def _trace_elbo(num_particles: int, **kwargs: Any) -> ELBO:
+def _trace_elbo(num_particles: int, **kwargs: Any) -> Objective:
     return QuietTrace_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
 
-def _mean_field_elbo(num_particles: int, **kwargs: Any) -> ELBO:
+def _mean_field_elbo(num_particles: int, **kwargs: Any) -> Objective:
     return QuietTraceMeanField_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
 
-def _enum_elbo(num_particles: int, **kwargs: Any) -> ELBO:
+def _enum_elbo(num_particles: int, **kwargs: Any) -> Objective:
     # Pyro's TraceEnum_ELBO: guide sites marked infer={"enumerate": "parallel"} are summed out
     # exactly (the label of M2); `fit` sets max_plate_nesting from its dry run when it is not given.
     return QuietTraceEnum_ELBO(num_particles=num_particles, vectorize_particles=True, **kwargs)
 
 
 #: name -> (constructor, one-line description)
-OBJECTIVES: dict[str, tuple[Callable[..., ELBO], str]] = {
+OBJECTIVES: dict[str, tuple[Callable[..., Objective], str]] = {
     "elbo": (_trace_elbo, "ELBO with a Monte Carlo KL term (Pyro Trace_ELBO)"),
     "elbo-enum": (_enum_elbo, "ELBO with enumerated discrete guide sites summed out exactly (Pyro TraceEnum_ELBO)"),
     "elbo-analytic": (_mean_field_elbo, "ELBO with the KL in closed form (Pyro TraceMeanField_ELBO)"),
@@ -66,9 +68,11 @@ def objective_parameters(name: str) -> Optional[frozenset[str]]:
         if constructor in (_trace_elbo, _mean_field_elbo, _enum_elbo):
             return _ELBO_PARAMETERS - {"num_particles", "vectorize_particles"}
         return None
-    return frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL) - fixed - {
-        "num_particles"
-    }
+    return (
+        frozenset(p.name for p in parameters if p.kind is not inspect.Parameter.VAR_POSITIONAL)
+        - fixed
+        - {"num_particles"}
+    )
 
 
 def objectives_taking(parameter: str) -> list[str]:
@@ -76,7 +80,7 @@ def objectives_taking(parameter: str) -> list[str]:
     return [name for name in OBJECTIVES if parameter in (objective_parameters(name) or ())]
 
 
-def make_objective(name: str, num_particles: int = 1, **kwargs: Any) -> ELBO:
+def make_objective(name: str, num_particles: int = 1, **kwargs: Any) -> Objective:
     """Build an objective by name.
 
     :param name: one of :data:`OBJECTIVES`: ``elbo``, ``elbo-enum``, ``elbo-analytic``, ``elbo-stl``, ``iwae``,

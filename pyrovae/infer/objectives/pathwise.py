@@ -79,8 +79,7 @@ def stick_the_landing_(guide_trace: Any) -> list[str]:
         parameters of one would depend on another).
     """
     sites = [
-        (name, site) for name, site in guide_trace.nodes.items()
-        if site["type"] == "sample" and not site["is_observed"]
+        (name, site) for name, site in guide_trace.nodes.items() if site["type"] == "sample" and not site["is_observed"]
     ]
     for name, site in sites:
         if not site["fn"].has_rsample or site["infer"].get("pyrovae_score"):
@@ -93,6 +92,6 @@ def stick_the_landing_(guide_trace: Any) -> list[str]:
             f"STL and DReG support guides with one latent site; this guide has {[n for n, _ in sites]} "
             "(detaching q(z2|z1) would also cut its dependence on z1). Use 'iwae' or 'elbo'"
         )
-    for name, site in sites:
+    for _, site in sites:
         site["unscaled_log_prob"] = detach_params(site["fn"]).log_prob(site["value"])
     return [name for name, _ in sites]

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Callable, Literal, Optional
+from collections.abc import Callable
+from typing import Literal, Optional
 
 import torch
 
@@ -92,8 +93,7 @@ class ScoreFunctionELBO(PerDatapointObjective):
                 self._moving_baseline = (
                     batch_mean
                     if self._moving_baseline is None
-                    else self.baseline_decay * self._moving_baseline
-                    + (1 - self.baseline_decay) * batch_mean
+                    else self.baseline_decay * self._moving_baseline + (1 - self.baseline_decay) * batch_mean
                 )
         assert weights.score_log_q is not None
         score_term = ((f - baseline) * weights.score_log_q).mean(0).sum()

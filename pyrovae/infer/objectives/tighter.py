@@ -39,7 +39,8 @@ parameter both use (e.g. an encoder shared by a VampPrior) gets the sum of both 
 
 from __future__ import annotations
 
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import pyro
 import torch
@@ -227,7 +228,9 @@ class PIWAE(MIWAE):
         for name, site in guide_trace.nodes.items():
             if site["type"] == "sample" and not site["is_observed"]:
                 detached_guide.nodes[name] = {
-                    **site, "value": site["value"].detach(), "unscaled_log_prob": site["unscaled_log_prob"].detach(),
+                    **site,
+                    "value": site["value"].detach(),
+                    "unscaled_log_prob": site["unscaled_log_prob"].detach(),
                 }
         model_only = per_datapoint_log_weights(replayed, detached_guide, self.num_draws, nesting, self.plate_name)
         return weights, model_only.log_w
@@ -241,4 +244,3 @@ class PIWAE(MIWAE):
         surrogate = decoder + encoder - encoder_theta + encoder_score
         value = iwae_value_and_score_term(weights)[0].detach()
         return -(value + (surrogate - surrogate.detach()))
-
