@@ -13,7 +13,7 @@ import pyro
 import pytest
 import torch
 
-from pyrovae import AmortizedGuide, Decoder, GaussianEncoder, VAE, fit, make_objective
+from pyrovae import VAE, AmortizedGuide, Decoder, GaussianEncoder, fit, make_objective
 from pyrovae.app.cli import main
 from pyrovae.infer.loop import Hook
 
@@ -227,3 +227,53 @@ def test_a_resumed_run_continues_the_curves(tmp_path):
     _, _, series = _tensorboard_series(out / "tb")
     # both sessions' event files: epochs 1 and 2 once each, the steps numbered across the sessions
     _check_against_metrics(series, metrics)
+
+
+def test_a_run_that_fails_after_training_is_marked_failed_in_mlflow(tmp_path, monkeypatch):
+    # The trackers are held by the run: an error after they opened (here in the evaluation) ends
+    # the MLflow run as FAILED, not FINISHED or left RUNNING.
+    pytest.importorskip("mlflow")
+    from pyrovae.app import run as run_module
+    from pyrovae.app.cli import build_parser, config_from_args, tracking_from_args
+
+    args = build_parser().parse_args([*GMM, "--out", str(tmp_path / "run"), "--log", "mlflow"])
+
+    def broken_evaluation(*args, **kwargs):
+        raise RuntimeError("evaluation broke")
+
+    monkeypatch.setattr(run_module, "evaluate_run", broken_evaluation)
+    with pytest.raises(RuntimeError, match="evaluation broke"):
+        run_module.train_and_evaluate(config_from_args(args), args.out, progress=False,
+                                      tracking=tracking_from_args(args))
+    _, run, _ = _mlflow_series(f"sqlite:///{tmp_path / 'run' / 'mlruns' / 'mlflow.db'}")
+    assert run.info.status == "FAILED"
+
+
+def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
+    # --resume goes on logging into the same MLflow run (one run, its curves across both sessions).
+    pytest.importorskip("mlflow")
+    out = tmp_path / "run"
+    one = [a if a != "2" or i != GMM.index("--epochs") + 1 else "1" for i, a in enumerate(GMM)]
+    assert main([*one, "--out", str(out), "--log", "mlflow"]) == 0
+    assert main([*GMM, "--out", str(out), "--log", "mlflow", "--resume"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    _, run, series = _mlflow_series(f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")  # exactly one run
+    _check_against_metrics(series, metrics)
+    assert run.info.status == "FINISHED"
+
+
+@pytest.mark.parametrize("backend,folder", [("tensorboard", "tb"), ("mlflow", "mlruns")])
+def test_overwrite_replaces_the_tracking_logs_in_the_run_folder(tmp_path, backend, folder):
+    # --overwrite starts the run again, so its tracker starts again too: only the new run's curves.
+    pytest.importorskip(backend)
+    out = tmp_path / "run"
+    assert main([*GMM, "--out", str(out), "--log", backend]) == 0
+    (out / "notes.txt").write_text("mine")
+    assert main([*GMM, "--out", str(out), "--log", backend, "--overwrite", "--seed", "1"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    if backend == "tensorboard":
+        _, _, series = _tensorboard_series(out / folder)
+    else:
+        _, _, series = _mlflow_series(f"sqlite:///{out / folder / 'mlflow.db'}")
+    _check_against_metrics(series, metrics)
+    assert (out / "notes.txt").read_text() == "mine"  # what is not the run's own stays

@@ -11,6 +11,7 @@ import json
 import logging
 import os
 import pathlib
+import shutil
 import tempfile
 import time
 from collections.abc import Iterator
@@ -43,6 +44,9 @@ CHECKPOINT = "checkpoint.pt"
 PRETRAIN_CHECKPOINT = "baseline_checkpoint.pt"
 METRICS = "metrics.json"
 #: Everything `pyrovae train` writes into its output folder; ``overwrite=True`` removes these and nothing else.
+#: The run folder's record of its MLflow run (:class:`~pyrovae.train.tracking.MLflowLogger`'s
+#: ``run_file``): a resumed run goes on logging into it, an overwriting one replaces it.
+MLFLOW_RUN = "mlflow_run.json"
 RESULT_FILES = (
     METRICS,
     CHECKPOINT,
@@ -176,7 +180,9 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
 
     A missing or empty folder is fine. A folder that holds anything is refused, unless
     ``resume`` (and it holds a checkpoint to continue) or ``overwrite`` (then the files
-    :data:`RESULT_FILES` of the earlier run are deleted first, other files are left alone).
+    :data:`RESULT_FILES` of the earlier run and its TensorBoard logs in the folder are deleted
+    first, other files are left alone; an MLflow run recorded in :data:`MLFLOW_RUN` is replaced
+    by the new run's logger).
     """
     if resume and overwrite:
         raise ConfigError(
@@ -191,6 +197,12 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
             removed = [name for name in RESULT_FILES if (out / name).is_file()]
             for name in removed:
                 (out / name).unlink()
+            # The earlier run's TensorBoard logs (the new run starts its curves afresh). MLflow's
+            # store stays: the logger marks the earlier run deleted when it makes the new one.
+            logs = [name for name in (TRACKING_DIRS["tensorboard"],) if (out / name).is_dir()]
+            for name in logs:
+                shutil.rmtree(out / name)
+            removed += [f"{name}/" for name in logs]
             remove_stale_temporaries(out / CHECKPOINT)
             if removed:
                 logger.info("overwrite: removed %s from %s", ", ".join(removed), out)
@@ -347,10 +359,11 @@ TRACKING_DIRS = {"tensorboard": "tb", "mlflow": "mlruns"}
 
 
 def make_trackers(
-    tracking: Optional[TrackingConfig], out: str | os.PathLike, config: TrainConfig
+    tracking: Optional[TrackingConfig], out: str | os.PathLike, config: TrainConfig, resume: bool = False
 ) -> list[TrackingLogger]:
     """The tracking hooks ``tracking`` asks for (none for ``log='none'``), logging ``config`` resolved,
-    into ``tracking.log_dir`` or the run folder's :data:`TRACKING_DIRS` entry.
+    into ``tracking.log_dir`` or the run folder's :data:`TRACKING_DIRS` entry; with ``resume``, an
+    MLflow logger continues the run recorded in ``out`` (:data:`MLFLOW_RUN`).
 
     :raises ConfigError: naming ``log`` when the tracker's package is not installed.
     """
@@ -360,6 +373,8 @@ def make_trackers(
     options: dict[str, Any] = {"log_every": tracking.log_every, "config": config.resolved().to_dict()}
     if tracking.log == "mlflow":
         options["run_name"] = pathlib.Path(out).name or None
+        options["run_file"] = pathlib.Path(out) / MLFLOW_RUN  # continued by a resumed run
+        options["resume"] = resume
     try:
         return [make_logger(tracking.log, log_dir, tracking.tracking_uri, **options)]
     except MissingExtraError as error:
@@ -400,9 +415,11 @@ def train_and_evaluate(
     """
     config = config.resolved()  # a TrainConfig is checked when made: before anything is written to `out`
     check_device(config.device)
-    trackers = make_trackers(tracking, out, config)  # a missing package is refused before any work
+    trackers = make_trackers(tracking, out, config, resume)  # a missing package is refused before any work
     world, device = distributed.init_process_group(config.device)
     with contextlib.ExitStack() as held:
+        for tracker in trackers:  # an error or interruption ends the tracked run as FAILED / KILLED
+            held.enter_context(tracker)
 
         def claim() -> pathlib.Path:  # on rank 0: lock the folder for the whole run, then check it
             held.enter_context(lock_output(out))

@@ -314,7 +314,18 @@ class TrackingLogger(FitHook):
         return self
 
     def __exit__(self, kind: Any, *rest: Any) -> None:
-        self.close(status="FINISHED" if kind is None else "FAILED")
+        if kind is None:
+            self.close()
+        else:  # Ctrl-C / SIGTERM (pyrovae's TrainingInterrupted is a KeyboardInterrupt) or an error
+            self.fail("KILLED" if issubclass(kind, KeyboardInterrupt) else "FAILED")
+
+    def fail(self, status: str = "FAILED") -> None:
+        """End the run with ``status`` (MLflow's), also when training had closed it already and the
+        error came later (in the evaluation): the run must not stay FINISHED or RUNNING."""
+        if self._opened:
+            self.close(status)
+        else:
+            self._mark(status)
 
     def _ensure_open(self) -> None:
         if not self._opened:
@@ -351,6 +362,9 @@ class TrackingLogger(FitHook):
 
     def _close(self, status: str) -> None:
         raise NotImplementedError
+
+    def _mark(self, status: str) -> None:
+        """Set the status of a closed run (backends without one: nothing)."""
 
 
 def _grid(x: torch.Tensor, shape: tuple[int, ...], nrow: int) -> torch.Tensor:
@@ -422,6 +436,13 @@ class MLflowLogger(TrackingLogger):
     :param log_dir: the folder of the local store.
     :param experiment: the experiment's name (created if missing).
     :param run_name: the run's name (MLflow picks one if ``None``).
+    :param run_file: a JSON file that names the run (its id and tracking URI), written when the
+        run is made. When it already names a run of this store: with ``resume=True`` logging goes
+        on in that run (a resumed training continues its curves; params whose value changed, such
+        as ``epochs``, are kept as tags ``resumed.<name>``, since MLflow params cannot change);
+        otherwise that run is marked deleted (MLflow's soft delete: ``restore_run`` brings it
+        back) and replaced by a new one, as ``pyrovae train --overwrite`` replaces a run.
+    :param resume: continue the run ``run_file`` names.
     :raises MissingExtraError: when MLflow is not installed (``pip install "pyrovae[mlflow]"``).
     """
 
@@ -432,6 +453,8 @@ class MLflowLogger(TrackingLogger):
         log_dir: str | os.PathLike = "mlruns",
         experiment: str = "pyrovae",
         run_name: Optional[str] = None,
+        run_file: Optional[str | os.PathLike] = None,
+        resume: bool = False,
         **options: Any,
     ) -> None:
         self._tracking = _require("mlflow.tracking", "mlflow", "MLflowLogger (log='mlflow')")
@@ -443,6 +466,9 @@ class MLflowLogger(TrackingLogger):
         self._local = tracking_uri is None or tracking_uri.startswith(("sqlite:", "file:"))
         self.tracking_uri = tracking_uri or f"sqlite:///{self.log_dir / 'mlflow.db'}"
         self.experiment, self.run_name = experiment, run_name
+        self.run_file = None if run_file is None else pathlib.Path(run_file)
+        self.resume = bool(resume)
+        self._continued = False  # logging into a run made by an earlier process
         self.client: Any = None
         self.run_id: Optional[str] = None
 
@@ -452,6 +478,13 @@ class MLflowLogger(TrackingLogger):
                 self.log_dir.mkdir(parents=True, exist_ok=True)
             self.client = self._tracking.MlflowClient(tracking_uri=self.tracking_uri)
         if self.run_id is None:
+            recorded = self._recorded_run()
+            if recorded is not None and self.resume:
+                self.run_id, self._continued = recorded, True
+                self.client.update_run(self.run_id, status="RUNNING")
+            elif recorded is not None:
+                self.client.delete_run(recorded)  # the run this one replaces
+        if self.run_id is None:
             found = self.client.get_experiment_by_name(self.experiment)
             if found is not None:
                 experiment_id = found.experiment_id
@@ -459,8 +492,24 @@ class MLflowLogger(TrackingLogger):
                 artifacts = (self.log_dir / "artifacts").as_uri() if self._local else None
                 experiment_id = self.client.create_experiment(self.experiment, artifact_location=artifacts)
             self.run_id = self.client.create_run(experiment_id, run_name=self.run_name).info.run_id
+            if self.run_file is not None:
+                self.run_file.write_text(json.dumps({"run_id": self.run_id, "tracking_uri": self.tracking_uri}))
         else:
             self.client.update_run(self.run_id, status="RUNNING")
+
+    def _recorded_run(self) -> Optional[str]:
+        """The id in ``run_file`` if it names a run of this tracking URI and experiment."""
+        if self.run_file is None or not self.run_file.is_file():
+            return None
+        try:
+            record = json.loads(self.run_file.read_text())
+            if record.get("tracking_uri") != self.tracking_uri:
+                return None
+            run = self.client.get_run(record["run_id"])
+        except Exception:  # unreadable, or a run this store does not hold: start a new one
+            return None
+        found = self.client.get_experiment_by_name(self.experiment)
+        return run.info.run_id if found is not None and run.info.experiment_id == found.experiment_id else None
 
     def _write_scalars(self, rows: Sequence[tuple[str, float, int]]) -> None:
         now = int(time.time() * 1000)
@@ -469,7 +518,14 @@ class MLflowLogger(TrackingLogger):
             self.client.log_batch(self.run_id, metrics=metrics[start : start + 1000])
 
     def _write_params(self, params: dict[str, Any]) -> None:
-        entries = [self._entities.Param(k, _param_text(v)[:6000]) for k, v in params.items()]
+        texts = {k: _param_text(v)[:6000] for k, v in params.items()}
+        if self._continued:  # MLflow params cannot change: a changed value becomes a tag
+            logged = self.client.get_run(self.run_id).data.params
+            for key in [k for k in texts if k in logged]:
+                value = texts.pop(key)
+                if value != logged[key]:
+                    self.client.set_tag(self.run_id, f"resumed.{key}", value)
+        entries = [self._entities.Param(k, v) for k, v in texts.items()]
         for start in range(0, len(entries), 100):  # MLflow's limit per batch
             self.client.log_batch(self.run_id, params=entries[start : start + 100])
         self.client.log_dict(self.run_id, params, "config.json")
@@ -480,6 +536,10 @@ class MLflowLogger(TrackingLogger):
 
     def _close(self, status: str) -> None:
         self.client.set_terminated(self.run_id, status=status)
+
+    def _mark(self, status: str) -> None:
+        if self.client is not None and self.run_id is not None:
+            self.client.set_terminated(self.run_id, status=status)
 
 
 def make_logger(
