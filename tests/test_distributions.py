@@ -84,3 +84,19 @@ def test_tracegraph_elbo_gradients_equal_those_of_a_plain_bernoulli(num_particle
         # the encoder's score term multiplies the downstream cost, which holds log p(x|z): it is
         # not the gradient of the KL term alone
         assert any(fused[name].abs().sum() > 0 for name in fused if name.startswith("encoder"))
+
+
+def test_bernoulli_event_blocks_of_many_particles_give_the_same_bits():
+    # A K-particle evaluation's logits are worked through in cache-sized blocks of leading rows;
+    # each row's sums are the same, so the result is bit for bit the unblocked one (and Pyro's
+    # Bernoulli log-density to rounding). 37 rows of 100 × 784 do not divide into the blocks.
+    from pyrovae.distributions import BernoulliEvent, _BLOCK_ELEMENTS, _bernoulli_event_log_prob
+
+    torch.manual_seed(0)
+    logits = 3 * torch.randn(37, 100, 784)
+    x = torch.bernoulli(torch.rand(100, 784))
+    assert logits[0].numel() < _BLOCK_ELEMENTS < logits.numel()  # blocked, in several blocks
+    blocked = BernoulliEvent(logits).log_prob(x)
+    assert torch.equal(blocked, _bernoulli_event_log_prob(logits, x.expand_as(logits)))
+    exact = dist.Bernoulli(logits=logits.double()).to_event(1).log_prob(x.double())
+    assert torch.allclose(blocked.double(), exact, atol=1e-3, rtol=0)
