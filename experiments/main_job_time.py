@@ -4,8 +4,11 @@ Runs the README's main job exactly (``pyrovae train --data-dir D --out OUT/run``
 K = 5000), timing the whole command and reading its training and evaluation seconds from
 ``metrics.json``; then evaluates the same checkpoint again with K = each of ``--eval-samples``
 (``pyrovae evaluate --eval-samples K``) and records, for every K, the evaluation's seconds, the
-test log p̂(x) with its Monte Carlo standard error and the ELBO. The machine should be free of
-other jobs (the run record names it). Writes ``--docs/results.json`` and ``run.json``::
+test log p̂(x) with its Monte Carlo standard error and the ELBO. First, a floor on the K = 5000
+evaluation: the rate of this machine's float32 matrix product at the shape of the decoder's output
+layer on one chunk (10,000 rows of 400 → 784), and the seconds that product alone takes for every
+image and draw (``gemm_floor_k5000`` in the results). The machine should be free of other jobs (the run record names
+it). Writes ``--docs/results.json`` and ``run.json``::
 
     python experiments/main_job_time.py --data-dir ../shared/data --out runs/main_job_time --docs docs/main_job_time
 """
@@ -36,6 +39,26 @@ def parse_args(argv: Optional[list[str]] = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def gemm_floor(num_test: int = 10000, k: int = 5000, hidden: int = 400, x_dim: int = 784, repeats: int = 5) -> dict[str, Any]:
+    """The decoder's output layer as one matrix product per chunk of 100 images × 100 draws: its
+    best rate of ``repeats`` here, and the seconds ``num_test × k`` rows of it take at that rate."""
+    import torch
+
+    h, w, b = torch.randn(10000, hidden), torch.randn(x_dim, hidden), torch.randn(x_dim)
+    torch.addmm(b, h, w.t())  # warm-up
+    best = min(_timed(lambda: torch.addmm(b, h, w.t())) for _ in range(repeats))
+    flops = 2 * 10000 * hidden * x_dim
+    total = 2 * num_test * k * hidden * x_dim
+    return {"gflops": flops / best / 1e9, "total_flops": total, "seconds": total / (flops / best),
+            "rows": 10000, "shape": [hidden, x_dim], "threads": torch.get_num_threads()}
+
+
+def _timed(fn: Any) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
 def row_of(metrics: dict[str, Any], k: int) -> dict[str, Any]:
     return {"eval_samples": k, **{key: metrics[key] for key in KEYS}}
 
@@ -45,6 +68,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     setup(args)
     from pyrovae.app.cli import main as cli
 
+    floor = gemm_floor()
     folder = Path(args.out) / "run"
     command = ["train", "--out", str(folder), "--no-progress", "--overwrite", *args.train_args]
     if args.data_dir is not None:
@@ -73,6 +97,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
         "epochs": metrics["epochs"],
         "torch_threads": metrics["torch_threads"],
         "rows": rows,
+        "gemm_floor_k5000": floor,
         # the time the job would take at each K: its training plus that K's evaluation
         "job_seconds_at_k": {str(r["eval_samples"]): metrics["train_seconds"] + r["eval_seconds"] for r in rows},
     }
@@ -83,6 +108,7 @@ def main(argv: Optional[list[str]] = None) -> dict[str, Any]:
     for r in rows:
         print(f"K = {r['eval_samples']:5d}: log p̂ {r['test_log_likelihood']:.3f} ± {r['test_log_likelihood_se']:.4f}, "
               f"ELBO {r['test_elbo']:.3f}, evaluation {r['eval_seconds']:.0f} s")
+    print(f"the output layer's matrix products alone, K = 5000: {floor['seconds']:.0f} s at {floor['gflops']:.0f} GFLOP/s")
     print(f"the main job: {wall:.0f} s wall-clock ({metrics['train_seconds']:.0f} s training, "
           f"{metrics['eval_seconds']:.0f} s evaluation)")
     return summary

@@ -18,4 +18,5 @@ def test_main_job_time_smoke(load_experiment, tmp_path):
     assert summary["job_seconds_at_k"]["200"] == summary["train_seconds"] + summary["eval_seconds"]
     saved = json.loads((tmp_path / "docs" / "results.json").read_text())
     assert saved["command"].startswith("pyrovae train") and "--eval-samples 200" in saved["command"]
+    assert saved["gemm_floor_k5000"]["seconds"] > 0 and saved["gemm_floor_k5000"]["total_flops"] == 2 * 10000 * 5000 * 400 * 784
     assert (tmp_path / "docs" / "run.json").exists()
