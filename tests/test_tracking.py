@@ -217,13 +217,18 @@ def test_bad_tracking_flags_are_clear_errors(tmp_path, capsys, args, message):
     assert message in capsys.readouterr().err
 
 
+def _one_epoch_then_resume(out, backend):
+    """The GMM run for one epoch, then resumed to its two; returns the finished run's metrics."""
+    one = [a if a != "2" or i != GMM.index("--epochs") + 1 else "1" for i, a in enumerate(GMM)]
+    assert main([*one, "--out", str(out), "--log", backend]) == 0
+    assert main([*GMM, "--out", str(out), "--log", backend, "--resume"]) == 0
+    return json.loads((out / "metrics.json").read_text())
+
+
 def test_a_resumed_run_continues_the_curves(tmp_path):
     pytest.importorskip("tensorboard")
     out = tmp_path / "run"
-    one = [a if a != "2" or i != GMM.index("--epochs") + 1 else "1" for i, a in enumerate(GMM)]
-    assert main([*one, "--out", str(out), "--log", "tensorboard"]) == 0
-    assert main([*GMM, "--out", str(out), "--log", "tensorboard", "--resume"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = _one_epoch_then_resume(out, "tensorboard")
     _, _, series = _tensorboard_series(out / "tb")
     # both sessions' event files: epochs 1 and 2 once each, the steps numbered across the sessions
     _check_against_metrics(series, metrics)
@@ -253,10 +258,7 @@ def test_a_resumed_run_continues_its_mlflow_run(tmp_path):
     # --resume goes on logging into the same MLflow run (one run, its curves across both sessions).
     pytest.importorskip("mlflow")
     out = tmp_path / "run"
-    one = [a if a != "2" or i != GMM.index("--epochs") + 1 else "1" for i, a in enumerate(GMM)]
-    assert main([*one, "--out", str(out), "--log", "mlflow"]) == 0
-    assert main([*GMM, "--out", str(out), "--log", "mlflow", "--resume"]) == 0
-    metrics = json.loads((out / "metrics.json").read_text())
+    metrics = _one_epoch_then_resume(out, "mlflow")
     _, run, series = _mlflow_series(f"sqlite:///{out / 'mlruns' / 'mlflow.db'}")  # exactly one run
     _check_against_metrics(series, metrics)
     assert run.info.status == "FINISHED"
