@@ -43,20 +43,16 @@ def gemm_floor(num_test: int = 10000, k: int = 5000, hidden: int = 400, x_dim: i
     """The decoder's output layer as one matrix product per chunk of 100 images × 100 draws: its
     best rate of ``repeats`` here, and the seconds ``num_test × k`` rows of it take at that rate."""
     import torch
+    from studies.speed import count_macs, interleaved_timings
 
-    h, w, b = torch.randn(10000, hidden), torch.randn(x_dim, hidden), torch.randn(x_dim)
-    torch.addmm(b, h, w.t())  # warm-up
-    best = min(_timed(lambda: torch.addmm(b, h, w.t())) for _ in range(repeats))
-    flops = 2 * 10000 * hidden * x_dim
-    total = 2 * num_test * k * hidden * x_dim
+    rows = 10000
+    h, w, b = torch.randn(rows, hidden), torch.randn(x_dim, hidden), torch.randn(x_dim)
+    timing = interleaved_timings({"addmm": lambda: torch.addmm(b, h, w.t())}, repeats=repeats, calls=1, warmup=1)
+    best = min(timing.seconds["addmm"])
+    flops = 2 * rows * count_macs([hidden, x_dim])
+    total = 2 * num_test * k * count_macs([hidden, x_dim])
     return {"gflops": flops / best / 1e9, "total_flops": total, "seconds": total / (flops / best),
-            "rows": 10000, "shape": [hidden, x_dim], "threads": torch.get_num_threads()}
-
-
-def _timed(fn: Any) -> float:
-    start = time.perf_counter()
-    fn()
-    return time.perf_counter() - start
+            "rows": rows, "shape": [hidden, x_dim], "threads": torch.get_num_threads()}
 
 
 def row_of(metrics: dict[str, Any], k: int) -> dict[str, Any]:

@@ -199,10 +199,10 @@ def prepare_output(out: str | os.PathLike, *, resume: bool = False, overwrite: b
                 (out / name).unlink()
             # The earlier run's TensorBoard logs (the new run starts its curves afresh). MLflow's
             # store stays: the logger marks the earlier run deleted when it makes the new one.
-            logs = [name for name in (TRACKING_DIRS["tensorboard"],) if (out / name).is_dir()]
-            for name in logs:
-                shutil.rmtree(out / name)
-            removed += [f"{name}/" for name in logs]
+            tensorboard = out / TRACKING_DIRS["tensorboard"]
+            if tensorboard.is_dir():
+                shutil.rmtree(tensorboard)
+                removed.append(f"{tensorboard.name}/")
             remove_stale_temporaries(out / CHECKPOINT)
             if removed:
                 logger.info("overwrite: removed %s from %s", ", ".join(removed), out)
